@@ -1,0 +1,1 @@
+"""The DICOM network side of pneumonode: the AE, its service handlers, the sender, the CLI."""

@@ -1,0 +1,298 @@
+"""Load and validate config.toml.
+
+The node refuses to start on a config it does not fully understand: a typo in a key would
+otherwise silently fall back to a default and, say, expose the node on every interface.
+Every section and key is declared once here, with its type and check; the messages name the
+offending key as `section.key`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_NAME = "config.toml"
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or has a wrong or missing key."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A remote AE: who may call the node and where its results can be delivered."""
+
+    ae_title: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    ae_title: str
+    bind_address: str
+    port: int
+    max_associations: int
+    max_pdu: int
+    accept_unknown_callers: bool
+    network_timeout: float
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    folder: Path
+    database_url: str
+    duplicate_policy: str
+    fsync: bool
+
+
+@dataclass(frozen=True)
+class AnalysisSettings:
+    enabled: bool
+    run_in_serve: bool
+    model: Path
+    device: str
+    batch_size: int
+    max_wait_seconds: float
+    modalities: tuple[str, ...]
+    body_parts: tuple[str, ...]
+    sc_transfer_syntax: str
+
+
+@dataclass(frozen=True)
+class DeliverySettings:
+    destination: str
+    retry_initial_seconds: float
+    retry_max_seconds: float
+    max_attempts: int
+
+
+@dataclass(frozen=True)
+class Config:
+    node: NodeSettings
+    storage: StorageSettings
+    analysis: AnalysisSettings
+    delivery: DeliverySettings
+    peers: tuple[Peer, ...] = field(default_factory=tuple)
+    source: str = "<embedded defaults>"
+
+    def peer(self, ae_title: str) -> Peer | None:
+        """The peer with this AE title (compared without padding), or None."""
+        wanted = ae_title.strip()
+        return next((p for p in self.peers if p.ae_title == wanted), None)
+
+
+# --- key checks -------------------------------------------------------------------------
+
+
+def _ae_title(key: str, value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ConfigError(f"{key}: must be a non-empty string (an AE title)")
+    title = value.strip()
+    if len(title) > 16 or "\\" in title or any(ord(c) < 32 or ord(c) > 126 for c in title):
+        raise ConfigError(f"{key}: {value!r} is not a valid AE title (1-16 printable characters)")
+    return title
+
+
+def _string(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(f"{key}: must be a string, got {type(value).__name__}")
+    return value
+
+
+def _bool(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: must be true or false, got {value!r}")
+    return value
+
+
+def _int_range(low: int, high: int):
+    def check(key: str, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: must be an integer, got {value!r}")
+        if not low <= value <= high:
+            raise ConfigError(f"{key}: {value} is outside {low}..{high}")
+        return value
+
+    return check
+
+
+def _positive_float(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ConfigError(f"{key}: must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _non_negative_float(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ConfigError(f"{key}: must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _address(key: str, value: Any) -> str:
+    text = _string(key, value).strip()
+    if text in ("", "localhost"):
+        return text or "0.0.0.0"
+    try:
+        ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {value!r} is not an IP address") from exc
+    return text
+
+
+def _host(key: str, value: Any) -> str:
+    text = _string(key, value).strip()
+    if not text:
+        raise ConfigError(f"{key}: must not be empty")
+    return text
+
+
+def _choice(*allowed: str):
+    def check(key: str, value: Any) -> str:
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+        return value
+
+    return check
+
+
+def _device(key: str, value: Any) -> str:
+    text = _string(key, value)
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise ConfigError(f"{key}: {value!r} is not 'auto', 'cpu', 'cuda' or 'cuda:N'")
+
+
+def _string_list(upper: bool):
+    def check(key: str, value: Any) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{key}: must be a list of strings")
+        return tuple(v.strip().upper() if upper else v for v in value)
+
+    return check
+
+
+_PORT = _int_range(1, 65535)
+
+_SCHEMA: dict[str, dict[str, Any]] = {
+    "node": {
+        "ae_title": _ae_title,
+        "bind_address": _address,
+        "port": _int_range(0, 65535),
+        "max_associations": _int_range(1, 1000),
+        "max_pdu": _int_range(0, 2**32 - 1),
+        "accept_unknown_callers": _bool,
+        "network_timeout": _positive_float,
+    },
+    "storage": {
+        "folder": _string,
+        "database_url": _string,
+        "duplicate_policy": _choice("replace", "keep-first"),
+        "fsync": _bool,
+    },
+    "analysis": {
+        "enabled": _bool,
+        "run_in_serve": _bool,
+        "model": _string,
+        "device": _device,
+        "batch_size": _int_range(1, 4096),
+        "max_wait_seconds": _non_negative_float,
+        "modalities": _string_list(upper=True),
+        "body_parts": _string_list(upper=True),
+        "sc_transfer_syntax": _choice("uncompressed", "jpeg-baseline"),
+    },
+    "delivery": {
+        "destination": _string,
+        "retry_initial_seconds": _positive_float,
+        "retry_max_seconds": _positive_float,
+        "max_attempts": _int_range(0, 1_000_000),
+    },
+}
+
+_PEER_SCHEMA: dict[str, Any] = {"ae_title": _ae_title, "host": _host, "port": _PORT}
+
+
+def _check_section(name: str, table: Any, schema: dict[str, Any]) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{name}: must be a table")
+    unknown = sorted(set(table) - set(schema))
+    if unknown:
+        raise ConfigError(f"{name}.{unknown[0]}: unknown key")
+    missing = [k for k in schema if k not in table]
+    if missing:
+        raise ConfigError(f"{name}.{missing[0]}: missing key")
+    return {k: check(f"{name}.{k}", table[k]) for k, check in schema.items()}
+
+
+def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
+    """Validate a parsed TOML document; relative paths are resolved against base_dir."""
+    unknown = sorted(set(data) - set(_SCHEMA) - {"peers"})
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown section")
+    for name in _SCHEMA:
+        if name not in data:
+            raise ConfigError(f"[{name}]: missing section")
+    sections = {name: _check_section(name, data[name], schema) for name, schema in _SCHEMA.items()}
+    raw_peers = data.get("peers", [])
+    if not isinstance(raw_peers, list):
+        raise ConfigError("peers: must be an array of tables ([[peers]])")
+    peers = tuple(
+        Peer(**_check_section(f"peers[{i}]", p, _PEER_SCHEMA)) for i, p in enumerate(raw_peers)
+    )
+    titles = [p.ae_title for p in peers]
+    duplicate = next((t for t in titles if titles.count(t) > 1), None)
+    if duplicate:
+        raise ConfigError(f"peers: AE title {duplicate!r} is listed twice")
+
+    storage = sections["storage"]
+    folder = (base_dir / storage["folder"]).resolve()
+    analysis = sections["analysis"]
+    delivery = sections["delivery"]
+    if delivery["destination"] and delivery["destination"] not in titles:
+        raise ConfigError(
+            f"delivery.destination: {delivery['destination']!r} is not the AE title of a [[peers]]"
+        )
+    if delivery["retry_max_seconds"] < delivery["retry_initial_seconds"]:
+        raise ConfigError("delivery.retry_max_seconds: must be >= delivery.retry_initial_seconds")
+    return Config(
+        node=NodeSettings(**sections["node"]),
+        storage=StorageSettings(
+            folder=folder,
+            database_url=storage["database_url"] or f"sqlite:///{folder / 'index.sqlite'}",
+            duplicate_policy=storage["duplicate_policy"],
+            fsync=storage["fsync"],
+        ),
+        analysis=AnalysisSettings(**{**analysis, "model": (base_dir / analysis["model"])}),
+        delivery=DeliverySettings(**delivery),
+        peers=peers,
+        source=source,
+    )
+
+
+def default_config_text() -> str:
+    """The documented defaults shipped inside the package (identical to ./config.toml)."""
+    return resources.files("node").joinpath("defaults.toml").read_text(encoding="utf-8")
+
+
+def load_config(path: str | Path | None) -> Config:
+    """Load `path`; None means ./config.toml if present, else the embedded defaults."""
+    if path is None:
+        candidate = Path(DEFAULT_CONFIG_NAME)
+        if not candidate.is_file():
+            data = tomllib.loads(default_config_text())
+            return parse_config(data, Path.cwd(), "<embedded defaults>")
+        path = candidate
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse_config(data, path.resolve().parent, str(path))

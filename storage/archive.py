@@ -1,0 +1,197 @@
+"""Store one DICOM instance: validate its header, write the file, index it, commit.
+
+This is the single path by which anything enters the archive: C-STORE, `pneumonode
+import` and the node's own results all go through `Archive.store_file_bytes`, so every
+instance obeys the same rules. When it returns, the file and its index row are durable
+(fsync + commit), which is when the Storage SCP may answer Success.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from sqlalchemy import Connection, Engine, insert, select
+from sqlalchemy.exc import IntegrityError
+
+from storage.filestore import FileStore, InvalidUIDError, check_uid
+from storage.indexer import HeaderRecord, IndexWriter
+from storage.models import AnalysisJob, Instance, JobState, utcnow
+
+log = logging.getLogger(__name__)
+
+DUPLICATE_POLICIES = ("replace", "keep-first")
+
+# Decides, inside the storing transaction, whether an instance gets an analysis job:
+# returns None (no job), or (JobState.QUEUED | JobState.SKIPPED, reason).
+JobDecision = Callable[[HeaderRecord, bool], tuple[JobState, str] | None]
+
+
+class StoreError(Exception):
+    """An instance was refused; nothing of it was written or indexed."""
+
+
+class UnreadableDatasetError(StoreError):
+    """The bytes are not a DICOM dataset pydicom can parse."""
+
+
+class InvalidDatasetError(StoreError):
+    """The dataset lacks, or has an invalid, attribute the archive needs (a UID)."""
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    """What happened to one instance offered to the archive."""
+
+    record: HeaderRecord
+    relative_path: str
+    file_size: int
+    action: str  # "stored", "replaced" or "kept-first"
+
+
+def read_header(data: bytes | memoryview) -> Dataset:
+    """Parse the file meta and the header elements; pixel data is not read."""
+    try:
+        return dcmread(io.BytesIO(data), stop_before_pixels=True)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
+        raise UnreadableDatasetError(f"cannot parse dataset: {exc}") from exc
+    except Exception as exc:  # pydicom raises a wide range of errors on corrupt input
+        raise UnreadableDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
+
+
+class Archive:
+    """The file store and the index, kept consistent with each other."""
+
+    def __init__(
+        self,
+        files: FileStore,
+        engine: Engine,
+        *,
+        duplicate_policy: str = "replace",
+        decide_job: JobDecision | None = None,
+    ) -> None:
+        if duplicate_policy not in DUPLICATE_POLICIES:
+            raise ValueError(f"duplicate_policy: {duplicate_policy!r} not in {DUPLICATE_POLICIES}")
+        self.files = files
+        self.engine = engine
+        self._writer = IndexWriter()
+        self.duplicate_policy = duplicate_policy
+        self.decide_job = decide_job
+        # One writer at a time per process keeps SQLite free of busy retries; the file
+        # write and its fsync happen before the lock is taken, in parallel.
+        self._index_lock = threading.Lock()
+
+    def store_file_bytes(
+        self,
+        data: bytes | memoryview,
+        *,
+        calling_ae: str = "",
+        is_result: bool = False,
+        header: Dataset | None = None,
+    ) -> StoreOutcome:
+        """Store a complete DICOM file (preamble, file meta, dataset) given as bytes."""
+        ds = header if header is not None else read_header(data)
+        meta = getattr(ds, "file_meta", None)
+        transfer_syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
+        record = HeaderRecord.from_dataset(ds, transfer_syntax)
+        try:
+            check_uid("SOPClassUID", record.sop_class_uid)
+            relative = self.files.relative_path(
+                record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
+            )
+        except InvalidUIDError as exc:
+            raise InvalidDatasetError(str(exc)) from exc
+
+        existing = self._existing_path(record.sop_instance_uid)
+        if existing is not None and self.duplicate_policy == "keep-first":
+            log.info("duplicate SOP %s kept first copy", record.sop_instance_uid)
+            return StoreOutcome(record, existing, len(data), "kept-first")
+
+        self.files.write_atomic(relative, data)
+        try:
+            self._index(record, relative, len(data), calling_ae, is_result)
+        except BaseException:
+            if existing is None:
+                self.files.remove(relative)
+            raise
+        if existing is not None and existing != relative:
+            self.files.remove(existing)
+        return StoreOutcome(record, relative, len(data), "replaced" if existing else "stored")
+
+    def store_dataset(self, ds: Dataset, *, is_result: bool = True) -> StoreOutcome:
+        """Store a dataset built in memory (the node's own results) as a file."""
+        buffer = io.BytesIO()
+        ds.save_as(buffer, enforce_file_format=True)
+        return self.store_file_bytes(buffer.getbuffer(), is_result=is_result)
+
+    def path_of(self, relative: str) -> Path:
+        return self.files.absolute(relative)
+
+    def _existing_path(self, sop_instance_uid: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.scalar(
+                select(Instance.file_path).where(Instance.sop_instance_uid == sop_instance_uid)
+            )
+
+    def _index(
+        self, record: HeaderRecord, relative: str, size: int, calling_ae: str, is_result: bool
+    ) -> None:
+        received_at: datetime = utcnow()
+        for attempt in range(3):
+            try:
+                with self._index_lock:
+                    try:
+                        with self.engine.begin() as conn:
+                            self._writer.upsert(
+                                conn,
+                                record,
+                                file_path=relative,
+                                file_size=size,
+                                received_at=received_at,
+                                calling_ae=calling_ae,
+                                is_result=is_result,
+                            )
+                            self._enqueue_job(conn, record, calling_ae, is_result)
+                    except BaseException:
+                        self._writer.rolled_back()
+                        raise
+                    self._writer.committed()
+                return
+            except IntegrityError:
+                # Another process inserted the same patient/study/series first: go again,
+                # this time the row exists and is updated.
+                if attempt == 2:
+                    raise
+
+    def _enqueue_job(
+        self, conn: Connection, record: HeaderRecord, calling_ae: str, is_result: bool
+    ) -> None:
+        if self.decide_job is None:
+            return
+        decision = self.decide_job(record, is_result)
+        if decision is None:
+            return
+        exists = conn.scalar(
+            select(AnalysisJob.id).where(AnalysisJob.sop_instance_uid == record.sop_instance_uid)
+        )
+        if exists is not None:
+            return  # a replaced copy is not analysed a second time
+        state, reason = decision
+        conn.execute(
+            insert(AnalysisJob).values(
+                sop_instance_uid=record.sop_instance_uid,
+                state=state,
+                reason=reason,
+                calling_ae=calling_ae,
+                created_at=utcnow(),
+                finished_at=utcnow() if state is JobState.SKIPPED else None,
+            )
+        )

@@ -1,0 +1,227 @@
+"""Turn a dataset's header into index rows: the patient/study/series/instance upsert.
+
+Only header attributes are read (the caller parses with stop_before_pixels), so indexing
+never decodes pixel data. A later copy of the same entity updates the stored attributes:
+the newest information a sender gave wins, as in most PACS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from pydicom.dataset import Dataset
+from sqlalchemy import Connection, Table, insert, select, update
+
+from storage.models import Instance, Patient, Series, Study
+
+
+def _text(ds: Dataset, keyword: str) -> str:
+    """The attribute as text ('' when absent or empty); multi-values joined by backslash."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return ""
+    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        return "\\".join(str(v) for v in value)
+    return str(value).strip()
+
+
+def _number(ds: Dataset, keyword: str) -> int | None:
+    """An IS/US attribute as int, or None when absent, empty or not a number."""
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class HeaderRecord:
+    """What the index keeps of one instance, read once from its header."""
+
+    patient_id: str
+    patient_name: str
+    patient_birth_date: str
+    patient_sex: str
+    study_instance_uid: str
+    study_date: str
+    study_time: str
+    accession_number: str
+    study_id: str
+    study_description: str
+    referring_physician_name: str
+    series_instance_uid: str
+    modality: str
+    series_number: int | None
+    series_description: str
+    body_part_examined: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    instance_number: int | None
+    transfer_syntax_uid: str
+    rows: int | None
+    columns: int | None
+    number_of_frames: int | None
+    samples_per_pixel: int | None
+    photometric_interpretation: str
+    specific_character_set: str
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset, transfer_syntax_uid: str) -> HeaderRecord:
+        return cls(
+            patient_id=_text(ds, "PatientID"),
+            patient_name=_text(ds, "PatientName"),
+            patient_birth_date=_text(ds, "PatientBirthDate"),
+            patient_sex=_text(ds, "PatientSex"),
+            study_instance_uid=_text(ds, "StudyInstanceUID"),
+            study_date=_text(ds, "StudyDate"),
+            study_time=_text(ds, "StudyTime").replace(":", ""),
+            accession_number=_text(ds, "AccessionNumber"),
+            study_id=_text(ds, "StudyID"),
+            study_description=_text(ds, "StudyDescription"),
+            referring_physician_name=_text(ds, "ReferringPhysicianName"),
+            series_instance_uid=_text(ds, "SeriesInstanceUID"),
+            modality=_text(ds, "Modality"),
+            series_number=_number(ds, "SeriesNumber"),
+            series_description=_text(ds, "SeriesDescription"),
+            body_part_examined=_text(ds, "BodyPartExamined").upper(),
+            sop_instance_uid=_text(ds, "SOPInstanceUID"),
+            sop_class_uid=_text(ds, "SOPClassUID"),
+            instance_number=_number(ds, "InstanceNumber"),
+            transfer_syntax_uid=transfer_syntax_uid,
+            rows=_number(ds, "Rows"),
+            columns=_number(ds, "Columns"),
+            number_of_frames=_number(ds, "NumberOfFrames"),
+            samples_per_pixel=_number(ds, "SamplesPerPixel"),
+            photometric_interpretation=_text(ds, "PhotometricInterpretation"),
+            specific_character_set=_text(ds, "SpecificCharacterSet"),
+        )
+
+
+_PATIENT_FIELDS = ("patient_name", "patient_birth_date", "patient_sex")
+_STUDY_FIELDS = (
+    "study_date",
+    "study_time",
+    "accession_number",
+    "study_id",
+    "study_description",
+    "referring_physician_name",
+)
+_SERIES_FIELDS = ("modality", "series_number", "series_description", "body_part_examined")
+_INSTANCE_FIELDS = (
+    "sop_class_uid",
+    "instance_number",
+    "transfer_syntax_uid",
+    "rows",
+    "columns",
+    "number_of_frames",
+    "samples_per_pixel",
+    "photometric_interpretation",
+    "specific_character_set",
+)
+
+
+class IndexWriter:
+    """Upserts index rows with SQL Core statements and a cache of known parent rows.
+
+    The ORM costs a few milliseconds per instance, more than the fsyncs; a study of a
+    hundred images would look up and rewrite the same patient, study and series rows a
+    hundred times. Rows are never deleted, so a cached (key -> primary key, attributes) is
+    safe; it is updated only after the caller's transaction commits.
+    """
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple[str, str], tuple[int, tuple]] = {}
+        self._pending: dict[tuple[str, str], tuple[int, tuple]] = {}
+
+    def committed(self) -> None:
+        self._cache.update(self._pending)
+        self._pending.clear()
+
+    def rolled_back(self) -> None:
+        self._pending.clear()
+
+    def _upsert_parent(
+        self,
+        conn: Connection,
+        table: Table,
+        key_column: str,
+        key: str,
+        values: dict[str, object],
+        parent: tuple[str, int] | None,
+    ) -> int:
+        """Primary key of the row whose `key_column` is `key`, inserted or updated."""
+        if parent is not None:
+            values = {**values, parent[0]: parent[1]}
+        attributes = tuple(values.values())
+        cache_key = (table.name, key)
+        cached = self._pending.get(cache_key) or self._cache.get(cache_key)
+        if cached is not None and cached[1] == attributes:
+            return cached[0]
+        pk = conn.scalar(select(table.c.id).where(table.c[key_column] == key))
+        if pk is None:
+            inserted = conn.execute(insert(table).values({key_column: key, **values}))
+            pk = inserted.inserted_primary_key[0]
+        else:
+            conn.execute(update(table).where(table.c.id == pk).values(values))
+        self._pending[cache_key] = (pk, attributes)
+        return pk
+
+    def upsert(
+        self,
+        conn: Connection,
+        record: HeaderRecord,
+        *,
+        file_path: str,
+        file_size: int,
+        received_at: datetime,
+        calling_ae: str,
+        is_result: bool,
+    ) -> int:
+        """Insert or update the four rows for `record` (the caller commits); instance pk."""
+        fields = record.__dict__
+        patient_pk = self._upsert_parent(
+            conn,
+            Patient.__table__,
+            "patient_id",
+            record.patient_id,
+            {f: fields[f] for f in _PATIENT_FIELDS},
+            None,
+        )
+        study_pk = self._upsert_parent(
+            conn,
+            Study.__table__,
+            "study_instance_uid",
+            record.study_instance_uid,
+            {f: fields[f] for f in _STUDY_FIELDS},
+            ("patient_pk", patient_pk),
+        )
+        series_pk = self._upsert_parent(
+            conn,
+            Series.__table__,
+            "series_instance_uid",
+            record.series_instance_uid,
+            {f: fields[f] for f in _SERIES_FIELDS},
+            ("study_pk", study_pk),
+        )
+        instances = Instance.__table__
+        values = {f: fields[f] for f in _INSTANCE_FIELDS} | {
+            "series_pk": series_pk,
+            "file_path": file_path,
+            "file_size": file_size,
+            "received_at": received_at,
+            "calling_ae": calling_ae,
+            "is_result": is_result,
+        }
+        pk = conn.scalar(
+            select(instances.c.id).where(instances.c.sop_instance_uid == record.sop_instance_uid)
+        )
+        if pk is None:
+            result = conn.execute(
+                insert(instances).values(sop_instance_uid=record.sop_instance_uid, **values)
+            )
+            return result.inserted_primary_key[0]
+        conn.execute(update(instances).where(instances.c.id == pk).values(values))
+        return pk

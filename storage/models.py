@@ -1,0 +1,175 @@
+"""The index schema: patient / study / series / instance, plus the durable work tables.
+
+Normalised along the DICOM information model so that C-FIND at each level is a query on
+one table joined upwards. Columns that queries match on carry an index. Values are kept as
+DICOM gives them (DA as YYYYMMDD, TM as HHMMSS.FFFFFF text), which sort and compare
+correctly as strings; numeric attributes (IS, US) are integers.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+UID_LENGTH = 64
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Patient(Base):
+    __tablename__ = "patient"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_id: Mapped[str] = mapped_column(String(64), unique=True)
+    patient_name: Mapped[str] = mapped_column(String(324), default="", index=True)
+    patient_birth_date: Mapped[str] = mapped_column(String(8), default="", index=True)
+    patient_sex: Mapped[str] = mapped_column(String(16), default="", index=True)
+
+    studies: Mapped[list[Study]] = relationship(back_populates="patient")
+
+
+class Study(Base):
+    __tablename__ = "study"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    patient_pk: Mapped[int] = mapped_column(ForeignKey("patient.id"), index=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    study_date: Mapped[str] = mapped_column(String(8), default="", index=True)
+    study_time: Mapped[str] = mapped_column(String(16), default="", index=True)
+    accession_number: Mapped[str] = mapped_column(String(16), default="", index=True)
+    study_id: Mapped[str] = mapped_column(String(16), default="", index=True)
+    study_description: Mapped[str] = mapped_column(String(64), default="", index=True)
+    referring_physician_name: Mapped[str] = mapped_column(String(324), default="", index=True)
+
+    patient: Mapped[Patient] = relationship(back_populates="studies")
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_pk: Mapped[int] = mapped_column(ForeignKey("study.id"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    modality: Mapped[str] = mapped_column(String(16), default="", index=True)
+    series_number: Mapped[int | None] = mapped_column(Integer, index=True)
+    series_description: Mapped[str] = mapped_column(String(64), default="", index=True)
+    body_part_examined: Mapped[str] = mapped_column(String(16), default="", index=True)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series")
+
+
+class Instance(Base):
+    __tablename__ = "instance"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_pk: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(UID_LENGTH), index=True)
+    instance_number: Mapped[int | None] = mapped_column(Integer, index=True)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(UID_LENGTH), index=True)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    samples_per_pixel: Mapped[int | None] = mapped_column(Integer)
+    photometric_interpretation: Mapped[str] = mapped_column(String(16), default="")
+    specific_character_set: Mapped[str] = mapped_column(String(128), default="")
+    file_path: Mapped[str] = mapped_column(Text)
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    calling_ae: Mapped[str] = mapped_column(String(16), default="", index=True)
+    # True for the Secondary Captures and Structured Reports this node made itself.
+    is_result: Mapped[bool] = mapped_column(default=False)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    CLAIMED = "claimed"
+    DONE = "done"
+    FAILED = "failed"
+    SKIPPED = "skipped"
+
+
+class AnalysisJob(Base):
+    """One per received instance that could be analysed: the durable analysis queue.
+
+    The unique instance key is what makes "never analysed twice" hold across restarts.
+    """
+
+    __tablename__ = "analysis_job"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), unique=True)
+    state: Mapped[JobState] = mapped_column(
+        Enum(
+            JobState, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]
+        ),
+        index=True,
+    )
+    reason: Mapped[str] = mapped_column(Text, default="")
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    claimed_by: Mapped[str] = mapped_column(String(128), default="")
+    claimed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    probability: Mapped[float | None] = mapped_column(Float)
+    label: Mapped[str] = mapped_column(String(64), default="")
+    sc_sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), default="")
+    sr_sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), default="")
+
+
+class DeliveryState(enum.StrEnum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class Delivery(Base):
+    """One C-STORE of a result instance to one destination AE, retried until it lands."""
+
+    __tablename__ = "delivery"
+    __table_args__ = (
+        UniqueConstraint("sop_instance_uid", "destination_ae"),
+        Index("ix_delivery_due", "state", "next_attempt_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    destination_ae: Mapped[str] = mapped_column(String(16))
+    state: Mapped[DeliveryState] = mapped_column(
+        Enum(
+            DeliveryState,
+            native_enum=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+        )
+    )
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    last_error: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    delivered_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
