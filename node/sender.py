@@ -1,0 +1,152 @@
+"""The result sender: C-STORE of queued deliveries to their destination AE, with retries.
+
+Deliveries are read from the index, grouped by destination, and sent over one association
+per destination and round. A delivery is marked delivered only after the destination
+answered Success or a warning; a refused association, a network error or a failure status
+schedules the next attempt with exponential backoff. Because the queue is in the database,
+deliveries pending at a crash or stop resume at the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import defaultdict
+
+from pydicom import dcmread
+from pynetdicom import AE
+
+from node.context import NodeContext
+from storage.deliveries import DeliveryQueue, DueDelivery
+
+log = logging.getLogger(__name__)
+
+IDLE_POLL_SECONDS = 1.0
+SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116} | set(range(0xB000, 0xC000))
+
+
+class DeliverySender:
+    """Background thread that empties the delivery queue."""
+
+    def __init__(self, context: NodeContext) -> None:
+        self.context = context
+        settings = context.config.delivery
+        self.queue = DeliveryQueue(
+            context.engine,
+            retry_initial_seconds=settings.retry_initial_seconds,
+            retry_max_seconds=settings.retry_max_seconds,
+            max_attempts=settings.max_attempts,
+        )
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._loop, name="delivery", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def wake(self) -> None:
+        """New deliveries were queued: send them now rather than at the next poll."""
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                sent = self.send_due()
+            except Exception:
+                log.exception("delivery round failed; retrying")
+                sent = 0
+            if sent:
+                continue
+            wait = self.queue.next_due_in()
+            timeout = IDLE_POLL_SECONDS if wait is None else min(IDLE_POLL_SECONDS, wait)
+            self._wake.wait(max(0.01, timeout))
+            self._wake.clear()
+
+    def send_due(self) -> int:
+        """Try every due delivery once; returns how many were attempted."""
+        due = self.queue.due()
+        by_destination: dict[str, list[DueDelivery]] = defaultdict(list)
+        for delivery in due:
+            by_destination[delivery.destination_ae].append(delivery)
+        for destination, items in by_destination.items():
+            if self._stop.is_set():
+                break
+            self._send_to(destination, items)
+        return len(due)
+
+    def _send_to(self, destination: str, items: list[DueDelivery]) -> None:
+        config = self.context.config
+        peer = config.peer(destination)
+        if peer is None:
+            for item in items:
+                self.queue.retry_later(item, f"{destination} is not in [[peers]]")
+            return
+        datasets = {}
+        for item in items:
+            try:
+                datasets[item.delivery_id] = dcmread(self.context.archive.path_of(item.file_path))
+            except Exception as exc:
+                self.queue.retry_later(item, f"cannot read stored file: {exc}")
+        items = [i for i in items if i.delivery_id in datasets]
+        if not items:
+            return
+        ae = AE(ae_title=config.node.ae_title)
+        ae.network_timeout = config.node.network_timeout
+        ae.acse_timeout = config.node.network_timeout
+        ae.dimse_timeout = config.node.network_timeout
+        contexts = {
+            (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets.values()
+        }
+        for sop_class, syntax in sorted(contexts):
+            ae.add_requested_context(sop_class, [syntax])
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+        if not assoc.is_established:
+            reason = "association rejected" if assoc.is_rejected else "cannot connect"
+            error = f"{reason} by {peer.ae_title} at {peer.host}:{peer.port}"
+            log.warning("delivery to %s failed: %s; will retry", destination, error)
+            for item in items:
+                self.queue.retry_later(item, error)
+            return
+        try:
+            for item in items:
+                if self._stop.is_set() or not assoc.is_established:
+                    break
+                self._send_one(assoc, item, datasets[item.delivery_id], destination)
+        finally:
+            if assoc.is_established:
+                assoc.release()
+
+    def _send_one(self, assoc, item: DueDelivery, ds, destination: str) -> None:
+        try:
+            status = assoc.send_c_store(ds)
+        except Exception as exc:
+            self.queue.retry_later(item, f"C-STORE error: {exc}")
+            return
+        code = getattr(status, "Status", None)
+        if code is None:
+            self.queue.retry_later(item, "no C-STORE response (timeout or abort)")
+            log.warning("delivery of SOP %s to %s: no response", item.sop_instance_uid,
+                        destination)
+            return
+        if code in SUCCESS_OR_WARNING:
+            self.queue.delivered(item.delivery_id)
+            log.info(
+                "delivered SOP %s to %s (status 0x%04X)", item.sop_instance_uid, destination, code
+            )
+            return
+        state = self.queue.retry_later(item, f"C-STORE status 0x{code:04X}")
+        log.warning(
+            "delivery of SOP %s to %s refused with 0x%04X (%s)",
+            item.sop_instance_uid,
+            destination,
+            code,
+            state.value,
+        )

@@ -1,0 +1,338 @@
+"""The analysis worker: queued images in, stored and queued-for-delivery results out.
+
+It runs as a background thread of `pneumonode serve` or on its own as `pneumonode worker`
+(for example on a GPU machine sharing the index database and the storage folder). A loader
+thread claims a batch and decodes its pixels while the model works on the previous batch,
+so decoding stays off the accelerator's critical path. On a CPU-only host the worker
+threads run at a lower scheduling priority than the Storage SCP, so ingest keeps its pace.
+
+Nothing is analysed twice: result UIDs are derived from the source UID and the model
+version, so a batch re-run after a crash replaces the same result instances, and the
+job's completion and its deliveries are committed in one transaction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from node.context import NodeContext
+from storage import deliveries
+from storage.jobs import ClaimedJob, JobQueue, worker_identity
+
+log = logging.getLogger(__name__)
+
+MANUFACTURER = "pneumonode"
+SC_SERIES_NUMBER = 9001
+SR_SERIES_NUMBER = 9002
+MODEL_FILES = ("model.json", "model.safetensors")
+WAITING_POLL_SECONDS = 2.0
+
+
+@dataclass
+class DecodedJob:
+    job: ClaimedJob
+    dataset: Dataset
+    grey8: Any  # numpy uint8 HxW
+
+
+@dataclass
+class Batch:
+    decoded: list[DecodedJob]
+
+
+def result_uids(source: Dataset, model_version: str) -> dict[str, str]:
+    """Deterministic UIDs for the results of `source`: the same inputs give the same UIDs."""
+    study = str(source.StudyInstanceUID)
+    sop = str(source.SOPInstanceUID)
+    return {
+        "sc_series": generate_uid(entropy_srcs=["pneumonode-sc-series", study, model_version]),
+        "sr_series": generate_uid(entropy_srcs=["pneumonode-sr-series", study, model_version]),
+        "sc": generate_uid(entropy_srcs=["pneumonode-sc", sop, model_version]),
+        "sr": generate_uid(entropy_srcs=["pneumonode-sr", sop, model_version]),
+    }
+
+
+def _lower_thread_priority() -> None:
+    """Nice this OS thread (Linux: priority is per thread, and threads it starts inherit it)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+class AnalysisWorker:
+    """Claims analysis jobs in batches, runs the model, stores results, queues deliveries."""
+
+    def __init__(
+        self,
+        context: NodeContext,
+        *,
+        on_results: Callable[[], None] | None = None,
+        low_priority: bool = True,
+    ) -> None:
+        self.context = context
+        self.settings = context.config.analysis
+        self.jobs = JobQueue(context.engine)
+        self.identity = worker_identity()
+        self.on_results = on_results
+        self.low_priority = low_priority
+        self._stop = threading.Event()
+        self._batches: queue.Queue[Batch | None] = queue.Queue(maxsize=1)
+        self._threads: list[threading.Thread] = []
+        self._analyzer: Any = None
+        self._model_stamp: tuple[float, ...] | None = None
+        self._waiting_logged = False
+        self.device_uid = generate_uid(
+            entropy_srcs=["pneumonode-device", context.config.node.ae_title]
+        )
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> None:
+        requeued = self.jobs.requeue_abandoned()
+        if requeued:
+            log.info("requeued %d analysis jobs left claimed by a stopped worker", requeued)
+        self._stop.clear()
+        self._threads = [
+            threading.Thread(target=self._load_loop, name="analysis-loader", daemon=True),
+            threading.Thread(target=self._analyse_loop, name="analysis", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        # A decoded batch nobody will analyse goes back to the queue.
+        while True:
+            try:
+                batch = self._batches.get_nowait()
+            except queue.Empty:
+                break
+            if batch is not None:
+                self.jobs.release([d.job.job_id for d in batch.decoded])
+
+    # --- model ----------------------------------------------------------------------------
+
+    def _model_ready(self) -> bool:
+        """Load the model once it exists (or reload it when its files change)."""
+        model_dir = Path(self.settings.model)
+        paths = [model_dir / name for name in MODEL_FILES]
+        if not all(p.is_file() for p in paths):
+            if not self._waiting_logged:
+                log.warning("analysis waits for a model at %s (none there yet)", model_dir)
+                self._waiting_logged = True
+            return False
+        stamp = tuple(p.stat().st_mtime for p in paths)
+        if self._analyzer is not None and stamp == self._model_stamp:
+            return True
+        if stamp == self._model_stamp:
+            return False  # this version already failed to load; wait for a new one
+        self._model_stamp = stamp
+        from ai.artifact import ArtifactError
+        from ai.infer import Analyzer
+
+        try:
+            analyzer = Analyzer(
+                model_dir, device=self.settings.device, batch_size=self.settings.batch_size
+            )
+        except ArtifactError as exc:
+            log.error("model at %s refused: %s; analysis waits for a valid model", model_dir, exc)
+            self._analyzer = None
+            return False
+        self._analyzer = analyzer
+        self._waiting_logged = False
+        log.info(
+            "model %s %s loaded on %s", analyzer.loaded.name, analyzer.loaded.version,
+            analyzer.device,
+        )
+        return True
+
+    # --- loader: claim + decode -----------------------------------------------------------
+
+    def _load_loop(self) -> None:
+        if self.low_priority:
+            _lower_thread_priority()
+        while not self._stop.is_set():
+            try:
+                if self._analyzer is None and not self._model_ready():
+                    self._stop.wait(WAITING_POLL_SECONDS)
+                    continue
+                claimed = self._claim_batch()
+                if not claimed:
+                    continue
+                batch = Batch(decoded=[d for d in map(self._decode, claimed) if d is not None])
+                if not batch.decoded:
+                    continue
+                while not self._stop.is_set():
+                    try:
+                        self._batches.put(batch, timeout=0.5)
+                        break
+                    except queue.Full:
+                        continue
+                else:
+                    self.jobs.release([d.job.job_id for d in batch.decoded])
+            except Exception:
+                log.exception("analysis loader error; retrying")
+                self._stop.wait(WAITING_POLL_SECONDS)
+
+    def _claim_batch(self) -> list[ClaimedJob]:
+        """Wait for a first job, then up to max_wait for a full batch, then claim."""
+        size = self.settings.batch_size
+        waiting = self.jobs.queued_count()
+        if waiting == 0:
+            self._stop.wait(0.2)
+            return []
+        deadline = time.monotonic() + self.settings.max_wait_seconds
+        while waiting < size and time.monotonic() < deadline and not self._stop.is_set():
+            self._stop.wait(min(0.05, max(0.0, deadline - time.monotonic())))
+            waiting = self.jobs.queued_count()
+        return self.jobs.claim(self.identity, size)
+
+    def _decode(self, job: ClaimedJob) -> DecodedJob | None:
+        from ai.preprocess import read_grey8
+
+        path = self.context.archive.path_of(job.file_path)
+        try:
+            ds = dcmread(path)
+            grey8 = read_grey8(ds)
+        except Exception as exc:  # an unreadable or unsupported image fails its own job only
+            log.warning("analysis of SOP %s failed to decode: %s", job.sop_instance_uid, exc)
+            self.jobs.fail([job.job_id], f"decode: {type(exc).__name__}: {exc}")
+            return None
+        return DecodedJob(job=job, dataset=ds, grey8=grey8)
+
+    # --- analysis -------------------------------------------------------------------------
+
+    def _analyse_loop(self) -> None:
+        if self.low_priority:
+            _lower_thread_priority()
+            self._limit_cpu_threads()
+        while not self._stop.is_set():
+            try:
+                batch = self._batches.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if batch is None:
+                continue
+            ids = [d.job.job_id for d in batch.decoded]
+            try:
+                self.analyse(batch)
+            except Exception as exc:
+                log.exception("analysis of a batch of %d failed", len(ids))
+                self.jobs.fail(ids, f"{type(exc).__name__}: {exc}")
+
+    def _limit_cpu_threads(self) -> None:
+        """On the CPU, leave cores to the Storage SCP: torch gets half of them."""
+        if str(getattr(self._analyzer, "device", "cpu")).startswith("cuda"):
+            return
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+
+    def analyse(self, batch: Batch) -> None:
+        """One batched forward + GradCAM, then the result objects of every image."""
+        analyzer = self._analyzer
+        started = time.perf_counter()
+        predictions = analyzer.explain([d.grey8 for d in batch.decoded])
+        model_seconds = time.perf_counter() - started
+        for decoded, prediction in zip(batch.decoded, predictions, strict=True):
+            try:
+                self._store_results(decoded, prediction)
+            except Exception as exc:
+                log.exception("results of SOP %s failed", decoded.job.sop_instance_uid)
+                self.jobs.fail([decoded.job.job_id], f"results: {type(exc).__name__}: {exc}")
+        log.debug("batch of %d analysed, model %.3f s", len(batch.decoded), model_seconds)
+        if self.on_results is not None:
+            self.on_results()
+
+    def _store_results(self, decoded: DecodedJob, prediction: Any) -> None:
+        from ai.results.finding_sr import build_finding_sr
+        from ai.results.heatmap_sc import build_heatmap_sc
+        from ai.results.overlay import render_overlay
+
+        analyzer = self._analyzer
+        loaded = analyzer.loaded
+        source = decoded.dataset
+        uids = result_uids(source, loaded.version)
+        instance_number = int(source.get("InstanceNumber") or 1)
+        instance_number = instance_number if instance_number > 0 else 1
+        present = prediction.label == loaded.positive_class
+        rgb = render_overlay(decoded.grey8, prediction.heatmap, prediction.probability,
+                             prediction.label)
+        sc = build_heatmap_sc(
+            source,
+            rgb,
+            series_instance_uid=uids["sc_series"],
+            sop_instance_uid=uids["sc"],
+            series_number=SC_SERIES_NUMBER,
+            instance_number=instance_number,
+            manufacturer=MANUFACTURER,
+            model_name=loaded.name,
+            software_version=loaded.version,
+            transfer_syntax=self.settings.sc_transfer_syntax,
+        )
+        sr = build_finding_sr(
+            source,
+            probability=prediction.probability,
+            present=present,
+            threshold=loaded.threshold,
+            algorithm_name=loaded.name,
+            algorithm_version=loaded.version,
+            device_observer_name=self.context.config.node.ae_title,
+            device_observer_uid=self.device_uid,
+            device_observer_manufacturer=MANUFACTURER,
+            series_instance_uid=uids["sr_series"],
+            sop_instance_uid=uids["sr"],
+            series_number=SR_SERIES_NUMBER,
+            instance_number=instance_number,
+        )
+        archive = self.context.archive
+        archive.store_dataset(sc, is_result=True)
+        archive.store_dataset(sr, is_result=True)
+        destination = self._destination(decoded.job)
+        with self.context.engine.begin() as conn:
+            self.jobs.finish(
+                decoded.job.job_id,
+                probability=prediction.probability,
+                label=prediction.label,
+                sc_uid=uids["sc"],
+                sr_uid=uids["sr"],
+                conn=conn,
+            )
+            if destination is not None:
+                deliveries.enqueue(conn, [uids["sc"], uids["sr"]], destination)
+        log.info(
+            "analysed SOP %s: p=%.4f %s; SC %s SR %s -> %s",
+            decoded.job.sop_instance_uid,
+            prediction.probability,
+            prediction.label,
+            uids["sc"],
+            uids["sr"],
+            destination or "kept on node",
+        )
+
+    def _destination(self, job: ClaimedJob) -> str | None:
+        """The configured destination, else the sender if it is a known peer."""
+        config = self.context.config
+        title = config.delivery.destination or job.calling_ae.strip()
+        if title and config.peer(title) is not None:
+            return title
+        log.info(
+            "results of SOP %s stay on the node: caller %r is not in [[peers]]",
+            job.sop_instance_uid,
+            job.calling_ae,
+        )
+        return None

@@ -1,0 +1,137 @@
+"""The durable delivery queue: which result goes to which AE, and when to try again.
+
+A delivery row is written in the same transaction that marks its analysis job done, so a
+result is either waiting to be sent or already sent, never forgotten. Retries back off
+exponentially up to a ceiling; a row is marked delivered only after the destination
+answered the C-STORE with Success or a warning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import Connection, Engine, func, insert, select, update
+
+from storage.models import Delivery, DeliveryState, Instance, utcnow
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    delivery_id: int
+    sop_instance_uid: str
+    destination_ae: str
+    attempts: int
+    file_path: str
+
+
+def enqueue(conn: Connection, sop_instance_uids: Iterable[str], destination_ae: str) -> None:
+    """Add deliveries in the caller's transaction; an existing (uid, AE) pair is kept."""
+    for uid in sop_instance_uids:
+        exists = conn.scalar(
+            select(Delivery.id).where(
+                Delivery.sop_instance_uid == uid, Delivery.destination_ae == destination_ae
+            )
+        )
+        if exists is None:
+            now = utcnow()
+            conn.execute(
+                insert(Delivery).values(
+                    sop_instance_uid=uid,
+                    destination_ae=destination_ae,
+                    state=DeliveryState.PENDING,
+                    attempts=0,
+                    next_attempt_at=now,
+                    created_at=now,
+                    last_error="",
+                )
+            )
+
+
+class DeliveryQueue:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        retry_initial_seconds: float,
+        retry_max_seconds: float,
+        max_attempts: int,
+    ) -> None:
+        self.engine = engine
+        self.retry_initial = retry_initial_seconds
+        self.retry_max = retry_max_seconds
+        self.max_attempts = max_attempts
+
+    def due(self, limit: int = 100) -> list[DueDelivery]:
+        """Pending deliveries whose next attempt time has come, oldest first."""
+        now = utcnow()
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    Delivery.id,
+                    Delivery.sop_instance_uid,
+                    Delivery.destination_ae,
+                    Delivery.attempts,
+                    Instance.file_path,
+                )
+                .join(Instance, Instance.sop_instance_uid == Delivery.sop_instance_uid)
+                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+                .order_by(Delivery.id)
+                .limit(limit)
+            ).all()
+        return [DueDelivery(*row) for row in rows]
+
+    def next_due_in(self) -> float | None:
+        """Seconds until the next pending delivery is due (0 if overdue), None if none."""
+        with self.engine.connect() as conn:
+            soonest = conn.scalar(
+                select(func.min(Delivery.next_attempt_at)).where(
+                    Delivery.state == DeliveryState.PENDING
+                )
+            )
+        if soonest is None:
+            return None
+        delta = soonest.replace(tzinfo=None) - utcnow().replace(tzinfo=None)
+        return max(0.0, delta.total_seconds())
+
+    def delivered(self, delivery_id: int) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery_id)
+                .values(
+                    state=DeliveryState.DELIVERED,
+                    attempts=Delivery.attempts + 1,
+                    delivered_at=utcnow(),
+                    last_error="",
+                )
+            )
+
+    def retry_later(self, delivery: DueDelivery, error: str) -> DeliveryState:
+        """Record a failed attempt; back off, or give up after max_attempts."""
+        attempts = delivery.attempts + 1
+        delay = min(self.retry_max, self.retry_initial * 2 ** (attempts - 1))
+        gave_up = self.max_attempts and attempts >= self.max_attempts
+        state = DeliveryState.FAILED if gave_up else DeliveryState.PENDING
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery.delivery_id)
+                .values(
+                    state=state,
+                    attempts=attempts,
+                    last_error=error[:2000],
+                    next_attempt_at=utcnow() + timedelta(seconds=delay),
+                )
+            )
+        return state
+
+    def requeue_failed(self) -> int:
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                update(Delivery)
+                .where(Delivery.state == DeliveryState.FAILED)
+                .values(state=DeliveryState.PENDING, next_attempt_at=utcnow())
+            )
+        return result.rowcount or 0

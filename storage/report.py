@@ -1,0 +1,82 @@
+"""Counts of analysis jobs and deliveries by state, and the latest errors, for `status`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sqlalchemy import Engine, func, select
+
+from storage.models import AnalysisJob, Delivery, Instance, JobState
+
+
+@dataclass(frozen=True)
+class QueueReport:
+    instances: int
+    results: int
+    jobs: dict[str, int]
+    deliveries: dict[str, int]
+    job_errors: list[tuple[str, str]]
+    delivery_errors: list[tuple[str, str, str]]
+    skip_reasons: list[tuple[str, int]]
+
+
+def queue_report(engine: Engine, last: int = 5) -> QueueReport:
+    with engine.connect() as conn:
+        instances = conn.scalar(select(func.count()).select_from(Instance)) or 0
+        results = conn.scalar(
+            select(func.count()).select_from(Instance).where(Instance.is_result.is_(True))
+        ) or 0
+        jobs = dict(
+            conn.execute(select(AnalysisJob.state, func.count()).group_by(AnalysisJob.state)).all()
+        )
+        deliveries = dict(
+            conn.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
+        )
+        job_errors = conn.execute(
+            select(AnalysisJob.sop_instance_uid, AnalysisJob.reason)
+            .where(AnalysisJob.state == JobState.FAILED)
+            .order_by(AnalysisJob.finished_at.desc())
+            .limit(last)
+        ).all()
+        delivery_errors = conn.execute(
+            select(Delivery.sop_instance_uid, Delivery.destination_ae, Delivery.last_error)
+            .where(Delivery.last_error != "")
+            .order_by(Delivery.next_attempt_at.desc())
+            .limit(last)
+        ).all()
+        skip_reasons = conn.execute(
+            select(AnalysisJob.reason, func.count())
+            .where(AnalysisJob.state == JobState.SKIPPED)
+            .group_by(AnalysisJob.reason)
+            .order_by(func.count().desc())
+            .limit(last)
+        ).all()
+    return QueueReport(
+        instances=instances,
+        results=results,
+        jobs={str(getattr(k, "value", k)): v for k, v in jobs.items()},
+        deliveries={str(getattr(k, "value", k)): v for k, v in deliveries.items()},
+        job_errors=[tuple(r) for r in job_errors],
+        delivery_errors=[tuple(r) for r in delivery_errors],
+        skip_reasons=[tuple(r) for r in skip_reasons],
+    )
+
+
+def format_report(report: QueueReport) -> str:
+    lines = [
+        f"instances: {report.instances} ({report.results} results made by this node)",
+        "analysis jobs: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(report.jobs.items())) or "none"),
+        "deliveries: "
+        + (", ".join(f"{k} {v}" for k, v in sorted(report.deliveries.items())) or "none"),
+    ]
+    if report.skip_reasons:
+        lines.append("skipped, by reason:")
+        lines += [f"  {count:6d}  {reason}" for reason, count in report.skip_reasons]
+    if report.job_errors:
+        lines.append("last analysis errors:")
+        lines += [f"  {uid}: {reason}" for uid, reason in report.job_errors]
+    if report.delivery_errors:
+        lines.append("last delivery errors:")
+        lines += [f"  {uid} -> {ae}: {error}" for uid, ae, error in report.delivery_errors]
+    return "\n".join(lines)
