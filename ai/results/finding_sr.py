@@ -1,0 +1,278 @@
+"""The finding as a TID 1500 Measurement Report in a Comprehensive SR document, and its reader.
+
+The SR is the machine-readable half of the result: one measurement group that references the
+whole source image, with the finding (SCT Pneumothorax) present or absent as a qualitative
+evaluation and the classifier's probability as a numeric measurement, made by the algorithm
+named in it and observed by this node as a device.
+"""
+
+import logging
+import re
+from dataclasses import dataclass
+
+import highdicom as hd
+from highdicom.sr.utils import find_content_items
+from pydicom import Dataset
+from pydicom.sr.codedict import codes
+from pydicom.uid import generate_uid
+
+from ai.results.codes import (
+    ABSENT,
+    DEVICE_OBSERVER,
+    PLAIN_CHEST_XRAY,
+    PNEUMOTHORAX,
+    PRESENT,
+    PROBABILITY,
+    UNITLESS,
+)
+from ai.results.validation import (
+    require_positive_int,
+    require_probability,
+    require_source_image,
+    require_text,
+    require_uid,
+)
+
+logger = logging.getLogger(__name__)
+
+FINDING_SERIES_DESCRIPTION = "Pneumothorax AI finding (not for diagnostic use)"
+TRACKING_IDENTIFIER = "Pneumothorax classification"
+_THRESHOLD_PARAMETER = "decision threshold="
+_AGE_STRING = re.compile(r"^\d{3}[DWMY]$")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """What a Structured Report built by `build_finding_sr` says, read back from the dataset."""
+
+    probability: float
+    present: bool
+    threshold: float | None
+    referenced_sop_instance_uid: str
+    referenced_sop_class_uid: str
+    algorithm_name: str
+    algorithm_version: str
+    device_observer_uid: str | None
+
+
+def _check_decision(probability: float, present: bool, threshold: float) -> None:
+    if not isinstance(present, bool):
+        raise ValueError(f"present must be a bool, got {present!r}")
+    if probability != threshold and present != (probability >= threshold):
+        raise ValueError(
+            f"present={present} contradicts probability={probability} and threshold={threshold}"
+        )
+
+
+def _measurement_group(
+    source: Dataset,
+    probability: float,
+    present: bool,
+    algorithm: hd.sr.AlgorithmIdentification,
+    sop_instance_uid: str,
+) -> hd.sr.MeasurementsAndQualitativeEvaluations:
+    # Derived from our own SOP Instance UID, so rebuilding the same SR gives the same content.
+    tracking = hd.sr.TrackingIdentifier(
+        uid=generate_uid(entropy_srcs=[sop_instance_uid, "tracking"]),
+        identifier=TRACKING_IDENTIFIER,
+    )
+    return hd.sr.MeasurementsAndQualitativeEvaluations(
+        tracking_identifier=tracking,
+        finding_type=PNEUMOTHORAX,
+        algorithm_id=algorithm,
+        measurements=[
+            hd.sr.Measurement(name=PROBABILITY, value=probability, unit=UNITLESS),
+        ],
+        qualitative_evaluations=[
+            hd.sr.QualitativeEvaluation(name=PNEUMOTHORAX, value=PRESENT if present else ABSENT),
+        ],
+        source_images=[
+            hd.sr.SourceImageForMeasurementGroup(
+                referenced_sop_class_uid=source.SOPClassUID,
+                referenced_sop_instance_uid=source.SOPInstanceUID,
+            )
+        ],
+    )
+
+
+def _drop_invalid_patient_age(sr: Dataset) -> None:
+    """highdicom copies Patient's Age from the source; a malformed AS value there (SIIM has
+    "23") would make the report invalid. It is Type 3, so it is left out rather than guessed."""
+    age = sr.get("PatientAge")
+    if age is not None and not _AGE_STRING.match(str(age)):
+        del sr.PatientAge
+
+
+def _image_library_header(source: Dataset) -> Dataset:
+    """The source's header as the Image Library (TID 1600) should describe it.
+
+    For CR/DX highdicom adds the projection radiography descriptors (TID 1603), which need
+    Patient Orientation and Imager Pixel Spacing; many chest X-rays (all of SIIM) lack them.
+    Then the entry keeps only the generic descriptors (modality from the SOP class, rows,
+    columns), by describing a copy of the header whose Modality is left empty.
+    """
+    header = Dataset()
+    for keyword in (
+        "SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID",
+        "Modality", "PatientOrientation", "ImagerPixelSpacing",
+    ):
+        if keyword in source:
+            setattr(header, keyword, source[keyword].value)
+    orientation = source.get("PatientOrientation") or []
+    spacing = source.get("ImagerPixelSpacing") or []
+    if not (len(orientation) == 2 and all(orientation) and len(spacing) == 2):
+        header.Modality = ""
+    return header
+
+
+def build_finding_sr(
+    source: Dataset,
+    *,
+    probability: float,
+    present: bool,
+    threshold: float,
+    algorithm_name: str,
+    algorithm_version: str,
+    device_observer_name: str,
+    device_observer_uid: str,
+    device_observer_manufacturer: str,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+    series_description: str = FINDING_SERIES_DESCRIPTION,
+    institution_name: str | None = None,
+    software_version: str | None = None,
+) -> Dataset:
+    """Build the Comprehensive SR (TID 1500) that reports the pneumothorax finding on `source`.
+
+    `present` must agree with `probability` >= `threshold` (the threshold is recorded as an
+    algorithm parameter). Same patient and study as the source; a new series. The node is the
+    device observer and the equipment (Manufacturer, Model Name = observer name, and
+    `software_version` as Software Versions).
+    """
+    require_source_image("source", source)
+    probability = require_probability("probability", probability)
+    threshold = require_probability("threshold", threshold)
+    _check_decision(probability, present, threshold)
+    require_text("algorithm_name", algorithm_name)
+    require_text("algorithm_version", algorithm_version)
+    require_text("device_observer_name", device_observer_name)
+    require_uid("device_observer_uid", device_observer_uid)
+    require_text("device_observer_manufacturer", device_observer_manufacturer)
+    require_uid("series_instance_uid", series_instance_uid)
+    require_uid("sop_instance_uid", sop_instance_uid)
+    require_positive_int("series_number", series_number)
+    require_positive_int("instance_number", instance_number)
+    require_text("series_description", series_description)
+    if institution_name is not None:
+        require_text("institution_name", institution_name)
+    if software_version is not None:
+        require_text("software_version", software_version)
+    if sop_instance_uid == source.SOPInstanceUID:
+        raise ValueError("sop_instance_uid must differ from the source's SOPInstanceUID")
+    if series_instance_uid == source.get("SeriesInstanceUID"):
+        raise ValueError("series_instance_uid must be a new series, not the source's")
+
+    observer = hd.sr.ObserverContext(
+        observer_type=DEVICE_OBSERVER,
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=device_observer_uid,
+            name=device_observer_name,
+            manufacturer_name=device_observer_manufacturer,
+        ),
+    )
+    algorithm = hd.sr.AlgorithmIdentification(
+        name=algorithm_name,
+        version=algorithm_version,
+        parameters=[f"{_THRESHOLD_PARAMETER}{threshold:g}"],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=PLAIN_CHEST_XRAY,
+        imaging_measurements=[
+            _measurement_group(source, probability, present, algorithm, sop_instance_uid)
+        ],
+        referenced_images=[_image_library_header(source)],
+    )
+    sr = hd.sr.ComprehensiveSR(
+        evidence=[source],
+        content=report[0],
+        series_instance_uid=series_instance_uid,
+        series_number=series_number,
+        sop_instance_uid=sop_instance_uid,
+        instance_number=instance_number,
+        manufacturer=device_observer_manufacturer,
+        is_complete=True,
+        is_final=False,
+        is_verified=False,
+        institution_name=institution_name,
+        series_description=series_description,
+        manufacturer_model_name=device_observer_name,
+        software_versions=software_version,
+    )
+    _drop_invalid_patient_age(sr)
+    logger.info(
+        "built finding SR %s for source %s (probability %.4f, %s)",
+        sop_instance_uid, source.SOPInstanceUID, probability,
+        "present" if present else "absent",
+    )
+    return sr
+
+
+def _text_value(group_item: Dataset, name: hd.sr.CodedConcept) -> list[str]:
+    return [str(item.TextValue) for item in find_content_items(group_item, name=name)]
+
+
+def read_finding(sr: Dataset) -> Finding:
+    """Read back the pneumothorax finding of an SR built by `build_finding_sr` (or any TID 1500
+    report with one image measurement group of finding type Pneumothorax)."""
+    if not isinstance(sr, Dataset):
+        raise ValueError(f"sr must be a pydicom Dataset, got {type(sr).__name__}")
+    try:
+        report = hd.sr.MeasurementReport.from_sequence([sr])
+    except (AttributeError, IndexError, ValueError) as error:
+        raise ValueError(f"sr is not a TID 1500 Measurement Report: {error}") from error
+
+    groups = report.get_image_measurement_groups(finding_type=PNEUMOTHORAX)
+    if len(groups) != 1:
+        raise ValueError(f"sr has {len(groups)} pneumothorax measurement groups, expected 1")
+    group = groups[0]
+
+    measurements = group.get_measurements(name=PROBABILITY)
+    evaluations = group.get_qualitative_evaluations(name=PNEUMOTHORAX)
+    sources = group.source_images
+    if len(measurements) != 1 or len(evaluations) != 1 or len(sources) != 1:
+        raise ValueError(
+            "sr's measurement group needs one probability, one presence and one source image"
+        )
+    presence = evaluations[0].value
+    if presence == PRESENT:
+        present = True
+    elif presence == ABSENT:
+        present = False
+    else:
+        raise ValueError(f"sr's pneumothorax evaluation is neither present nor absent: {presence}")
+
+    names = _text_value(group[0], codes.DCM.AlgorithmName)
+    versions = _text_value(group[0], codes.DCM.AlgorithmVersion)
+    parameters = _text_value(group[0], codes.DCM.AlgorithmParameters)
+    thresholds = [
+        float(p.removeprefix(_THRESHOLD_PARAMETER))
+        for p in parameters
+        if p.startswith(_THRESHOLD_PARAMETER)
+    ]
+    devices = report.get_observer_contexts(observer_type=DEVICE_OBSERVER)
+
+    return Finding(
+        probability=float(measurements[0].value),
+        present=present,
+        threshold=thresholds[0] if thresholds else None,
+        referenced_sop_instance_uid=str(sources[0].referenced_sop_instance_uid),
+        referenced_sop_class_uid=str(sources[0].referenced_sop_class_uid),
+        algorithm_name=names[0] if names else "",
+        algorithm_version=versions[0] if versions else "",
+        device_observer_uid=(
+            str(devices[0].observer_identifying_attributes.uid) if devices else None
+        ),
+    )
