@@ -1,0 +1,77 @@
+"""Helpers for the analysis tests: a tiny model, waiting on the node's queues, results."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import create_engine, func, select
+from support import NodeProcess, node_command, node_env
+
+from storage.models import AnalysisJob, Delivery, DeliveryState, JobState
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, step: float = 0.25) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(step)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def job_counts(node: NodeProcess) -> dict[str, int]:
+    engine = create_engine(node.db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                select(AnalysisJob.state, func.count()).group_by(AnalysisJob.state)
+            ).all()
+    finally:
+        engine.dispose()
+    return {str(getattr(state, "value", state)): count for state, count in rows}
+
+
+def delivery_counts(node: NodeProcess) -> dict[str, int]:
+    engine = create_engine(node.db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
+    finally:
+        engine.dispose()
+    return {str(getattr(state, "value", state)): count for state, count in rows}
+
+
+def analysed(node: NodeProcess, expected: int) -> Callable[[], bool]:
+    def done() -> bool:
+        counts = job_counts(node)
+        return counts.get(JobState.DONE.value, 0) + counts.get(JobState.FAILED.value, 0) >= expected
+
+    return done
+
+
+def delivered(node: NodeProcess, expected: int) -> Callable[[], bool]:
+    return lambda: delivery_counts(node).get(DeliveryState.DELIVERED.value, 0) >= expected
+
+
+def predict_with_cli(model_dir: Path, files: list[Path], out_csv: Path) -> dict[str, float]:
+    """`pneumonode predict` on the files: SOP Instance UID -> probability."""
+    result = subprocess.run(
+        node_command(
+            Path("unused.toml"), "predict", str(model_dir), *map(str, files), "--csv", str(out_csv)
+        ),
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    # `predict` needs no config file; --config only has to be accepted.
+    assert result.returncode == 0, result.stderr
+    with out_csv.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    uid_key = next(k for k in rows[0] if "uid" in k.lower())
+    probability_key = next(k for k in rows[0] if "prob" in k.lower())
+    return {row[uid_key]: float(row[probability_key]) for row in rows}

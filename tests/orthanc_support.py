@@ -1,0 +1,126 @@
+"""A real Orthanc (Debian package) on loopback with its own temporary JSON config.
+
+Used by the end-to-end tests and the benchmarks: Orthanc plays the hospital PACS that
+sends images to the node and receives its results. Only its REST API on loopback is used.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from support import free_port
+
+
+def orthanc_binary() -> str:
+    found = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/bin")
+    if found is None:
+        raise RuntimeError("Orthanc not found (apt install orthanc)")
+    return found
+
+
+@dataclass
+class OrthancProcess:
+    http_port: int
+    dicom_port: int
+    ae_title: str
+    workdir: Path
+    process: subprocess.Popen
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        content_type: str = "application/json",
+        timeout: float = 60,
+    ) -> bytes:
+        req = urllib.request.Request(self.url + path, data=body, method=method)
+        if body is not None:
+            req.add_header("Content-Type", content_type)
+        with urllib.request.urlopen(req, timeout=timeout) as response:
+            return response.read()
+
+    def get_json(self, path: str) -> Any:
+        return json.loads(self.request("GET", path))
+
+    def post_json(self, path: str, payload: Any, timeout: float = 120) -> Any:
+        data = self.request("POST", path, json.dumps(payload).encode(), timeout=timeout)
+        return json.loads(data) if data else None
+
+    def upload(self, dicom_file: Path) -> dict[str, Any]:
+        """POST /instances: store a file in Orthanc; returns its answer (ID, ParentStudy...)."""
+        answer = self.request("POST", "/instances", dicom_file.read_bytes(), "application/dicom")
+        return json.loads(answer)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_orthanc(
+    workdir: Path,
+    *,
+    ae_title: str = "ORTHANC",
+    modalities: dict[str, tuple[str, str, int]] | None = None,
+    sync_storage: bool = True,
+) -> OrthancProcess:
+    """Start Orthanc with storage and SQLite index under `workdir`; wait for its REST API."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    http_port, dicom_port = free_port(), free_port()
+    config = {
+        "Name": "pneumonode-test-pacs",
+        "StorageDirectory": str(workdir / "storage"),
+        "IndexDirectory": str(workdir / "index"),
+        "HttpPort": http_port,
+        "DicomPort": dicom_port,
+        "DicomAet": ae_title,
+        "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": False,
+        "HttpServerEnabled": True,
+        "DicomServerEnabled": True,
+        "DicomCheckCalledAet": False,
+        "DicomAlwaysAllowStore": True,
+        "DicomAlwaysAllowEcho": True,
+        "StorageCompression": False,
+        "SyncStorageArea": sync_storage,
+        "Plugins": [],
+        "DicomModalities": {
+            name: [aet, host, port] for name, (aet, host, port) in (modalities or {}).items()
+        },
+        "StableAge": 2,
+    }
+    config_path = workdir / "orthanc.json"
+    config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
+    log = (workdir / "orthanc.log").open("ab")
+    process = subprocess.Popen(
+        [orthanc_binary(), str(config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir
+    )
+    orthanc = OrthancProcess(http_port, dicom_port, ae_title, workdir, process)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"Orthanc exited: {(workdir / 'orthanc.log').read_text()[-2000:]}")
+        try:
+            orthanc.get_json("/system")
+            return orthanc
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(0.2)
+    orthanc.stop()
+    raise RuntimeError("Orthanc did not start within 30 s")

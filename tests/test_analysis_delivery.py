@@ -1,0 +1,239 @@
+"""Analysis and delivery with dcmtk programs: results arrive once, whatever stops between.
+
+The destination is a real dcmtk `storescp` writing one file per received instance
+(`+uf` unique names), so a result delivered twice would show up as two files.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections import Counter
+from pathlib import Path
+
+import pydicom
+import pytest
+from analysis_support import analysed, delivered, delivery_counts, job_counts, wait_for
+from support import (
+    DCMTK_ENV,
+    dcmtk,
+    free_port,
+    node_command,
+    node_env,
+    restart_node,
+    siim_files,
+    storescu,
+)
+
+from ai.testing import build_tiny_artifact
+from storage.models import DeliveryState, JobState
+
+DESTINATION = "STORESCP"
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_artifact(tmp_path_factory.mktemp("model") / "tiny", seed=1)
+
+
+class StoreSCP:
+    """dcmtk storescp on a fixed port, stoppable and restartable."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            [
+                dcmtk("storescp"),
+                "-aet",
+                DESTINATION,
+                "+uf",
+                "-od",
+                str(self.folder),
+                str(self.port),
+            ],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def received_uids(self) -> Counter[str]:
+        uids: Counter[str] = Counter()
+        for path in self.folder.iterdir():
+            if path.is_file():
+                uids[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)] += 1
+        return uids
+
+
+def _analysis_config(model: Path, scp_port: int, **delivery: object) -> dict:
+    return {
+        "analysis": {
+            "enabled": True,
+            "model": str(model),
+            "device": "cpu",
+            "batch_size": 4,
+            "max_wait_seconds": 0.2,
+        },
+        "delivery": {
+            "destination": DESTINATION,
+            "retry_initial_seconds": 0.3,
+            "retry_max_seconds": 1.0,
+            **delivery,
+        },
+        "peers": [{"ae_title": DESTINATION, "host": "127.0.0.1", "port": scp_port}],
+    }
+
+
+def test_every_result_arrives_once_across_destination_and_node_restarts(
+    tmp_path: Path, node_factory, tiny_model: Path
+) -> None:
+    scp = StoreSCP(tmp_path / "received")
+    scp.start()
+    try:
+        node = node_factory(_analysis_config(tiny_model, scp.port))
+        files = siim_files()[:12]
+        first, second = files[:6], files[6:]
+
+        assert storescu(node, first).returncode == 0
+        wait_for(delivered(node, 2 * len(first)), 180, "the first results to be delivered")
+
+        scp.stop()  # the destination goes down
+        assert storescu(node, second).returncode == 0
+        wait_for(analysed(node, len(files)), 180, "the second batch to be analysed")
+        wait_for(
+            lambda: "pending" in delivery_counts(node) and _delivery_attempts_failed(node),
+            30,
+            "a failed delivery attempt",
+        )
+
+        code = node.stop()  # and the node restarts while deliveries are pending
+        assert code == 0
+        node = restart_node(node)
+        scp.start()
+        wait_for(delivered(node, 2 * len(files)), 120, "every result to be delivered")
+
+        received = scp.received_uids()
+        assert len(received) == 2 * len(files)
+        assert set(received.values()) == {1}, f"delivered more than once: {received}"
+        assert job_counts(node) == {JobState.DONE.value: len(files)}
+        assert delivery_counts(node) == {DeliveryState.DELIVERED.value: 2 * len(files)}
+        node.stop()
+    finally:
+        scp.stop()
+
+
+def _delivery_attempts_failed(node) -> bool:
+    from sqlalchemy import create_engine, select
+
+    from storage.models import Delivery
+
+    engine = create_engine(node.db_url)
+    try:
+        with engine.connect() as conn:
+            errors = conn.scalars(select(Delivery.last_error).where(Delivery.last_error != ""))
+            return any(errors)
+    finally:
+        engine.dispose()
+
+
+def test_results_stay_on_the_node_for_a_caller_not_in_peers(
+    tmp_path: Path, node_factory, tiny_model: Path
+) -> None:
+    node = node_factory(
+        {
+            "analysis": {
+                "enabled": True,
+                "model": str(tiny_model),
+                "device": "cpu",
+                "batch_size": 4,
+                "max_wait_seconds": 0.2,
+            },
+            "peers": [],
+        }
+    )
+    files = siim_files()[:3]
+    assert storescu(node, files).returncode == 0
+    wait_for(analysed(node, len(files)), 180, "analysis")
+    assert delivery_counts(node) == {}
+    assert "is not in [[peers]]" in node.log_text()
+    status = subprocess.run(
+        node_command(node.config_path, "status"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(),
+    )
+    assert status.returncode == 0, status.stderr
+    assert "done 3" in status.stdout
+    assert "6 results" in status.stdout
+
+
+def test_analysis_waits_for_a_model_then_catches_up(
+    tmp_path: Path, node_factory, tiny_model: Path
+) -> None:
+    model_dir = tmp_path / "later-model"
+    node = node_factory(
+        {
+            "analysis": {
+                "enabled": True,
+                "model": str(model_dir),
+                "device": "cpu",
+                "batch_size": 4,
+                "max_wait_seconds": 0.2,
+            },
+            "peers": [],
+        }
+    )
+    files = siim_files()[:2]
+    assert storescu(node, files).returncode == 0  # stored and queryable without a model
+    wait_for(lambda: "waits for a model" in node.log_text(), 30, "the waiting-for-model line")
+    assert job_counts(node) == {JobState.QUEUED.value: len(files)}
+    build_tiny_artifact(model_dir, seed=2)
+    wait_for(analysed(node, len(files)), 120, "analysis once the model appeared")
+    assert node.log_text().count("waits for a model") == 1
+
+
+def test_ineligible_images_are_stored_and_recorded_as_skipped(
+    tmp_path: Path, node_factory, tiny_model: Path
+) -> None:
+    source = pydicom.dcmread(siim_files()[0])
+    source.Modality = "MR"
+    source.SOPInstanceUID = pydicom.uid.generate_uid()
+    path = tmp_path / "mr.dcm"
+    source.save_as(path)
+    node = node_factory(
+        {
+            "analysis": {
+                "enabled": True,
+                "model": str(tiny_model),
+                "device": "cpu",
+                "batch_size": 4,
+                "max_wait_seconds": 0.2,
+            },
+            "peers": [],
+        }
+    )
+    assert storescu(node, [path]).returncode == 0
+    assert job_counts(node) == {JobState.SKIPPED.value: 1}
+    status = subprocess.run(
+        node_command(node.config_path, "status"),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(),
+    )
+    assert "modality MR" in status.stdout
+
+
+def _env() -> dict[str, str]:
+    return {**node_env(), **DCMTK_ENV}
