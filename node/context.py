@@ -23,8 +23,21 @@ class NodeContext:
     archive: Archive
 
 
+def job_decision(config: Config) -> JobDecision | None:
+    """The eligibility rule that queues analysis jobs, when analysis is enabled."""
+    if not config.analysis.enabled:
+        return None
+    from ai.eligibility import Eligibility
+
+    return Eligibility(config.analysis.modalities, config.analysis.body_parts)
+
+
 def build_context(config: Config, decide_job: JobDecision | None = None) -> NodeContext:
-    """Open (and create if needed) the file store and the index named by `config`."""
+    """Open (and create if needed) the file store and the index named by `config`.
+
+    Jobs are queued by the configured eligibility rule unless `decide_job` is given.
+    """
+    decide_job = decide_job or job_decision(config)
     engine = create_index_engine(config.storage.database_url)
     files = FileStore(config.storage.folder, fsync=config.storage.fsync)
     archive = Archive(
