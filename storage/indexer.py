@@ -26,6 +26,11 @@ def _text(ds: Dataset, keyword: str) -> str:
     return str(value).strip()
 
 
+def _person_name(ds: Dataset, keyword: str) -> str:
+    """A PN without its trailing empty components, so DOE^JOHN^^ matches DOE^JOHN."""
+    return "=".join(group.rstrip("^") for group in _text(ds, keyword).split("="))
+
+
 def _number(ds: Dataset, keyword: str) -> int | None:
     """An IS/US attribute as int, or None when absent, empty or not a number."""
     value = ds.get(keyword)
@@ -66,13 +71,14 @@ class HeaderRecord:
     number_of_frames: int | None
     samples_per_pixel: int | None
     photometric_interpretation: str
+    acquisition_date_time: str
     specific_character_set: str
 
     @classmethod
     def from_dataset(cls, ds: Dataset, transfer_syntax_uid: str) -> HeaderRecord:
         return cls(
             patient_id=_text(ds, "PatientID"),
-            patient_name=_text(ds, "PatientName"),
+            patient_name=_person_name(ds, "PatientName"),
             patient_birth_date=_text(ds, "PatientBirthDate"),
             patient_sex=_text(ds, "PatientSex"),
             study_instance_uid=_text(ds, "StudyInstanceUID"),
@@ -81,7 +87,7 @@ class HeaderRecord:
             accession_number=_text(ds, "AccessionNumber"),
             study_id=_text(ds, "StudyID"),
             study_description=_text(ds, "StudyDescription"),
-            referring_physician_name=_text(ds, "ReferringPhysicianName"),
+            referring_physician_name=_person_name(ds, "ReferringPhysicianName"),
             series_instance_uid=_text(ds, "SeriesInstanceUID"),
             modality=_text(ds, "Modality"),
             series_number=_number(ds, "SeriesNumber"),
@@ -96,6 +102,7 @@ class HeaderRecord:
             number_of_frames=_number(ds, "NumberOfFrames"),
             samples_per_pixel=_number(ds, "SamplesPerPixel"),
             photometric_interpretation=_text(ds, "PhotometricInterpretation"),
+            acquisition_date_time=_text(ds, "AcquisitionDateTime"),
             specific_character_set=_text(ds, "SpecificCharacterSet"),
         )
 
@@ -119,6 +126,7 @@ _INSTANCE_FIELDS = (
     "number_of_frames",
     "samples_per_pixel",
     "photometric_interpretation",
+    "acquisition_date_time",
     "specific_character_set",
 )
 

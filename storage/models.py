@@ -94,6 +94,8 @@ class Instance(Base):
     number_of_frames: Mapped[int | None] = mapped_column(Integer)
     samples_per_pixel: Mapped[int | None] = mapped_column(Integer)
     photometric_interpretation: Mapped[str] = mapped_column(String(16), default="")
+    # DT as DICOM writes it (YYYYMMDDHHMMSS.FFFFFF&ZZXX): the IMAGE-level DT key of C-FIND.
+    acquisition_date_time: Mapped[str] = mapped_column(String(26), default="", index=True)
     specific_character_set: Mapped[str] = mapped_column(String(128), default="")
     file_path: Mapped[str] = mapped_column(Text)
     file_size: Mapped[int] = mapped_column(BigInteger)

@@ -1,0 +1,149 @@
+"""Query/Retrieve FIND SCP: Patient Root and Study Root C-FIND over the index.
+
+The matching lives in storage/query.py; this handler reads the request, streams the
+matches as Pending responses, stops on C-CANCEL, and turns an identifier it cannot
+process into a failure status with an ErrorComment rather than an exception.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+from pydicom.datadict import keyword_for_tag
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.context import NodeContext
+from storage.query import (
+    IdentifierMismatchError,
+    PreparedFind,
+    QueryError,
+    QueryModel,
+    UnprocessableQueryError,
+    prepare_find,
+)
+
+log = logging.getLogger(__name__)
+
+STATUS_SUCCESS = 0x0000
+STATUS_PENDING = 0xFF00
+STATUS_PENDING_KEYS_UNSUPPORTED = 0xFF01  # matches go on; some optional keys were ignored
+STATUS_CANCEL = 0xFE00
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_IDENTIFIER_MISMATCH = 0xA900
+STATUS_UNABLE_TO_PROCESS = 0xC000
+
+FindResponse = tuple[int | Dataset, Dataset | None]
+
+
+def failure(status: int, comment: str, offending: tuple[int, ...] = ()) -> Dataset:
+    """A status dataset pynetdicom copies into the C-FIND response."""
+    ds = Dataset()
+    ds.Status = status
+    ds.ErrorComment = comment[:64]
+    if offending:
+        ds.OffendingElement = list(offending)
+    return ds
+
+
+def handle_find(event: evt.Event, context: NodeContext) -> Iterator[FindResponse]:
+    """EVT_C_FIND handler (bound with the NodeContext as extra argument)."""
+    calling_ae = event.assoc.requestor.ae_title
+    outcome = _FindOutcome()
+    try:
+        yield from _answer(event, context, outcome)
+    finally:
+        status = "none" if outcome.status is None else f"0x{outcome.status:04X}"
+        log.info(
+            "C-FIND %s level=%s matches=%d status=%s calling AE %r",
+            outcome.model,
+            outcome.level,
+            outcome.matches,
+            status,
+            calling_ae,
+        )
+
+
+class _FindOutcome:
+    """What the INFO summary line reports: no identifier values, so no patient data."""
+
+    def __init__(self) -> None:
+        self.model = "?"
+        self.level = "?"
+        self.matches = 0
+        self.status: int | None = None  # stays None if the association ends mid-stream
+
+
+def _answer(event: evt.Event, context: NodeContext, outcome: _FindOutcome) -> Iterator:
+    try:
+        model = QueryModel.from_sop_class(event.request.AffectedSOPClassUID)
+    except ValueError:
+        outcome.status = STATUS_IDENTIFIER_MISMATCH
+        yield failure(STATUS_IDENTIFIER_MISMATCH, "SOP class is not a supported FIND model"), None
+        return
+    outcome.model = model.value
+    try:
+        prepared = prepare_find(_identifier(event), model)
+    except QueryError as exc:
+        outcome.status = (
+            STATUS_IDENTIFIER_MISMATCH
+            if isinstance(exc, IdentifierMismatchError)
+            else STATUS_UNABLE_TO_PROCESS
+        )
+        # The comment may quote a query value (a birth date): the log names only the keys.
+        log.warning("C-FIND refused (0x%04X) on %s", outcome.status, _tag_names(exc.offending))
+        yield failure(outcome.status, exc.comment, exc.offending), None
+        return
+    except Exception:
+        # A shape of identifier nobody foresaw: answer it, keep serving, keep the traceback.
+        log.exception("C-FIND identifier could not be processed")
+        outcome.status = STATUS_UNABLE_TO_PROCESS
+        yield failure(STATUS_UNABLE_TO_PROCESS, "identifier could not be processed"), None
+        return
+    outcome.level = prepared.level.name
+    if prepared.ignored_keys:
+        log.info("C-FIND keys not supported for matching: %s", ", ".join(prepared.ignored_keys))
+    yield from _stream(event, context, prepared, outcome)
+
+
+def _tag_names(tags: tuple[int, ...]) -> str:
+    names = [keyword_for_tag(tag) or f"({tag >> 16:04X},{tag & 0xFFFF:04X})" for tag in tags]
+    return ", ".join(names) or "the identifier"
+
+
+def _identifier(event: evt.Event) -> Dataset:
+    # pydicom decodes elements lazily; prepare_find reports one it cannot read by name.
+    try:
+        identifier = event.identifier
+    except Exception as exc:
+        raise UnprocessableQueryError(f"cannot decode identifier: {type(exc).__name__}") from exc
+    return identifier
+
+
+def _stream(
+    event: evt.Event, context: NodeContext, prepared: PreparedFind, outcome: _FindOutcome
+) -> Iterator[FindResponse]:
+    pending = STATUS_PENDING_KEYS_UNSUPPORTED if prepared.ignored_keys else STATUS_PENDING
+    ae_title = context.config.node.ae_title
+    try:
+        with context.engine.connect() as conn:
+            for identifier in prepared.responses(conn, ae_title):
+                if event.is_cancelled:
+                    outcome.status = STATUS_CANCEL
+                    yield STATUS_CANCEL, None
+                    return
+                outcome.matches += 1
+                yield pending, identifier
+    except SQLAlchemyError as exc:
+        log.error("C-FIND index query failed: %s", type(exc).__name__)
+        outcome.status = STATUS_OUT_OF_RESOURCES
+        yield failure(STATUS_OUT_OF_RESOURCES, "index unavailable, try again"), None
+        return
+    if event.is_cancelled:
+        outcome.status = STATUS_CANCEL
+        yield STATUS_CANCEL, None
+        return
+    outcome.status = STATUS_SUCCESS
+    yield STATUS_SUCCESS, None

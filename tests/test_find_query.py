@@ -1,0 +1,487 @@
+"""storage/query.py on its own: an index filled through storage.archive.Archive, no network.
+
+The index holds a few SIIM files and the synthetic instances of find_data, so every
+matching rule can be checked against known values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from find_data import SYNTHETIC_INSTANCE_COUNT, all_studies, series_uid, study_uid
+from find_data import synthetic_instances as make_synthetic
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence
+from pydicom.tag import Tag
+from sqlalchemy import Engine, event, update
+from sqlalchemy.dialects import postgresql
+from support import siim_files
+
+from storage.archive import Archive
+from storage.database import create_index_engine
+from storage.filestore import FileStore
+from storage.models import Instance
+from storage.query import (
+    IdentifierMismatchError,
+    Level,
+    QueryModel,
+    UnprocessableQueryError,
+    _CaseSensitiveLike,
+    find,
+    prepare_find,
+)
+
+# Query values such as 'D*' or '20200101-20201231' are valid C-FIND keys, not valid
+# attribute values, and pydicom says so; these tests write them on purpose.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Invalid value for VR"),
+    pytest.mark.filterwarnings("ignore:A value of type 'str' cannot be assigned"),
+]
+
+SIIM_SAMPLE = 5
+PATIENT = QueryModel.PATIENT_ROOT
+STUDY = QueryModel.STUDY_ROOT
+AE_TITLE = "UNITNODE"
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    folder: Path = tmp_path_factory.mktemp("query_index")
+    engine = create_index_engine(f"sqlite:///{folder / 'index.sqlite'}")
+    archive = Archive(FileStore(folder / "files", fsync=False), engine)
+    for path in siim_files()[:SIIM_SAMPLE]:
+        archive.store_file_bytes(path.read_bytes())
+    for ds in make_synthetic():
+        archive.store_dataset(ds, is_result=False)
+    # The indexer does not fill AcquisitionDateTime (yet): set it as it would.
+    with engine.begin() as conn:
+        for ds in make_synthetic():
+            conn.execute(
+                update(Instance)
+                .where(Instance.sop_instance_uid == ds.SOPInstanceUID)
+                .values(acquisition_date_time=ds.AcquisitionDateTime)
+            )
+    yield engine
+    engine.dispose()
+
+
+def identifier(level: str, **keys: object) -> Dataset:
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def run(engine: Engine, model: QueryModel, level: str, **keys: object) -> list[Dataset]:
+    return list(find(engine, identifier(level, **keys), model, AE_TITLE))
+
+
+def study_ids(engine: Engine, **keys: object) -> list[str]:
+    """StudyID of the matching synthetic studies (SIIM studies have an empty StudyID)."""
+    matches = run(engine, STUDY, "STUDY", StudyID="", **keys)
+    return sorted(m.StudyID for m in matches if m.StudyID)
+
+
+# --- levels and the hierarchy ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "keys"),
+    [
+        (STUDY, {}),  # no QueryRetrieveLevel at all
+        (STUDY, {"QueryRetrieveLevel": "FRAME"}),
+        (STUDY, {"QueryRetrieveLevel": "PATIENT"}),  # Study Root has no PATIENT level
+        (PATIENT, {"QueryRetrieveLevel": "STUDY"}),  # PatientID needed above STUDY
+        (PATIENT, {"QueryRetrieveLevel": "STUDY", "PatientID": "FIND*"}),
+        (PATIENT, {"QueryRetrieveLevel": "STUDY", "PatientID": "A\\B"}),
+        (PATIENT, {"QueryRetrieveLevel": "SERIES", "PatientID": "FIND_2"}),
+        (STUDY, {"QueryRetrieveLevel": "SERIES"}),
+        (STUDY, {"QueryRetrieveLevel": "SERIES", "StudyInstanceUID": ""}),
+        (STUDY, {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study_uid("S1")}),
+    ],
+)
+def test_level_and_hierarchy_errors(model: QueryModel, keys: dict[str, str]) -> None:
+    ds = Dataset()
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    with pytest.raises(IdentifierMismatchError) as raised:
+        prepare_find(ds, model)
+    assert raised.value.comment and len(raised.value.comment) <= 64
+    assert raised.value.offending
+
+
+def test_uid_list_is_allowed_above_the_level(engine: Engine) -> None:
+    matches = run(
+        engine,
+        STUDY,
+        "SERIES",
+        StudyInstanceUID=f"{study_uid('S1')}\\{study_uid('S3')}",
+        SeriesInstanceUID="",
+    )
+    assert sorted(m.SeriesInstanceUID for m in matches) == sorted(
+        [series_uid("S1", 1), series_uid("S1", 2), series_uid("S3", 1)]
+    )
+
+
+def test_patient_root_hierarchy_down_to_image(engine: Engine) -> None:
+    matches = run(
+        engine,
+        PATIENT,
+        "IMAGE",
+        PatientID="FIND%1",
+        StudyInstanceUID=study_uid("S2"),
+        SeriesInstanceUID=series_uid("S2", 3),
+        SOPInstanceUID="",
+        InstanceNumber="",
+    )
+    assert [m.InstanceNumber for m in matches] == [1, 2, 3]
+    # A PatientID that does not own the study finds nothing.
+    assert not run(
+        engine,
+        PATIENT,
+        "SERIES",
+        PatientID="FIND_2",
+        StudyInstanceUID=study_uid("S2"),
+    )
+
+
+# --- matching types ----------------------------------------------------------------------
+
+
+def test_universal_matching_returns_every_study_with_values_filled(engine: Engine) -> None:
+    matches = run(engine, STUDY, "STUDY", StudyInstanceUID="", StudyDate="")
+    assert len(matches) == SIIM_SAMPLE + len(all_studies())
+    assert all(m.StudyInstanceUID and m.StudyDate for m in matches)
+    assert run(engine, STUDY, "STUDY", PatientID="*") == run(engine, STUDY, "STUDY", PatientID="")
+
+
+def test_single_value_is_exact_and_case_sensitive(engine: Engine) -> None:
+    assert study_ids(engine, AccessionNumber="ACC_2") == ["S2"]
+    assert study_ids(engine, StudyDescription="CHEST") == []
+    assert study_ids(engine, StudyDescription="chest pa") == []
+    assert study_ids(engine, StudyDescription="CHEST PA") == ["S1"]
+
+
+def test_person_names_match_without_regard_to_case(engine: Engine) -> None:
+    assert study_ids(engine, PatientName="DOE^JOHN") == ["S4"]
+    assert study_ids(engine, PatientName="doe*") == ["S3", "S4"]
+    assert study_ids(engine, PatientName="müller^hans") == ["S1", "S2"]
+    assert study_ids(engine, PatientName="DOE^JANE^") == ["S3"]  # trailing empty components
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ({"PatientID": "FIND%*"}, ["S1", "S2"]),
+        ({"PatientID": "FIND_*"}, ["S3"]),
+        ({"PatientID": "FIND!*"}, ["S5"]),
+        ({"PatientID": "FIND[*"}, ["S6"]),
+        ({"PatientID": "FIND?3"}, ["S4"]),
+        ({"PatientID": "FIND?"}, []),
+        ({"PatientID": "*X*"}, ["S4"]),
+        ({"AccessionNumber": "ACC%?"}, ["S1"]),
+        ({"AccessionNumber": "ACC[?]"}, ["S5"]),
+        ({"StudyDescription": "CHEST*"}, ["S1", "S4"]),
+        ({"StudyDescription": "chest*"}, []),
+    ],
+)
+def test_wildcards_treat_sql_wildcards_literally(
+    engine: Engine, keys: dict[str, str], expected: list[str]
+) -> None:
+    assert study_ids(engine, **keys) == expected
+
+
+def test_like_pattern_escapes_for_other_databases() -> None:
+    from storage.models import Patient
+
+    clause = _CaseSensitiveLike(Patient.__table__.c.patient_id, "A%_!*?")
+    compiled = clause.compile(dialect=postgresql.dialect())
+    assert " LIKE " in str(compiled) and str(compiled).endswith(" ESCAPE '!'")
+    assert list(compiled.params.values()) == ["A!%!_!!%_"]
+
+
+@pytest.mark.parametrize(
+    ("keys", "expected"),
+    [
+        ({"StudyDate": "20200101-20201231"}, ["S1", "S3"]),
+        ({"StudyDate": "20200201-"}, ["S2", "S3", "S5", "S6"]),
+        ({"StudyDate": "-19991231"}, ["S4"]),
+        ({"StudyDate": "20210615"}, ["S2"]),
+        ({"StudyDate": "2021.06.15"}, ["S2"]),
+        ({"StudyDate": "20200110\\20220304"}, ["S1", "S6"]),
+        ({"StudyTime": "0900-1000"}, ["S2"]),  # stored as 0930
+        ({"StudyTime": "0830"}, ["S1"]),  # stored as 083000.123, minute precision
+        ({"StudyTime": "08:30-08:30"}, ["S1"]),
+        ({"StudyTime": "083000.2-"}, ["S2", "S3", "S4", "S5", "S6"]),
+        ({"StudyTime": "-083000.1"}, ["S1"]),  # 083000.123 is within 083000.1
+        ({"StudyTime": "-083000.0"}, []),
+        ({"StudyTime": "1400-1430"}, ["S5"]),  # stored as 14 (hour precision)
+        ({"StudyTime": "2359-"}, ["S4"]),
+        ({"PatientBirthDate": "-19700101"}, ["S1", "S2"]),  # empty birth dates never match
+    ],
+)
+def test_date_and_time_ranges(engine: Engine, keys: dict[str, str], expected: list[str]) -> None:
+    assert study_ids(engine, **keys) == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("20200101-20201231", 4),  # S1 (3 instances), S3 (1)
+        ("2021-", 5),  # S2 (3), S5, S6
+        ("-2019", 1),  # S4
+        ("20210615093000", 3),
+        ("20210615093000-0500", 3),  # a single DT with a UTC offset, not a range
+        ("2022", 2),
+        ("2020-2021", 7),  # a range of years, not 2020 at UTC offset -20:21
+    ],
+)
+def test_datetime_ranges(engine: Engine, value: str, expected: int) -> None:
+    matches = run(
+        engine,
+        STUDY,
+        "IMAGE",
+        StudyInstanceUID="\\".join(study_uid(s.key) for _, s in all_studies()),
+        SeriesInstanceUID="\\".join(
+            series_uid(s.key, se.number) for _, s in all_studies() for se in s.series
+        ),
+        AcquisitionDateTime=value,
+    )
+    # SIIM series are not in the UID lists, so every match is synthetic.
+    assert len(matches) == expected
+    assert all(m.AcquisitionDateTime for m in matches)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [
+        {"StudyDate": "2020"},
+        {"StudyDate": "20200101-20200201-20200301"},
+        {"StudyDate": "-"},
+        {"StudyTime": "25"},
+        {"StudyTime": "1260"},
+        {"StudyTime": "0930*"},
+    ],
+)
+def test_malformed_values_are_unprocessable(keys: dict[str, str]) -> None:
+    with pytest.raises(UnprocessableQueryError) as raised:
+        prepare_find(identifier("STUDY", **keys), STUDY)
+    (keyword,) = keys
+    assert raised.value.offending == (int(Tag(keyword)),)
+    assert keyword in raised.value.comment
+
+
+def test_numbers_match_as_numbers(engine: Engine) -> None:
+    all_synthetic = "\\".join(study_uid(s.key) for _, s in all_studies())
+    series = run(engine, STUDY, "SERIES", StudyInstanceUID=all_synthetic, SeriesNumber="07")
+    assert [m.SeriesNumber for m in series] == [7]
+    images = run(
+        engine,
+        STUDY,
+        "IMAGE",
+        StudyInstanceUID=study_uid("S1"),
+        SeriesInstanceUID=f"{series_uid('S1', 1)}\\{series_uid('S1', 2)}",
+        Rows="512",
+        InstanceNumber="2",
+    )
+    assert [(m.Rows, m.InstanceNumber) for m in images] == [(512, 2)]
+    query = identifier("SERIES", StudyInstanceUID=study_uid("S1"))
+    add_raw_element(query, "SeriesNumber", "IS", b"1*")
+    with pytest.raises(UnprocessableQueryError) as raised:
+        prepare_find(query, STUDY)
+    assert raised.value.comment.startswith(("SeriesNumber", "cannot decode SeriesNumber"))
+
+
+def add_raw_element(ds: Dataset, keyword: str, vr: str, raw: bytes) -> None:
+    """An element as pydicom holds it after decoding a network identifier (lazy, raw)."""
+    from pydicom.datadict import tag_for_keyword
+    from pydicom.dataelem import RawDataElement
+
+    tag = tag_for_keyword(keyword)
+    ds[tag] = RawDataElement(tag, vr, len(raw), raw, 0, False, True)
+
+
+def test_multiple_values_and_uid_lists(engine: Engine) -> None:
+    assert study_ids(engine, StudyInstanceUID=f"{study_uid('S1')}\\{study_uid('S6')}") == [
+        "S1",
+        "S6",
+    ]
+    matches = run(
+        engine,
+        STUDY,
+        "SERIES",
+        StudyInstanceUID="\\".join(study_uid(s.key) for _, s in all_studies()),
+        Modality="CR\\MR",
+    )
+    assert sorted(m.Modality for m in matches) == ["CR", "CR", "MR"]
+
+
+def test_modalities_and_sop_classes_in_study_match_any_series(engine: Engine) -> None:
+    assert study_ids(engine, ModalitiesInStudy="CT") == ["S2"]
+    assert study_ids(engine, ModalitiesInStudy="CT\\MR") == ["S2", "S3"]
+    assert study_ids(engine, ModalitiesInStudy="D*") == ["S1", "S5", "S6"]
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    assert study_ids(engine, SOPClassesInStudy=ct) == ["S2"]
+
+
+# --- computed keys and the response ------------------------------------------------------
+
+
+def test_computed_patient_keys(engine: Engine) -> None:
+    (match,) = run(
+        engine,
+        PATIENT,
+        "PATIENT",
+        PatientID="FIND%1",
+        NumberOfPatientRelatedStudies="",
+        NumberOfPatientRelatedSeries="",
+        NumberOfPatientRelatedInstances="",
+    )
+    assert match.NumberOfPatientRelatedStudies == 2
+    assert match.NumberOfPatientRelatedSeries == 3
+    assert match.NumberOfPatientRelatedInstances == 6
+
+
+def test_computed_study_and_series_keys(engine: Engine) -> None:
+    (study,) = run(
+        engine,
+        STUDY,
+        "STUDY",
+        StudyInstanceUID=study_uid("S1"),
+        NumberOfStudyRelatedSeries="",
+        NumberOfStudyRelatedInstances="",
+        ModalitiesInStudy="",
+        SOPClassesInStudy="",
+        NumberOfPatientRelatedStudies="",
+    )
+    assert study.NumberOfStudyRelatedSeries == 2
+    assert study.NumberOfStudyRelatedInstances == 3
+    assert list(study.ModalitiesInStudy) == ["CR", "DX"]
+    assert len(study.SOPClassesInStudy) == 2
+    assert study.NumberOfPatientRelatedStudies == 2
+    series = run(
+        engine,
+        STUDY,
+        "SERIES",
+        StudyInstanceUID=study_uid("S1"),
+        SeriesNumber="",
+        NumberOfSeriesRelatedInstances="",
+    )
+    assert [(s.SeriesNumber, s.NumberOfSeriesRelatedInstances) for s in series] == [(1, 2), (2, 1)]
+
+
+def test_response_holds_exactly_the_requested_keys(engine: Engine) -> None:
+    (match,) = run(
+        engine,
+        STUDY,
+        "STUDY",
+        StudyInstanceUID=study_uid("S3"),
+        PatientName="",
+        StudyDate="",
+        ModalitiesInStudy="",
+    )
+    assert sorted(match.dir()) == sorted(
+        [
+            "PatientName",
+            "ModalitiesInStudy",
+            "QueryRetrieveLevel",
+            "RetrieveAETitle",
+            "StudyDate",
+            "StudyInstanceUID",
+        ]
+    )
+    assert match.QueryRetrieveLevel == "STUDY"
+    assert match.RetrieveAETitle == AE_TITLE
+    assert match.StudyDate == "20200201"
+
+
+def test_specific_character_set_only_when_needed(engine: Engine) -> None:
+    matches = run(engine, PATIENT, "PATIENT", PatientID="FIND*", PatientName="")
+    by_id = {str(m.PatientName): m for m in matches}
+    assert by_id["Müller^Hans"].SpecificCharacterSet == "ISO_IR 192"
+    assert "SpecificCharacterSet" not in by_id["DOE^JANE"]
+    echoed = run(engine, PATIENT, "PATIENT", PatientID="FIND_2", SpecificCharacterSet="ISO_IR 100")
+    assert echoed[0].SpecificCharacterSet == "ISO_IR 100"
+
+
+def test_unsupported_keys_are_returned_empty_and_reported(engine: Engine) -> None:
+    ds = identifier(
+        "STUDY",
+        StudyInstanceUID=study_uid("S4"),
+        PatientAge="",  # not in the index, asked empty: returned empty, nothing ignored
+        InstitutionName="Somewhere",  # not in the index, with a value: ignored, reported
+        Modality="MR",  # a SERIES key in a STUDY query: ignored, reported
+    )
+    ds.ReferencedStudySequence = Sequence()
+    ds.ProcedureCodeSequence = Sequence([Dataset()])
+    ds.ProcedureCodeSequence[0].CodeValue = "X"
+    prepared = prepare_find(ds, STUDY)
+    assert prepared.level is Level.STUDY
+    assert sorted(prepared.ignored_keys) == ["InstitutionName", "Modality", "ProcedureCodeSequence"]
+    (match,) = find(engine, ds, STUDY, AE_TITLE)  # S4 is CR: Modality=MR did not filter
+    for keyword in ("PatientAge", "InstitutionName", "Modality"):
+        assert keyword in match and match[keyword].value in ("", None)
+    assert len(match.ReferencedStudySequence) == 0
+    assert len(match.ProcedureCodeSequence) == 0
+    assert not prepare_find(identifier("STUDY", PatientAge=""), STUDY).ignored_keys
+
+
+def test_upper_level_keys_are_returned_in_a_lower_level_query(engine: Engine) -> None:
+    (match,) = run(
+        engine,
+        PATIENT,
+        "IMAGE",
+        PatientID="FIND_2",
+        StudyInstanceUID=study_uid("S3"),
+        SeriesInstanceUID=series_uid("S3", 1),
+        PatientName="",
+        StudyDescription="",
+        Modality="",
+        SOPInstanceUID="",
+    )
+    assert (match.PatientName, match.StudyDescription, match.Modality) == ("DOE^JANE", "KNEE", "MR")
+
+
+def test_one_statement_per_find_whatever_it_asks(engine: Engine) -> None:
+    statements: list[str] = []
+
+    def record(conn, cursor, statement, parameters, context, executemany) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        matches = run(
+            engine,
+            STUDY,
+            "STUDY",
+            StudyInstanceUID="",
+            ModalitiesInStudy="",
+            SOPClassesInStudy="",
+            NumberOfStudyRelatedSeries="",
+            NumberOfStudyRelatedInstances="",
+            NumberOfPatientRelatedStudies="",
+            NumberOfPatientRelatedSeries="",
+            NumberOfPatientRelatedInstances="",
+            StudyDate="20000101-",
+            PatientName="*",
+        )
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
+    assert len(matches) == len(all_studies()) - 1  # all but S4 (1999)
+    assert len(statements) == 1
+
+
+def test_synthetic_fixture_is_complete(engine: Engine) -> None:
+    images = run(
+        engine,
+        STUDY,
+        "IMAGE",
+        StudyInstanceUID="\\".join(study_uid(s.key) for _, s in all_studies()),
+        SeriesInstanceUID="\\".join(
+            series_uid(s.key, se.number) for _, s in all_studies() for se in s.series
+        ),
+    )
+    assert len(images) == SYNTHETIC_INSTANCE_COUNT
