@@ -11,7 +11,6 @@ from __future__ import annotations
 import ipaddress
 import tomllib
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -275,7 +274,9 @@ def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
 
 def default_config_text() -> str:
     """The documented defaults shipped inside the package (identical to ./config.toml)."""
-    return resources.files("node").joinpath("defaults.toml").read_text(encoding="utf-8")
+    # Next to this module rather than importlib.resources: under an editable install
+    # `node` can resolve to a namespace-like multiplexed path that resources rejects.
+    return (Path(__file__).parent / "defaults.toml").read_text(encoding="utf-8")
 
 
 def load_config(path: str | Path | None) -> Config:

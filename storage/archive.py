@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,7 +20,9 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from sqlalchemy import Connection, Engine, insert, select
+from pydicom.filereader import data_element_generator
+from pydicom.uid import UID
+from sqlalchemy import Connection, Engine, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 
 from storage.filestore import FileStore, InvalidUIDError, check_uid
@@ -33,6 +36,12 @@ DUPLICATE_POLICIES = ("replace", "keep-first")
 # Decides, inside the storing transaction, whether an instance gets an analysis job:
 # returns None (no job), or (JobState.QUEUED | JobState.SKIPPED, reason).
 JobDecision = Callable[[HeaderRecord, bool], tuple[JobState, str] | None]
+
+
+# Built once, run with parameters (see storage.indexer: cheaper than literal statements).
+_SELECT_FILE_PATH = select(Instance.file_path).where(Instance.sop_instance_uid == bindparam("sop"))
+_SELECT_JOB = select(AnalysisJob.id).where(AnalysisJob.sop_instance_uid == bindparam("sop"))
+_INSERT_JOB = insert(AnalysisJob)
 
 
 class StoreError(Exception):
@@ -58,13 +67,57 @@ class StoreOutcome:
 
 
 def read_header(data: bytes | memoryview) -> Dataset:
-    """Parse the file meta and the header elements; pixel data is not read."""
+    """Parse the file meta and the header elements, and check the dataset is whole.
+
+    Pixel data is not decoded. pydicom reads a truncated or garbled dataset without
+    complaint, keeping what it could, so the element structure is walked to the end.
+    """
     try:
-        return dcmread(io.BytesIO(data), stop_before_pixels=True)
+        ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+        _check_whole(data, ds)
+        return ds
+    except UnreadableDatasetError:
+        raise
     except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
         raise UnreadableDatasetError(f"cannot parse dataset: {exc}") from exc
     except Exception as exc:  # pydicom raises a wide range of errors on corrupt input
         raise UnreadableDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
+
+
+_PREAMBLE_AND_PREFIX = 132
+_UNDEFINED_LENGTH = 0xFFFFFFFF
+
+
+def _check_whole(data: bytes | memoryview, ds: Dataset) -> None:
+    """Raise UnreadableDatasetError unless every element after the file meta is complete."""
+    meta = ds.file_meta
+    group_length = meta.get("FileMetaInformationGroupLength")
+    if group_length is None:
+        raise UnreadableDatasetError("cannot parse dataset: no file meta group length")
+    transfer_syntax = UID(str(meta.get("TransferSyntaxUID", "")))
+    if not transfer_syntax.is_transfer_syntax:
+        raise UnreadableDatasetError("cannot parse dataset: unknown transfer syntax")
+    body = bytes(data[_PREAMBLE_AND_PREFIX + 12 + int(group_length) :])
+    if transfer_syntax.is_deflated:
+        try:
+            body = zlib.decompress(body, -zlib.MAX_WBITS)
+        except zlib.error as exc:
+            raise UnreadableDatasetError(f"cannot parse dataset: bad deflate: {exc}") from exc
+    if not body:
+        raise UnreadableDatasetError("cannot parse dataset: no data elements")
+    stream = io.BytesIO(body)
+    elements = data_element_generator(
+        stream, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
+    )
+    end_of_last_element = 0
+    for element in elements:
+        value = element.value
+        defined = element.length != _UNDEFINED_LENGTH
+        if defined and isinstance(value, bytes) and len(value) != element.length:
+            raise UnreadableDatasetError(f"cannot parse dataset: element {element.tag} is cut")
+        end_of_last_element = stream.tell()
+    if end_of_last_element != len(body):
+        raise UnreadableDatasetError("cannot parse dataset: it ends inside an element")
 
 
 class Archive:
@@ -137,9 +190,7 @@ class Archive:
 
     def _existing_path(self, sop_instance_uid: str) -> str | None:
         with self.engine.connect() as conn:
-            return conn.scalar(
-                select(Instance.file_path).where(Instance.sop_instance_uid == sop_instance_uid)
-            )
+            return conn.scalar(_SELECT_FILE_PATH, {"sop": sop_instance_uid})
 
     def _index(
         self, record: HeaderRecord, relative: str, size: int, calling_ae: str, is_result: bool
@@ -179,19 +230,18 @@ class Archive:
         decision = self.decide_job(record, is_result)
         if decision is None:
             return
-        exists = conn.scalar(
-            select(AnalysisJob.id).where(AnalysisJob.sop_instance_uid == record.sop_instance_uid)
-        )
+        exists = conn.scalar(_SELECT_JOB, {"sop": record.sop_instance_uid})
         if exists is not None:
             return  # a replaced copy is not analysed a second time
         state, reason = decision
         conn.execute(
-            insert(AnalysisJob).values(
-                sop_instance_uid=record.sop_instance_uid,
-                state=state,
-                reason=reason,
-                calling_ae=calling_ae,
-                created_at=utcnow(),
-                finished_at=utcnow() if state is JobState.SKIPPED else None,
-            )
+            _INSERT_JOB,
+            {
+                "sop_instance_uid": record.sop_instance_uid,
+                "state": state,
+                "reason": reason,
+                "calling_ae": calling_ae,
+                "created_at": utcnow(),
+                "finished_at": utcnow() if state is JobState.SKIPPED else None,
+            },
         )

@@ -7,11 +7,12 @@ the newest information a sender gave wins, as in most PACS.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from datetime import datetime
 
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, Table, insert, select, update
+from sqlalchemy import Connection, Select, Table, Update, bindparam, insert, select, update
 
 from storage.models import Instance, Patient, Series, Study
 
@@ -131,6 +132,18 @@ _INSTANCE_FIELDS = (
 )
 
 
+# Statements are built once and take their values as parameters: building a statement
+# with literal values costs SQLAlchemy a new cache key per call, more than running it.
+@functools.cache
+def _select_pk(table: Table, key_column: str) -> Select:
+    return select(table.c.id).where(table.c[key_column] == bindparam("key"))
+
+
+@functools.cache
+def _update_by_pk(table: Table) -> Update:
+    return update(table).where(table.c.id == bindparam("pk_"))
+
+
 class IndexWriter:
     """Upserts index rows with SQL Core statements and a cache of known parent rows.
 
@@ -168,12 +181,12 @@ class IndexWriter:
         cached = self._pending.get(cache_key) or self._cache.get(cache_key)
         if cached is not None and cached[1] == attributes:
             return cached[0]
-        pk = conn.scalar(select(table.c.id).where(table.c[key_column] == key))
+        pk = conn.scalar(_select_pk(table, key_column), {"key": key})
         if pk is None:
-            inserted = conn.execute(insert(table).values({key_column: key, **values}))
+            inserted = conn.execute(insert(table), {key_column: key, **values})
             pk = inserted.inserted_primary_key[0]
         else:
-            conn.execute(update(table).where(table.c.id == pk).values(values))
+            conn.execute(_update_by_pk(table), {"pk_": pk, **values})
         self._pending[cache_key] = (pk, attributes)
         return pk
 
@@ -224,12 +237,12 @@ class IndexWriter:
             "is_result": is_result,
         }
         pk = conn.scalar(
-            select(instances.c.id).where(instances.c.sop_instance_uid == record.sop_instance_uid)
+            _select_pk(instances, "sop_instance_uid"), {"key": record.sop_instance_uid}
         )
         if pk is None:
             result = conn.execute(
-                insert(instances).values(sop_instance_uid=record.sop_instance_uid, **values)
+                insert(instances), {"sop_instance_uid": record.sop_instance_uid, **values}
             )
             return result.inserted_primary_key[0]
-        conn.execute(update(instances).where(instances.c.id == pk).values(values))
+        conn.execute(_update_by_pk(instances), {"pk_": pk, **values})
         return pk

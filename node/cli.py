@@ -1,0 +1,191 @@
+"""The `pneumonode` command: serve, import, config-check, and the classifier's commands.
+
+Every subcommand takes `--config PATH` (default ./config.toml, or the embedded defaults when
+that file does not exist) and `--log-level`. A configuration error is one line naming the
+key, and exit status 2, before anything starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import importlib.util
+import inspect
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from node.config import Config, ConfigError, load_config
+
+log = logging.getLogger(__name__)
+
+EXIT_CONFIG_ERROR = 2
+
+# Subcommand handlers take the parsed arguments and return the exit status.
+Command = Callable[[argparse.Namespace], int]
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
+    """Apply the `serve` command-line overrides to the loaded configuration."""
+    node = config.node
+    storage = config.storage
+    if args.port is not None:
+        node = dataclasses.replace(node, port=args.port)
+    if args.bind is not None:
+        node = dataclasses.replace(node, bind_address=args.bind)
+    if args.storage is not None:
+        folder = Path(args.storage).resolve()
+        database_url = storage.database_url
+        if database_url == f"sqlite:///{storage.folder / 'index.sqlite'}":
+            database_url = f"sqlite:///{folder / 'index.sqlite'}"
+        storage = dataclasses.replace(storage, folder=folder, database_url=database_url)
+    return dataclasses.replace(config, node=node, storage=storage)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from node.server import serve
+
+    config = _with_overrides(_load(args), args)
+    return serve(config)
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from node.context import build_context
+    from storage.importer import import_folder
+
+    config = _load(args)
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        print(f"pneumonode import: {folder} is not a folder", file=sys.stderr)
+        return 1
+    context = build_context(config)
+    try:
+        summary = import_folder(context.archive, folder, progress=not args.no_progress)
+    finally:
+        context.engine.dispose()
+    for line in summary.lines():
+        print(line)
+    if args.list_skipped:
+        for path, reason in summary.skipped:
+            print(f"skipped {path}: {reason}")
+    return 0
+
+
+def cmd_config_check(args: argparse.Namespace) -> int:
+    from node.server import check_access_settings
+
+    config = _load(args)
+    check_access_settings(config)
+    print(f"{config.source}: OK")
+    print(f"  AE title {config.node.ae_title} on {config.node.bind_address}:{config.node.port}")
+    print(f"  storage {config.storage.folder}")
+    print(f"  index {config.storage.database_url}")
+    print(f"  peers: {', '.join(p.ae_title for p in config.peers) or 'none'}")
+    return 0
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="PATH",
+        default=None,
+        help="configuration file (default ./config.toml; embedded defaults if absent)",
+    )
+    common.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="logging level (default INFO)",
+    )
+    return common
+
+
+def _register_ai_commands(
+    subparsers: argparse._SubParsersAction, common: argparse.ArgumentParser
+) -> None:
+    """The classifier's subcommands (stats, train, predict, ...), when ai/ is present.
+
+    `ai.commands` must not import torch at import time, so `serve` starts fast; it gets the
+    shared --config/--log-level options as `parents` when its register accepts them.
+    """
+    if importlib.util.find_spec("ai.commands") is None:
+        return
+    register = importlib.import_module("ai.commands").register
+    if "parents" in inspect.signature(register).parameters:
+        register(subparsers, parents=[common])
+    else:
+        register(subparsers)
+
+
+NODE_COMMANDS = ("serve", "import", "config-check")
+
+
+def build_parser(with_ai_commands: bool = True) -> argparse.ArgumentParser:
+    common = _common_options()
+    parser = argparse.ArgumentParser(
+        prog="pneumonode",
+        description="DICOM node: Storage SCP, SQL index, C-FIND and pneumothorax analysis.",
+    )
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = subparsers.add_parser("serve", parents=[common], help="run the DICOM node")
+    serve.add_argument("--port", type=int, help="override node.port")
+    serve.add_argument("--bind", metavar="ADDRESS", help="override node.bind_address")
+    serve.add_argument("--storage", metavar="FOLDER", help="override storage.folder")
+    serve.set_defaults(func=cmd_serve)
+
+    importer = subparsers.add_parser(
+        "import", parents=[common], help="archive and index a folder of DICOM files"
+    )
+    importer.add_argument("folder", metavar="DIR", help="folder to import (recursively)")
+    importer.add_argument("--no-progress", action="store_true", help="no progress bar")
+    importer.add_argument(
+        "--list-skipped", action="store_true", help="print each skipped file and why"
+    )
+    importer.set_defaults(func=cmd_import)
+
+    check = subparsers.add_parser(
+        "config-check", parents=[common], help="validate the configuration and exit"
+    )
+    check.set_defaults(func=cmd_config_check)
+
+    if with_ai_commands:
+        _register_ai_commands(subparsers, common)
+    parser.set_defaults(config=None, log_level="INFO")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The classifier's commands load fastai and torch (seconds): not for the node's own.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(with_ai_commands=command not in NODE_COMMANDS).parse_args(argv)
+    configure_logging(args.log_level)
+    func: Command = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        print(f"pneumonode: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

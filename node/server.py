@@ -1,0 +1,259 @@
+"""The DICOM application entity: what the node accepts, and the serve loop.
+
+`DicomNode` builds the pynetdicom AE from the configuration (AE title, limits, timeouts,
+the presentation contexts of Verification, Storage and Query/Retrieve FIND), binds the
+service handlers to a shared `NodeContext` and runs the server with any background
+services (the analysis worker, the result sender) beside it. `serve` runs one until
+SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
+
+from pydicom import uid
+from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+    Verification,
+)
+from pynetdicom.transport import ThreadedAssociationServer
+
+from node.config import Config, ConfigError
+from node.context import NodeContext, build_context
+from node.find_scp import handle_find
+from node.storage_scp import handle_store
+
+log = logging.getLogger(__name__)
+
+# Stored as received, so any encoding a sender uses is fine as long as the pixel data is in
+# the dataset: uncompressed, deflated, every JPEG family, RLE, and the video encodings.
+# Left out: the JPIP "referenced" syntaxes, whose pixel data lives on a remote server.
+UNCOMPRESSED_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    uid.ExplicitVRLittleEndian,
+    uid.ImplicitVRLittleEndian,
+    uid.DeflatedExplicitVRLittleEndian,
+    uid.ExplicitVRBigEndian,
+)
+COMPRESSED_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    uid.JPEGBaseline8Bit,
+    uid.JPEGExtended12Bit,
+    uid.JPEGLossless,
+    uid.JPEGLosslessSV1,
+    uid.JPEGLSLossless,
+    uid.JPEGLSNearLossless,
+    uid.JPEG2000Lossless,
+    uid.JPEG2000,
+    uid.JPEG2000MCLossless,
+    uid.JPEG2000MC,
+    uid.HTJ2KLossless,
+    uid.HTJ2KLosslessRPCL,
+    uid.HTJ2K,
+    uid.RLELossless,
+    uid.MPEG2MPML,
+    uid.MPEG2MPMLF,
+    uid.MPEG2MPHL,
+    uid.MPEG2MPHLF,
+    uid.MPEG4HP41,
+    uid.MPEG4HP41F,
+    uid.MPEG4HP41BD,
+    uid.MPEG4HP41BDF,
+    uid.MPEG4HP422D,
+    uid.MPEG4HP422DF,
+    uid.MPEG4HP423D,
+    uid.MPEG4HP423DF,
+    uid.MPEG4HP42STEREO,
+    uid.MPEG4HP42STEREOF,
+    uid.HEVCMP51,
+    uid.HEVCM10P51,
+)
+STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
+    UNCOMPRESSED_TRANSFER_SYNTAXES + COMPRESSED_TRANSFER_SYNTAXES
+)
+QUERY_SOP_CLASSES = (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+
+# How long a stopping node lets open associations finish before aborting them.
+SHUTDOWN_GRACE_SECONDS = 10.0
+
+
+class BackgroundService(Protocol):
+    """Something that runs beside the DICOM server for the life of `serve`."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+# Builds a background service once the node's context exists (e.g. the analysis worker).
+ServiceFactory = Callable[[NodeContext], BackgroundService]
+
+
+def _quiet_pynetdicom() -> None:
+    """pynetdicom's own handlers log every message, identifiers included (patient names):
+    the node logs its own summary lines instead, which also saves time per instance."""
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+def check_access_settings(config: Config) -> None:
+    """Refuse a config that would turn every caller away."""
+    if not config.node.accept_unknown_callers and not config.peers:
+        raise ConfigError(
+            "node.accept_unknown_callers: false with no [[peers]] would reject every caller"
+        )
+
+
+def build_ae(config: Config) -> AE:
+    """The AE with its limits and every presentation context the node accepts."""
+    check_access_settings(config)
+    ae = AE(ae_title=config.node.ae_title)
+    ae.maximum_associations = config.node.max_associations
+    ae.maximum_pdu_size = config.node.max_pdu
+    ae.network_timeout = config.node.network_timeout
+    ae.acse_timeout = config.node.network_timeout
+    ae.dimse_timeout = config.node.network_timeout
+    if not config.node.accept_unknown_callers:
+        ae.require_calling_aet = [peer.ae_title for peer in config.peers]
+    ae.add_supported_context(Verification, UNCOMPRESSED_TRANSFER_SYNTAXES)
+    for context in AllStoragePresentationContexts:
+        ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
+    for sop_class in QUERY_SOP_CLASSES:
+        ae.add_supported_context(sop_class, UNCOMPRESSED_TRANSFER_SYNTAXES)
+    return ae
+
+
+def _peer_of(event: evt.Event) -> str:
+    requestor = event.assoc.requestor
+    return f"calling AE {requestor.ae_title!r} from {requestor.address}:{requestor.port}"
+
+
+def _log_association(outcome: str) -> Callable[[evt.Event], None]:
+    def handler(event: evt.Event) -> None:
+        log.info("association %s: %s", outcome, _peer_of(event))
+
+    return handler
+
+
+def _handle_echo(event: evt.Event) -> int:
+    return 0x0000
+
+
+def event_handlers(context: NodeContext) -> list[tuple]:
+    """The pynetdicom handler bindings of the node's services."""
+    return [
+        (evt.EVT_C_ECHO, _handle_echo),
+        (evt.EVT_C_STORE, handle_store, [context]),
+        (evt.EVT_C_FIND, handle_find, [context]),
+        (evt.EVT_ACCEPTED, _log_association("accepted")),
+        (evt.EVT_REJECTED, _log_association("rejected")),
+        (evt.EVT_RELEASED, _log_association("released")),
+        (evt.EVT_ABORTED, _log_association("aborted")),
+    ]
+
+
+class DicomNode:
+    """The running node: context, DICOM server and background services, started together."""
+
+    def __init__(
+        self,
+        config: Config,
+        services: Sequence[ServiceFactory] = (),
+        context: NodeContext | None = None,
+    ) -> None:
+        _quiet_pynetdicom()
+        self.config = config
+        self.ae = build_ae(config)
+        self.context = context or build_context(config)
+        self._service_factories = tuple(services)
+        self._services: list[BackgroundService] = []
+        self._server: ThreadedAssociationServer | None = None
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """The (host, port) the server listens on; the port is the real one if 0 was asked."""
+        if self._server is None:
+            raise RuntimeError("the node is not started")
+        host, port = self._server.server_address[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        removed = self.context.archive.files.cleanup_temporaries()
+        if removed:
+            log.info("removed %d temporary files left by an interrupted write", removed)
+        self._server = self.ae.start_server(
+            (self.config.node.bind_address, self.config.node.port),
+            block=False,
+            evt_handlers=event_handlers(self.context),
+        )
+        host, port = self.address
+        log.info(
+            "listening as %s on %s:%d (storage %s)",
+            self.config.node.ae_title,
+            host,
+            port,
+            self.config.storage.folder,
+        )
+        for factory in self._service_factories:
+            service = factory(self.context)
+            service.start()
+            self._services.append(service)
+
+    def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
+        """Stop accepting, let open associations finish (then abort them), stop services."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._finish_associations(grace_seconds)
+            self._server = None
+        for service in reversed(self._services):
+            try:
+                service.stop()
+            except Exception:
+                log.exception("error while stopping %s", type(service).__name__)
+        self._services.clear()
+        self.context.engine.dispose()
+        log.info("stopped")
+
+    def _finish_associations(self, grace_seconds: float) -> None:
+        deadline = time.monotonic() + grace_seconds
+        while self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for assoc in self.ae.active_associations:
+            log.warning("aborting association with %r at shutdown", assoc.requestor.ae_title)
+            assoc.abort()
+        for assoc in self.ae.active_associations:
+            assoc.join(timeout=5)
+
+
+def serve(config: Config, services: Iterable[ServiceFactory] = ()) -> int:
+    """Run the node until SIGINT or SIGTERM; returns the process exit code.
+
+    The handlers stay installed until the process exits: a second signal during the
+    shutdown (an impatient supervisor) must not kill it halfway through.
+    """
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        stop_requested.set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, request_stop)
+    node = DicomNode(config, tuple(services))
+    node.start()
+    try:
+        while not stop_requested.wait(timeout=1.0):
+            pass
+    finally:
+        node.stop()
+    return 0

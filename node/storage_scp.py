@@ -1,0 +1,91 @@
+"""The Storage SCP: a C-STORE request becomes one archived instance and a DIMSE status.
+
+The dataset is taken as the sender encoded it (`event.encoded_dataset()`), never decoded:
+only its header is parsed to check and index it. The answer is Success only after
+`Archive.store_file_bytes` returns, that is once the file and its index row are durable.
+Every refusal names its reason in ErrorComment, so the sender's log says what went wrong.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from sqlalchemy.exc import OperationalError
+
+from node.context import NodeContext
+from storage.archive import InvalidDatasetError, UnreadableDatasetError, read_header
+
+log = logging.getLogger(__name__)
+
+# C-STORE statuses (PS3.4 B.2.3; the 0xC2xx codes are this node's "cannot understand").
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH_SOP_CLASS = 0xA900
+UNREADABLE_DATASET = 0xC210
+UNEXPECTED_ERROR = 0xC211
+INVALID_UID = 0xC220
+
+_ERROR_COMMENT_LENGTH = 64  # ErrorComment is an LO
+
+
+def _status(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:_ERROR_COMMENT_LENGTH]
+    return status
+
+
+def _mismatch(header: Dataset, event: evt.Event) -> str | None:
+    """Why the dataset does not belong to the request it came in, or None."""
+    sop_class = str(header.get("SOPClassUID", "") or "").strip()
+    sop_instance = str(header.get("SOPInstanceUID", "") or "").strip()
+    if not sop_class or not sop_instance:
+        return None  # the archive's UID checks report what is missing
+    if sop_class != str(event.context.abstract_syntax):
+        return f"SOP Class differs from the presentation context's: {sop_class}"
+    if sop_class != str(event.request.AffectedSOPClassUID):
+        return f"SOP Class differs from the request's: {sop_class}"
+    if sop_instance != str(event.request.AffectedSOPInstanceUID):
+        return "SOP Instance UID differs from the request's"
+    return None
+
+
+def handle_store(event: evt.Event, context: NodeContext) -> int | Dataset:
+    """EVT_C_STORE handler: archive the instance as received, answer with its status."""
+    calling_ae = event.assoc.requestor.ae_title.strip()
+    affected = str(event.request.AffectedSOPInstanceUID or "")
+    try:
+        data = event.encoded_dataset()
+        header = read_header(data)
+        mismatch = _mismatch(header, event)
+        if mismatch is not None:
+            log.warning("refused SOP %s from %s: %s", affected, calling_ae, mismatch)
+            return _status(DOES_NOT_MATCH_SOP_CLASS, mismatch)
+        outcome = context.archive.store_file_bytes(data, calling_ae=calling_ae, header=header)
+    except UnreadableDatasetError as exc:
+        log.warning("refused SOP %s from %s: %s", affected, calling_ae, exc)
+        return _status(UNREADABLE_DATASET, "cannot parse the dataset")
+    except InvalidDatasetError as exc:
+        log.warning("refused SOP %s from %s: %s", affected, calling_ae, exc)
+        return _status(INVALID_UID, str(exc))
+    except OSError as exc:
+        log.error("cannot store SOP %s from %s: %s", affected, calling_ae, exc)
+        return _status(OUT_OF_RESOURCES, f"cannot write the file: {exc.strerror or exc}")
+    except OperationalError as exc:
+        log.error("cannot index SOP %s from %s: %s", affected, calling_ae, exc.orig)
+        return _status(OUT_OF_RESOURCES, "cannot write the index")
+    except Exception:
+        log.exception("unexpected error storing SOP %s from %s", affected, calling_ae)
+        return _status(UNEXPECTED_ERROR, "internal error while storing")
+    record = outcome.record
+    log.info(
+        "%s SOP %s class %s from %s, %d bytes",
+        outcome.action,
+        record.sop_instance_uid,
+        record.sop_class_uid,
+        calling_ae,
+        outcome.file_size,
+    )
+    return SUCCESS

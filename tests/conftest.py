@@ -1,0 +1,107 @@
+"""Shared fixtures: the SIIM data, config files, and real `pneumonode serve` processes.
+
+`node_factory` starts nodes (each on its own free loopback port and temporary storage
+folder) and stops them with SIGTERM at teardown, checking that they exit cleanly.
+`siim_node` is one node for the whole session that already holds all 200 SIIM images,
+sent with `storescu -xy` over one association, for the query tests to share.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, func, select
+from support import NodeProcess, siim_dir, siim_files, start_node, storescu, write_config
+
+from storage.models import Instance
+
+SIIM_COUNT = 200
+
+StartNode = Callable[..., NodeProcess]
+
+
+@pytest.fixture(scope="session")
+def siim_path() -> Path:
+    """Folder holding train/ (the 200 SIIM DICOM files) and labels.csv."""
+    path = siim_dir()
+    if not (path / "train").is_dir():
+        pytest.skip(f"SIIM data not found at {path} (set PNEUMONODE_SIIM_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def siim_dicom_files(siim_path: Path) -> list[Path]:
+    files = siim_files()
+    assert len(files) == SIIM_COUNT
+    return files
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Callable[..., Path]:
+    """Write a config.toml from the shipped defaults with {section: {key: value}} overrides."""
+
+    def make(overrides: dict[str, Any] | None = None, name: str = "config.toml") -> Path:
+        return write_config(tmp_path / name, overrides)
+
+    return make
+
+
+def _stop_all(nodes: list[NodeProcess]) -> None:
+    failures = []
+    for node in nodes:
+        if node.stopped:
+            continue
+        code = node.stop(signal.SIGTERM)
+        if code != 0:
+            failures.append(f"port {node.port} exited {code}:\n{node.log_text()[-3000:]}")
+    assert not failures, "node did not stop cleanly on SIGTERM: " + "\n".join(failures)
+
+
+@pytest.fixture
+def node_factory(tmp_path: Path) -> Iterator[StartNode]:
+    """start(overrides=None, name="node", preexec_fn=None) -> a running NodeProcess."""
+    started: list[NodeProcess] = []
+
+    def start(
+        overrides: dict[str, Any] | None = None,
+        name: str = "node",
+        preexec_fn: Callable[[], None] | None = None,
+    ) -> NodeProcess:
+        node = start_node(tmp_path / name, overrides, preexec_fn=preexec_fn)
+        started.append(node)
+        return node
+
+    yield start
+    _stop_all(started)
+
+
+@pytest.fixture
+def node(node_factory: StartNode) -> NodeProcess:
+    """A node with the default configuration (analysis off) on a free port."""
+    return node_factory()
+
+
+def count_instances(db_url: str) -> int:
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(Instance)))
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def siim_node(tmp_path_factory: pytest.TempPathFactory, siim_path: Path) -> Iterator[NodeProcess]:
+    """A node holding all 200 SIIM images, for read-only tests (C-FIND) to share."""
+    node = start_node(tmp_path_factory.mktemp("siim_node"))
+    try:
+        result = storescu(node, [siim_path / "train"])
+        assert result.returncode == 0, result.stderr
+        assert count_instances(node.db_url) == SIIM_COUNT
+        yield node
+    finally:
+        _stop_all([node])

@@ -1,0 +1,287 @@
+"""Helpers shared by the tests: a real `pneumonode serve` process and the dcmtk programs.
+
+The tests drive the node the way a user does: a config file, the console command in its
+own process, and dcmtk or pynetdicom clients over TCP on a free loopback port.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS_TOML = REPO_ROOT / "node" / "defaults.toml"
+
+# dcmtk waits ~40 ms per message with Nagle's algorithm unless told otherwise.
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def siim_dir() -> Path:
+    """The 200 SIIM files: ../shared/data/siim_small next to the repo, or $PNEUMONODE_SIIM_DIR."""
+    override = os.environ.get("PNEUMONODE_SIIM_DIR")
+    return Path(override) if override else REPO_ROOT.parent / "shared" / "data" / "siim_small"
+
+
+def siim_files() -> list[Path]:
+    return sorted((siim_dir() / "train").rglob("*.dcm"))
+
+
+def dcmtk(program: str) -> str:
+    """Absolute path of a dcmtk program; the venv's pynetdicom apps share some names."""
+    venv_bin = Path(sys.executable).parent.resolve()
+    dirs = [d for d in os.environ.get("PATH", "").split(os.pathsep) if d]
+    search = [d for d in dirs if Path(d).resolve() != venv_bin] + ["/usr/bin", "/usr/local/bin"]
+    found = shutil.which(program, path=os.pathsep.join(search))
+    if found is None:
+        raise RuntimeError(f"dcmtk program {program!r} not found (apt install dcmtk)")
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str | Path):
+        text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+        return f'"{text}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """TOML text for the config's shape: tables of scalars/lists, and [[peers]]."""
+    lines: list[str] = []
+    for name, table in data.items():
+        if isinstance(table, list):
+            for item in table:
+                lines.append(f"[[{name}]]")
+                lines.extend(f"{k} = {_toml_value(v)}" for k, v in item.items())
+                lines.append("")
+            continue
+        lines.append(f"[{name}]")
+        lines.extend(f"{k} = {_toml_value(v)}" for k, v in table.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_data(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The shipped defaults with `overrides` ({section: {key: value}}, or "peers": [...])
+    applied; a value of None removes the key (to test the missing-key message)."""
+    data = tomllib.loads(DEFAULTS_TOML.read_text(encoding="utf-8"))
+    for section, values in (overrides or {}).items():
+        if section == "peers" or not isinstance(values, Mapping):
+            data[section] = values
+            continue
+        table = data.setdefault(section, {})
+        for key, value in values.items():
+            if value is None:
+                table.pop(key, None)
+            else:
+                table[key] = value
+    return data
+
+
+def write_config(path: Path, overrides: Mapping[str, Any] | None = None) -> Path:
+    path.write_text(dump_toml(config_data(overrides)), encoding="utf-8")
+    return path
+
+
+def node_command(config_path: Path, subcommand: str = "serve", *extra: str) -> list[str]:
+    return [sys.executable, "-m", "node.cli", subcommand, "--config", str(config_path), *extra]
+
+
+def node_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    return env
+
+
+def echo(host: str, port: int, ae_title: str, calling: str = "ECHOSCU", timeout: int = 5) -> bool:
+    """True when a C-ECHO with dcmtk's echoscu succeeds."""
+    result = subprocess.run(
+        [dcmtk("echoscu"), "-aet", calling, "-aec", ae_title, "-to", str(timeout)]
+        + [host, str(port)],
+        env=DCMTK_ENV,
+        capture_output=True,
+        timeout=timeout + 10,
+    )
+    return result.returncode == 0
+
+
+@dataclass
+class NodeProcess:
+    """A running `pneumonode serve` and what a client needs to reach and inspect it."""
+
+    host: str
+    port: int
+    ae_title: str
+    storage: Path
+    db_url: str
+    config_path: Path
+    log_path: Path
+    process: subprocess.Popen
+    stopped: bool = field(default=False)
+    # A calling AE title the node accepts (a known peer when unknown callers are refused).
+    probe_ae: str = "ECHOSCU"
+
+    @property
+    def db_path(self) -> Path:
+        return self.storage / "index.sqlite"
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+        """Send `sig` and wait; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+        self.stopped = True
+        return code
+
+    def kill(self) -> None:
+        """kill -9: the crash test's power cut."""
+        self.process.kill()
+        self.process.wait()
+        self.stopped = True
+
+
+def start_node(
+    workdir: Path,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    preexec_fn: Callable[[], None] | None = None,
+    startup_timeout: float = 30,
+    log_name: str = "node.log",
+) -> NodeProcess:
+    """Start `pneumonode serve` on a free loopback port and wait until C-ECHO works.
+
+    Analysis is off unless `overrides` turns it on, so these tests need no model.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    storage = workdir / "storage"
+    base: dict[str, Any] = {
+        "node": {"bind_address": "127.0.0.1", "port": port},
+        "storage": {"folder": str(storage)},
+        "analysis": {"enabled": False},
+    }
+    for section, values in (overrides or {}).items():
+        if isinstance(values, Mapping) and isinstance(base.get(section), dict):
+            base[section] = {**base[section], **values}
+        else:
+            base[section] = values
+    config_path = write_config(workdir / "config.toml", base)
+    data = config_data(base)
+    log_path = workdir / log_name
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            node_command(config_path),
+            cwd=workdir,
+            env=node_env(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            preexec_fn=preexec_fn,
+        )
+    node = NodeProcess(
+        host="127.0.0.1",
+        port=int(data["node"]["port"]),
+        ae_title=data["node"]["ae_title"],
+        storage=Path(data["storage"]["folder"]),
+        db_url=data["storage"]["database_url"] or f"sqlite:///{storage / 'index.sqlite'}",
+        config_path=config_path,
+        log_path=log_path,
+        process=process,
+    )
+    if not data["node"]["accept_unknown_callers"] and data.get("peers"):
+        node.probe_ae = data["peers"][0]["ae_title"]
+    wait_until_serving(node, startup_timeout)
+    return node
+
+
+def restart_node(node: NodeProcess, log_name: str = "node-restart.log") -> NodeProcess:
+    """Start the same configuration again (after a stop or a kill)."""
+    log_path = node.config_path.parent / log_name
+    with log_path.open("ab") as log_file:
+        process = subprocess.Popen(
+            node_command(node.config_path),
+            cwd=node.config_path.parent,
+            env=node_env(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+        )
+    again = NodeProcess(
+        host=node.host,
+        port=node.port,
+        ae_title=node.ae_title,
+        storage=node.storage,
+        db_url=node.db_url,
+        config_path=node.config_path,
+        log_path=log_path,
+        process=process,
+        probe_ae=node.probe_ae,
+    )
+    wait_until_serving(again, 30)
+    return again
+
+
+def wait_until_serving(node: NodeProcess, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if node.process.poll() is not None:
+            raise RuntimeError(
+                f"pneumonode exited with {node.process.returncode}:\n{node.log_text()}"
+            )
+        if echo(node.host, node.port, node.ae_title, calling=node.probe_ae, timeout=2):
+            return
+        time.sleep(0.2)
+    node.process.kill()
+    raise RuntimeError(f"pneumonode did not answer C-ECHO in {timeout} s:\n{node.log_text()}")
+
+
+def storescu(
+    node: NodeProcess, paths: list[Path], *extra: str, calling: str = "STORESCU", timeout=120
+) -> subprocess.CompletedProcess:
+    """Send `paths` (files or folders, recursively) over one association with `storescu -xy`."""
+    return subprocess.run(
+        [dcmtk("storescu"), "-xy", "-aet", calling, "-aec", node.ae_title, *extra]
+        + [node.host, str(node.port), "+sd", "+r"]
+        + [str(p) for p in paths],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def wait_for_log(node: NodeProcess, text: str, timeout: float = 5) -> str:
+    """The node's log once it contains `text` (log lines may trail the network reply)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        log = node.log_text()
+        if text in log or time.monotonic() > deadline:
+            return log
+        time.sleep(0.05)

@@ -1,0 +1,66 @@
+"""`pneumonode import DIR`: the same rules as C-STORE, a progress bar and a summary."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+from dicom_data import file_bytes, small_image
+from pydicom import dcmread
+from sqlalchemy import create_engine, func, select
+from support import node_command, node_env, write_config
+
+from storage.models import Instance
+
+
+def test_import_folder_with_dicom_and_other_files(tmp_path: Path, siim_dicom_files) -> None:
+    source = tmp_path / "incoming"
+    (source / "deep" / "er").mkdir(parents=True)
+    for path in siim_dicom_files[:10]:
+        shutil.copy(path, source / "deep" / "er" / path.name)
+    shutil.copy(siim_dicom_files[0], source / "copy-of-the-first.dcm")  # a duplicate
+    (source / "notes.txt").write_text("not DICOM")
+    (source / "small.dcm").write_bytes(file_bytes(small_image()))
+    whole = siim_dicom_files[10].read_bytes()
+    (source / "truncated.dcm").write_bytes(whole[: len(whole) // 2])
+    no_uid = small_image()
+    del no_uid.SOPInstanceUID
+    (source / "no-uid.dcm").write_bytes(file_bytes(no_uid))
+    bad_uid = small_image()
+    bad_uid.StudyInstanceUID = "../../escape"
+    (source / "bad-uid.dcm").write_bytes(file_bytes(bad_uid))
+
+    storage = tmp_path / "storage"
+    config = write_config(
+        tmp_path / "config.toml",
+        {"storage": {"folder": str(storage), "fsync": False}, "analysis": {"enabled": False}},
+    )
+    result = subprocess.run(
+        node_command(config, "import", str(source), "--list-skipped"),
+        env=node_env(),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "stored: 11" in out
+    assert "replaced: 1" in out
+    assert "skipped: 4" in out
+    assert "not a DICOM file (no DICM prefix)" in out
+    assert "cannot parse dataset" in out
+    assert "SOPInstanceUID is missing" in out
+    assert "StudyInstanceUID '../../escape' is not a valid DICOM UID" in out
+    assert "skipped " + str(source / "notes.txt") in out
+    assert "100%" in result.stderr  # the progress bar
+
+    engine = create_engine(f"sqlite:///{storage / 'index.sqlite'}")
+    with engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(Instance)) == 11
+        paths = conn.scalars(select(Instance.file_path)).all()
+    engine.dispose()
+    for relative in paths:
+        assert dcmread(storage / "files" / relative).SOPInstanceUID in relative
+    assert not (tmp_path / "escape").exists()
