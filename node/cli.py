@@ -1,4 +1,5 @@
-"""The `pneumonode` command: serve, import, config-check, and the classifier's commands.
+"""The `pneumonode` command: serve, worker, import, status, config-check, and the classifier's
+commands (stats, train, predict, cam, localise).
 
 Every subcommand takes `--config PATH` (default ./config.toml, or the embedded defaults when
 that file does not exist) and `--log-level`. A configuration error is one line naming the
@@ -14,6 +15,7 @@ import importlib.util
 import inspect
 import logging
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -33,6 +35,11 @@ def configure_logging(level: str) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # highdicom logs each module it copies at INFO and names patients in its warnings:
+    # the node logs one line per result itself, with UIDs only.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logging.captureWarnings(False)
+    warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent")
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -58,9 +65,51 @@ def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.server import serve
+    from node.services import node_services
 
     config = _with_overrides(_load(args), args)
-    return serve(config)
+    return serve(config, node_services(config))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from node.services import run_worker
+
+    return run_worker(_load(args))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from storage.database import create_index_engine
+    from storage.report import format_report, queue_report
+
+    config = _load(args)
+    engine = create_index_engine(config.storage.database_url)
+    try:
+        print(format_report(queue_report(engine, last=args.last)))
+    finally:
+        engine.dispose()
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from storage.database import create_index_engine
+    from storage.deliveries import DeliveryQueue
+    from storage.jobs import JobQueue
+
+    config = _load(args)
+    engine = create_index_engine(config.storage.database_url)
+    try:
+        jobs = JobQueue(engine).requeue_failed()
+        settings = config.delivery
+        deliveries = DeliveryQueue(
+            engine,
+            retry_initial_seconds=settings.retry_initial_seconds,
+            retry_max_seconds=settings.retry_max_seconds,
+            max_attempts=settings.max_attempts,
+        ).requeue_failed()
+    finally:
+        engine.dispose()
+    print(f"requeued {jobs} failed analysis jobs and {deliveries} failed deliveries")
+    return 0
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -133,7 +182,7 @@ def _register_ai_commands(
         register(subparsers)
 
 
-NODE_COMMANDS = ("serve", "import", "config-check")
+NODE_COMMANDS = ("serve", "worker", "import", "status", "retry", "config-check")
 
 
 def build_parser(with_ai_commands: bool = True) -> argparse.ArgumentParser:
@@ -159,6 +208,24 @@ def build_parser(with_ai_commands: bool = True) -> argparse.ArgumentParser:
         "--list-skipped", action="store_true", help="print each skipped file and why"
     )
     importer.set_defaults(func=cmd_import)
+
+    worker = subparsers.add_parser(
+        "worker",
+        parents=[common],
+        help="run the analysis worker alone, against the node's database and storage",
+    )
+    worker.set_defaults(func=cmd_worker)
+
+    status = subparsers.add_parser(
+        "status", parents=[common], help="analysis jobs and deliveries by state, last errors"
+    )
+    status.add_argument("--last", type=int, default=5, help="how many errors to list")
+    status.set_defaults(func=cmd_status)
+
+    retry = subparsers.add_parser(
+        "retry", parents=[common], help="queue failed analysis jobs and deliveries again"
+    )
+    retry.set_defaults(func=cmd_retry)
 
     check = subparsers.add_parser(
         "config-check", parents=[common], help="validate the configuration and exit"
