@@ -163,21 +163,22 @@ class Archive:
         except InvalidUIDError as exc:
             raise InvalidDatasetError(str(exc)) from exc
 
-        existing = self._existing_path(record.sop_instance_uid)
-        if existing is not None and self.duplicate_policy == "keep-first":
-            log.info("duplicate SOP %s kept first copy", record.sop_instance_uid)
-            return StoreOutcome(record, existing, len(data), "kept-first")
+        if self.duplicate_policy == "keep-first":
+            existing = self._existing_path(record.sop_instance_uid)
+            if existing is not None:
+                log.info("duplicate SOP %s kept first copy", record.sop_instance_uid)
+                return StoreOutcome(record, existing, len(data), "kept-first")
 
         self.files.write_atomic(relative, data)
         try:
-            self._index(record, relative, len(data), calling_ae, is_result)
+            previous = self._index(record, relative, len(data), calling_ae, is_result)
         except BaseException:
-            if existing is None:
+            if not self._indexed_path_is(record.sop_instance_uid, relative):
                 self.files.remove(relative)
             raise
-        if existing is not None and existing != relative:
-            self.files.remove(existing)
-        return StoreOutcome(record, relative, len(data), "replaced" if existing else "stored")
+        if previous is not None and previous != relative:
+            self.files.remove(previous)
+        return StoreOutcome(record, relative, len(data), "replaced" if previous else "stored")
 
     def store_dataset(self, ds: Dataset, *, is_result: bool = True) -> StoreOutcome:
         """Store a dataset built in memory (the node's own results) as a file."""
@@ -192,16 +193,29 @@ class Archive:
         with self.engine.connect() as conn:
             return conn.scalar(_SELECT_FILE_PATH, {"sop": sop_instance_uid})
 
+    def _indexed_path_is(self, sop_instance_uid: str, relative: str) -> bool:
+        """True if the index already points at `relative` (a replaced copy's path)."""
+        try:
+            return self._existing_path(sop_instance_uid) == relative
+        except Exception:
+            return True  # when in doubt, keep the file: an orphan is safer than a hole
+
     def _index(
-        self, record: HeaderRecord, relative: str, size: int, calling_ae: str, is_result: bool
-    ) -> None:
+        self,
+        record: HeaderRecord,
+        relative: str,
+        size: int,
+        calling_ae: str,
+        is_result: bool,
+    ) -> str | None:
+        """Index `record` and commit; returns the path a replaced copy had, else None."""
         received_at: datetime = utcnow()
         for attempt in range(3):
             try:
                 with self._index_lock:
                     try:
                         with self.engine.begin() as conn:
-                            self._writer.upsert(
+                            previous = self._writer.upsert(
                                 conn,
                                 record,
                                 file_path=relative,
@@ -215,12 +229,13 @@ class Archive:
                         self._writer.rolled_back()
                         raise
                     self._writer.committed()
-                return
+                return previous
             except IntegrityError:
                 # Another process inserted the same patient/study/series first: go again,
                 # this time the row exists and is updated.
                 if attempt == 2:
                     raise
+        return None
 
     def _enqueue_job(
         self, conn: Connection, record: HeaderRecord, calling_ae: str, is_result: bool

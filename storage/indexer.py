@@ -140,6 +140,14 @@ def _select_pk(table: Table, key_column: str) -> Select:
 
 
 @functools.cache
+def _select_instance_path() -> Select:
+    table = Instance.__table__
+    return select(table.c.id, table.c.file_path).where(
+        table.c.sop_instance_uid == bindparam("key")
+    )
+
+
+@functools.cache
 def _update_by_pk(table: Table) -> Update:
     return update(table).where(table.c.id == bindparam("pk_"))
 
@@ -200,8 +208,11 @@ class IndexWriter:
         received_at: datetime,
         calling_ae: str,
         is_result: bool,
-    ) -> int:
-        """Insert or update the four rows for `record` (the caller commits); instance pk."""
+    ) -> str | None:
+        """Insert or update the four rows for `record` (the caller commits).
+
+        Returns the file path the instance had before, or None if it is new.
+        """
         fields = record.__dict__
         patient_pk = self._upsert_parent(
             conn,
@@ -236,13 +247,11 @@ class IndexWriter:
             "calling_ae": calling_ae,
             "is_result": is_result,
         }
-        pk = conn.scalar(
-            _select_pk(instances, "sop_instance_uid"), {"key": record.sop_instance_uid}
-        )
-        if pk is None:
-            result = conn.execute(
-                insert(instances), {"sop_instance_uid": record.sop_instance_uid, **values}
-            )
-            return result.inserted_primary_key[0]
-        conn.execute(_update_by_pk(instances), {"pk_": pk, **values})
-        return pk
+        previous = conn.execute(
+            _select_instance_path(), {"key": record.sop_instance_uid}
+        ).first()
+        if previous is None:
+            conn.execute(insert(instances), {"sop_instance_uid": record.sop_instance_uid, **values})
+            return None
+        conn.execute(_update_by_pk(instances), {"pk_": previous.id, **values})
+        return previous.file_path
