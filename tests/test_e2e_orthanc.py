@@ -109,34 +109,18 @@ def test_orthanc_receives_sc_and_sr_in_the_same_study(
 
         # The node indexes its own results and answers C-FIND for them.
         study_uid = pydicom.dcmread(files[0], stop_before_pixels=True).StudyInstanceUID
+        answers = tmp_path / "findscu"
+        answers.mkdir()
         found = subprocess.run(
-            [
-                dcmtk("findscu"),
-                "-S",
-                "-aec",
-                "PNEUMONODE",
-                "127.0.0.1",
-                str(node_port),
-                "-k",
-                "QueryRetrieveLevel=IMAGE",
-                "-k",
-                f"StudyInstanceUID={study_uid}",
-                "-k",
-                "SeriesInstanceUID",
-                "-k",
-                "SOPInstanceUID",
-                "-k",
-                "SOPClassUID",
-            ],
-            env=DCMTK_ENV,
-            capture_output=True,
-            text=True,
-            timeout=30,
+            [dcmtk("findscu"), "-S", "-X", "-od", str(answers), "-aec", "PNEUMONODE",
+             "127.0.0.1", str(node_port),
+             "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study_uid}",
+             "-k", "SeriesInstanceUID=", "-k", "Modality=", "-k", "SeriesDescription="],
+            env=DCMTK_ENV, capture_output=True, text=True, timeout=30,
         )
         assert found.returncode == 0, found.stderr
-        output = found.stdout + found.stderr
-        assert SecondaryCaptureImageStorage in output
-        assert COMPREHENSIVE_SR in output
+        modalities = sorted(str(pydicom.dcmread(path).Modality) for path in answers.iterdir())
+        assert modalities == ["CR", "OT", "SR"], "the source, its SC and its SR series"
     finally:
         if node is not None:
             node.stop()

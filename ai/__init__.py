@@ -1,0 +1,1 @@
+"""The pneumothorax classifier: preprocessing, training, artifact, CAM/GradCAM, inference."""

@@ -1,0 +1,257 @@
+"""The classifier's `pneumonode` subcommands: stats, train, predict, cam, localise.
+
+`register(subparsers)` adds them to the CLI's argparse subparsers; each handler takes the
+parsed arguments and returns an exit code (0 ok, 1 some inputs failed, 2 usage/data error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DEVICE_HELP = "cpu, cuda, cuda:N or auto (GPU when present; default auto)"
+
+
+def _add_device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
+def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -> None:
+    """Add the classifier's subcommands to an argparse `add_subparsers()` object.
+
+    `parents` are the CLI's shared option parsers (--config, --log-level), so every
+    subcommand accepts them.
+    """
+    parents = parents or []
+    from ai.configs import CONFIGS
+
+    stats = subparsers.add_parser(
+        "stats", parents=parents, help="cohort table (all tags + pixel statistics) and plots",
+        description="One row per DICOM file (every top-level tag plus img_min, img_max, "
+                    "img_mean, img_std, img_pct_window) as CSV (and Parquet with pyarrow), "
+                    "plus age, sex, view position and label plots.")
+    stats.add_argument("sources", nargs="+", help="DICOM files or folders (searched for *.dcm)")
+    stats.add_argument("--out", required=True, help="folder for cohort.csv and the PNGs")
+    stats.add_argument("--workers", type=int, default=0, help="parallel readers (default 0)")
+    stats.set_defaults(func=run_stats)
+
+    train = subparsers.add_parser(
+        "train", parents=parents,
+        help="train the pneumothorax classifier and write the model artifact",
+        description="Train with fastai and write model.safetensors, model.json and reports/ "
+                    "into --out. Options override the chosen --recipe.")
+    train.add_argument("--data", default=None,
+                       help="folder with labels.csv or the Kaggle SIIM layout (train-rle.csv); "
+                            "default: download fastai's SIIM_SMALL")
+    train.add_argument("--out", required=True, help="model directory to write")
+    train.add_argument("--recipe", default="seed", choices=sorted(CONFIGS),
+                       help="named training configuration (default seed: the source's recipe)")
+    train.add_argument("--arch", default=None, help="xresnet18/34/50/101/152")
+    train.add_argument("--act", default=None, choices=["mish", "relu", "silu"],
+                       help="activation function")
+    train.add_argument("--self-attention", dest="sa", default=None,
+                       action=argparse.BooleanOptionalAction, help="self-attention layer")
+    train.add_argument("--widen", type=float, default=None, help="width multiplier")
+    train.add_argument("--size", type=int, default=None, help="input size in pixels")
+    train.add_argument("--epochs", type=int, default=None)
+    train.add_argument("--lr", type=float, default=None, help="learning rate")
+    train.add_argument("--batch-size", type=int, default=None)
+    train.add_argument("--seed", type=int, default=None, help="seed of the split and the init")
+    train.add_argument("--valid-pct", type=float, default=None, help="validation share")
+    train.add_argument("--optimizer", default=None, choices=["ranger", "adam"])
+    train.add_argument("--loss", default=None, choices=["label_smoothing", "cross_entropy"])
+    train.add_argument("--schedule", default=None, choices=["flat_cos", "one_cycle"])
+    train.add_argument("--lr-find", dest="lr_find", default=None,
+                       action=argparse.BooleanOptionalAction, help="run lr_find first")
+    train.add_argument("--augment", default=None, action=argparse.BooleanOptionalAction,
+                       help="fastai aug_transforms during training")
+    train.add_argument("--threshold", type=float, default=None,
+                       help="probability threshold for the positive label")
+    train.add_argument("--max-items", type=int, default=None,
+                       help="use at most this many files (balanced by label)")
+    _add_device(train)
+    train.set_defaults(func=run_train)
+
+    predict = subparsers.add_parser(
+        "predict", parents=parents, help="probability of pneumothorax for DICOM files",
+        description="Batched inference; prints file, SOP Instance UID, probability, label.")
+    predict.add_argument("model", help="model directory (model.json + model.safetensors)")
+    predict.add_argument("files", nargs="+", help="DICOM files")
+    predict.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                         help="auto: bf16 autocast on a GPU, fp32 on the CPU")
+    _add_device(predict)
+    predict.set_defaults(func=run_predict)
+
+    cam = subparsers.add_parser(
+        "cam", parents=parents, help="heatmap picture (CAM or GradCAM) for DICOM files",
+        description="Writes the X-ray and the X-ray with the map (magma, alpha 0.6) side by "
+                    "side. With several files --out is a folder (<name>_cam.png each).")
+    cam.add_argument("model", help="model directory")
+    cam.add_argument("files", nargs="+", help="DICOM files")
+    cam.add_argument("--method", default="gradcam", choices=["gradcam", "cam"])
+    cam.add_argument("--target", default=None,
+                     help="class name to explain (default: the model's positive class)")
+    cam.add_argument("--layer", default=None,
+                     help="GradCAM layer by module name, e.g. 7 or 7.2 (default: last stage)")
+    cam.add_argument("--out", default="cam.png", help="PNG file, or folder for several files")
+    _add_device(cam)
+    cam.set_defaults(func=run_cam)
+
+    localise = subparsers.add_parser(
+        "localise", parents=parents, help="check heatmaps against the SIIM pneumothorax masks",
+        description="For positive images with masks in train-rle.csv(.gz): share of GradCAM "
+                    "peaks inside the mask and share of map energy inside it.")
+    localise.add_argument("model", help="model directory")
+    localise.add_argument("--data", required=True,
+                          help="folder with labels.csv / DICOMs and train-rle.csv(.gz)")
+    localise.add_argument("--scope", default="validation", choices=["validation", "all"],
+                          help="positive images of the model's validation split, or all")
+    localise.add_argument("--method", default="gradcam", choices=["gradcam", "cam"])
+    localise.add_argument("--out", default=None,
+                          help="folder for localisation.json/.csv (default: <model>/reports)")
+    localise.add_argument("--batch-size", type=int, default=8)
+    _add_device(localise)
+    localise.set_defaults(func=run_localise)
+
+
+def run_stats(args: argparse.Namespace) -> int:
+    from ai.stats import write_cohort_report
+
+    try:
+        written = write_cohort_report(args.sources, args.out, n_workers=args.workers)
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for path in written["tables"] + written["plots"]:
+        print(path)
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from ai.configs import get_config
+    from ai.training import train
+
+    config = get_config(args.recipe).with_overrides(
+        arch_name=args.arch, arch_act=args.act, arch_sa=args.sa, arch_widen=args.widen,
+        size=args.size, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+        seed=args.seed, valid_pct=args.valid_pct, optimizer=args.optimizer, loss=args.loss,
+        schedule=args.schedule, lr_find=args.lr_find, augment=args.augment,
+        threshold=args.threshold, max_items=args.max_items,
+    )
+    try:
+        result = train(config, args.data, args.out, device=args.device)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    metrics = result.metrics
+    print(f"model: {result.model_dir}")
+    for key in ("n", "accuracy", "roc_auc", "sensitivity", "specificity"):
+        print(f"{key}: {metrics.get(key)}")
+    return 0
+
+
+def _read_inputs(files: list[str]):
+    """(path, dataset, grey8) for readable files, and (path, message) for the others."""
+    from ai.preprocess import UnsupportedImageError, read_dataset, read_grey8
+
+    good, bad = [], []
+    for name in files:
+        try:
+            ds = read_dataset(name)
+            good.append((name, ds, read_grey8(ds)))
+        except UnsupportedImageError as exc:
+            bad.append((name, str(exc)))
+    return good, bad
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from ai.artifact import ArtifactError
+    from ai.infer import Analyzer
+
+    try:
+        analyzer = Analyzer(args.model, device=args.device, batch_size=args.batch_size,
+                            precision=args.precision)
+    except ArtifactError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rows: list[tuple[str, str, str, str]] = []
+    failed = 0
+    starts = range(0, len(args.files), args.batch_size)
+    for start in tqdm(starts, desc="predict", unit="batch", disable=len(starts) < 2,
+                      file=sys.stderr):
+        good, bad = _read_inputs(args.files[start:start + args.batch_size])
+        probabilities = analyzer.predict([image for _, _, image in good]) if good else []
+        for (name, ds, _), probability in zip(good, probabilities, strict=True):
+            rows.append((name, str(ds.get("SOPInstanceUID", "")), f"{probability:.4f}",
+                         analyzer.label_for(probability)))
+        for name, message in bad:
+            failed += 1
+            rows.append((name, "", "", f"error: {message}"))
+    header = ("file", "sop_instance_uid", "probability", "label")
+    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(3)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths + [0], strict=False)).rstrip())
+    for row in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths + [0], strict=False)).rstrip())
+    if args.csv:
+        with open(args.csv, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(header)
+            writer.writerows(rows)
+    return 1 if failed else 0
+
+
+def run_cam(args: argparse.Namespace) -> int:
+    from ai.artifact import ArtifactError
+    from ai.display import heatmap_to_shape, save_cam_figure
+    from ai.infer import Analyzer
+
+    try:
+        analyzer = Analyzer(args.model, device=args.device, batch_size=8)
+    except ArtifactError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    good, bad = _read_inputs(args.files)
+    for name, message in bad:
+        print(f"error: {name}: {message}", file=sys.stderr)
+    if not good:
+        return 2 if bad else 0
+    try:
+        predictions = analyzer.explain([image for _, _, image in good], target=args.target,
+                                       layer=args.layer, method=args.method)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    for (name, _ds, image), prediction in zip(good, predictions, strict=True):
+        target = out if len(args.files) == 1 else out / f"{Path(name).stem}_cam.png"
+        title = (f"{Path(name).name}: P({analyzer.loaded.positive_class}) = "
+                 f"{prediction.probability:.3f} -> {prediction.label}; "
+                 f"{args.method} for {prediction.target_class}")
+        save_cam_figure(target, image, heatmap_to_shape(prediction.heatmap, image.shape), title)
+        print(target)
+    return 1 if bad else 0
+
+
+def run_localise(args: argparse.Namespace) -> int:
+    from ai.artifact import ArtifactError
+    from ai.localise import localise
+
+    out = args.out or str(Path(args.model) / "reports")
+    try:
+        summary = localise(args.model, args.data, out, scope=args.scope, method=args.method,
+                           batch_size=args.batch_size, device=args.device)
+    except (ArtifactError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for key, value in summary.items():
+        print(f"{key}: {value}")
+    return 0

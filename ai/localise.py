@@ -1,0 +1,99 @@
+"""Does the heatmap point at the pneumothorax? A check against the SIIM masks.
+
+For positive images with a mask in `train-rle.csv(.gz)`: how often the GradCAM peak falls
+inside the mask ("pointing game"), and the share of the map's energy inside it. The mask's
+share of the image is reported alongside: it is what a uniform map would score.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ai.data import POSITIVE, find_rle_table, load_items, mask_for, read_rle_table
+from ai.display import heatmap_to_shape
+from ai.infer import Analyzer
+from ai.preprocess import read_dataset, read_grey8
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalisationResult:
+    file: str
+    sop_instance_uid: str
+    probability: float
+    peak_in_mask: bool
+    energy_in_mask: float
+    mask_area_share: float
+
+
+def score_heatmap(heatmap: np.ndarray, mask: np.ndarray) -> tuple[bool, float, float]:
+    """(peak inside mask, share of map energy inside mask, mask's share of the image)."""
+    full = heatmap_to_shape(heatmap, mask.shape)
+    peak = np.unravel_index(int(np.argmax(full)), full.shape)
+    total = float(full.sum())
+    energy = float(full[mask].sum() / total) if total > 0 else 0.0
+    return bool(mask[peak]), energy, float(mask.mean())
+
+
+def select_files(model_meta: dict, items: pd.DataFrame, scope: str) -> pd.DataFrame:
+    """Positive images of the recorded validation split ('validation') or all ('all')."""
+    positives = items[items["label"] == POSITIVE]
+    if scope == "all":
+        return positives
+    validation = set(model_meta.get("training", {}).get("validation_files", []))
+    if not validation:
+        raise ValueError("the model records no validation split; use scope 'all'")
+    return positives[positives["file"].isin(validation)]
+
+
+def localise(model_dir: str | Path, data_root: str | Path, out: str | Path | None = None,
+             scope: str = "validation", method: str = "gradcam", batch_size: int = 8,
+             device: str = "auto") -> dict:
+    """Score the model's heatmaps against the masks; write JSON + CSV into `out` if given."""
+    root = Path(data_root)
+    rle_path = find_rle_table(root)
+    if rle_path is None:
+        raise FileNotFoundError(f"{root}: no train-rle.csv(.gz) with the masks")
+    masks = read_rle_table(rle_path)
+    analyzer = Analyzer(model_dir, device=device, batch_size=batch_size)
+    chosen = select_files(analyzer.loaded.meta, load_items(root), scope)
+    results: list[LocalisationResult] = []
+    for start in range(0, len(chosen), batch_size):
+        rows = chosen.iloc[start:start + batch_size]
+        datasets = [read_dataset(path) for path in rows["path"]]
+        images = [read_grey8(ds) for ds in datasets]
+        predictions = analyzer.explain(images, method=method)
+        for (name, ds, image, prediction) in zip(rows["file"], datasets, images, predictions,
+                                                 strict=True):
+            uid = str(ds.SOPInstanceUID)
+            mask = mask_for(masks, uid, image.shape)
+            if not mask.any():
+                log.warning("no mask for positive image %s; skipped", uid)
+                continue
+            peak, energy, area = score_heatmap(prediction.heatmap, mask)
+            results.append(LocalisationResult(name, uid, prediction.probability, peak, energy,
+                                              area))
+    summary = {
+        "model": analyzer.loaded.name, "model_version": analyzer.loaded.version,
+        "method": method, "scope": scope, "n_images": len(results),
+        "peak_in_mask_rate": float(np.mean([r.peak_in_mask for r in results])) if results else None,
+        "mean_energy_in_mask": float(np.mean([r.energy_in_mask for r in results]))
+        if results else None,
+        "mean_mask_area_share": float(np.mean([r.mask_area_share for r in results]))
+        if results else None,
+    }
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "localisation.json").write_text(json.dumps(summary, indent=2) + "\n")
+        pd.DataFrame([asdict(r) for r in results]).to_csv(out / "localisation.csv", index=False)
+    log.info("localisation over %d images: peak in mask %.3f, energy in mask %.3f",
+             len(results), summary["peak_in_mask_rate"] or 0, summary["mean_energy_in_mask"] or 0)
+    return summary
