@@ -235,8 +235,8 @@ class DicomNode:
             assoc.join(timeout=5)
 
 
-def serve(config: Config, services: Iterable[ServiceFactory] = ()) -> int:
-    """Run the node until SIGINT or SIGTERM; returns the process exit code.
+def run_until_signalled(start: Callable[[], None], stop: Callable[[], None]) -> int:
+    """Call `start`, wait for SIGINT or SIGTERM, call `stop`; returns the exit code.
 
     The handlers stay installed until the process exits: a second signal during the
     shutdown (an impatient supervisor) must not kill it halfway through.
@@ -249,11 +249,16 @@ def serve(config: Config, services: Iterable[ServiceFactory] = ()) -> int:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
-    node = DicomNode(config, tuple(services))
-    node.start()
+    start()
     try:
         while not stop_requested.wait(timeout=1.0):
             pass
     finally:
-        node.stop()
+        stop()
     return 0
+
+
+def serve(config: Config, services: Iterable[ServiceFactory] = ()) -> int:
+    """Run the node (server and background services) until SIGINT or SIGTERM."""
+    node = DicomNode(config, tuple(services))
+    return run_until_signalled(node.start, node.stop)

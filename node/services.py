@@ -9,13 +9,11 @@ for example on a GPU machine.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
 
 from node.config import Config
 from node.context import NodeContext, build_context
 from node.sender import DeliverySender
-from node.server import ServiceFactory
+from node.server import ServiceFactory, run_until_signalled
 from node.worker import AnalysisWorker
 
 log = logging.getLogger(__name__)
@@ -45,25 +43,21 @@ def node_services(config: Config) -> list[ServiceFactory]:
 
 def run_worker(config: Config) -> int:
     """Run the analysis worker alone until SIGINT or SIGTERM."""
-    stop_requested = threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info("received %s, stopping the worker", signal.Signals(signum).name)
-        stop_requested.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, request_stop)
     if not config.analysis.enabled:
         log.warning("analysis.enabled is false: the worker will find no queued jobs")
     context = build_context(config)
     worker = AnalysisWorker(context, low_priority=False)
-    worker.start()
-    log.info("analysis worker started (model %s, device %s)", config.analysis.model,
-             config.analysis.device)
-    try:
-        while not stop_requested.wait(timeout=1.0):
-            pass
-    finally:
+
+    def start() -> None:
+        worker.start()
+        log.info(
+            "analysis worker started (model %s, device %s)",
+            config.analysis.model,
+            config.analysis.device,
+        )
+
+    def stop() -> None:
         worker.stop()
         context.engine.dispose()
-    return 0
+
+    return run_until_signalled(start, stop)

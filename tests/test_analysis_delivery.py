@@ -75,6 +75,19 @@ class StoreSCP:
         return uids
 
 
+def analysing_alone(model: Path, **analysis: object) -> dict:
+    """Config overrides: analysis on with `model`, on the CPU, no peers to deliver to."""
+    settings = {
+        "enabled": True,
+        "model": str(model),
+        "device": "cpu",
+        "batch_size": 4,
+        "max_wait_seconds": 0.2,
+        **analysis,
+    }
+    return {"analysis": settings, "peers": []}
+
+
 def _analysis_config(model: Path, scp_port: int, **delivery: object) -> dict:
     return {
         "analysis": {
@@ -149,18 +162,7 @@ def _delivery_attempts_failed(node) -> bool:
 def test_results_stay_on_the_node_for_a_caller_not_in_peers(
     tmp_path: Path, node_factory, tiny_model: Path
 ) -> None:
-    node = node_factory(
-        {
-            "analysis": {
-                "enabled": True,
-                "model": str(tiny_model),
-                "device": "cpu",
-                "batch_size": 4,
-                "max_wait_seconds": 0.2,
-            },
-            "peers": [],
-        }
-    )
+    node = node_factory(analysing_alone(tiny_model))
     files = siim_files()[:3]
     assert storescu(node, files).returncode == 0
     wait_for(analysed(node, len(files)), 180, "analysis")
@@ -182,18 +184,7 @@ def test_analysis_waits_for_a_model_then_catches_up(
     tmp_path: Path, node_factory, tiny_model: Path
 ) -> None:
     model_dir = tmp_path / "later-model"
-    node = node_factory(
-        {
-            "analysis": {
-                "enabled": True,
-                "model": str(model_dir),
-                "device": "cpu",
-                "batch_size": 4,
-                "max_wait_seconds": 0.2,
-            },
-            "peers": [],
-        }
-    )
+    node = node_factory(analysing_alone(model_dir))
     files = siim_files()[:2]
     assert storescu(node, files).returncode == 0  # stored and queryable without a model
     wait_for(lambda: "waits for a model" in node.log_text(), 30, "the waiting-for-model line")
@@ -211,18 +202,7 @@ def test_ineligible_images_are_stored_and_recorded_as_skipped(
     source.SOPInstanceUID = pydicom.uid.generate_uid()
     path = tmp_path / "mr.dcm"
     source.save_as(path)
-    node = node_factory(
-        {
-            "analysis": {
-                "enabled": True,
-                "model": str(tiny_model),
-                "device": "cpu",
-                "batch_size": 4,
-                "max_wait_seconds": 0.2,
-            },
-            "peers": [],
-        }
-    )
+    node = node_factory(analysing_alone(tiny_model))
     assert storescu(node, [path]).returncode == 0
     assert job_counts(node) == {JobState.SKIPPED.value: 1}
     status = subprocess.run(
@@ -237,3 +217,26 @@ def test_ineligible_images_are_stored_and_recorded_as_skipped(
 
 def _env() -> dict[str, str]:
     return {**node_env(), **DCMTK_ENV}
+
+
+def test_worker_runs_as_its_own_process(tmp_path: Path, node_factory, tiny_model: Path) -> None:
+    node = node_factory(analysing_alone(tiny_model, run_in_serve=False))
+    files = siim_files()[:3]
+    assert storescu(node, files).returncode == 0
+    time.sleep(1.0)
+    assert job_counts(node) == {JobState.QUEUED.value: len(files)}, "serve does not analyse"
+    log_path = tmp_path / "worker.log"
+    with log_path.open("wb") as log:
+        worker = subprocess.Popen(
+            node_command(node.config_path, "worker"),
+            env=node_env(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(analysed(node, len(files)), 120, "the separate worker to analyse")
+        assert job_counts(node) == {JobState.DONE.value: len(files)}
+    finally:
+        worker.terminate()
+        assert worker.wait(timeout=30) == 0, log_path.read_text()[-2000:]
+    assert "analysed SOP" in log_path.read_text()
