@@ -21,7 +21,8 @@ from storage.deliveries import DeliveryQueue, DueDelivery
 
 log = logging.getLogger(__name__)
 
-IDLE_POLL_SECONDS = 1.0
+# Results may be queued by a worker in another process: look for them this often.
+IDLE_POLL_SECONDS = 0.5
 SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116} | set(range(0xB000, 0xC000))
 
 

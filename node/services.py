@@ -1,14 +1,22 @@
 """The background services that run beside the DICOM server, and `pneumonode worker`.
 
 `serve` always runs the result sender (deliveries may be queued by a worker elsewhere)
-and, when analysis is enabled and `analysis.run_in_serve` is true, the analysis worker.
-`pneumonode worker` runs the worker alone against the same database and storage folder,
-for example on a GPU machine.
+and, when analysis is enabled and `analysis.run_in_serve` is true, the analysis worker as
+a child process that it supervises. The worker is a process rather than a thread because
+decoding, GradCAM and building the result objects are seconds of Python per batch: in the
+Storage SCP's process they would hold the GIL and slow ingest several times over.
+`pneumonode worker` runs the same worker on its own, against the same database and storage
+folder, for example on a GPU machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import multiprocessing
+import os
+import threading
+import time
 
 from node.config import Config
 from node.context import NodeContext, build_context
@@ -17,6 +25,72 @@ from node.server import ServiceFactory, run_until_signalled
 from node.worker import AnalysisWorker
 
 log = logging.getLogger(__name__)
+
+WORKER_NICENESS = 10
+RESTART_DELAY_SECONDS = 5.0
+STOP_TIMEOUT_SECONDS = 60.0
+
+
+def _worker_process_main(config: Config, log_level: int) -> None:
+    """Entry point of the supervised worker process (a fresh interpreter: spawn)."""
+    from node.cli import configure_logging
+
+    configure_logging(logging.getLevelName(log_level))
+    raise SystemExit(run_worker(config, share_cpu=True))
+
+
+class WorkerProcess:
+    """The analysis worker as a child process of `serve`, restarted if it dies."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._context = multiprocessing.get_context("spawn")
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
+
+    def _spawn(self) -> None:
+        self._process = self._context.Process(
+            target=_worker_process_main,
+            args=(self.config, logging.getLogger().getEffectiveLevel()),
+            name="pneumonode-worker",
+        )
+        self._process.start()
+        log.info("analysis worker process started (pid %d)", self._process.pid)
+
+    def start(self) -> None:
+        self._stopping.clear()
+        self._spawn()
+        self._monitor = threading.Thread(target=self._watch, name="worker-monitor", daemon=True)
+        self._monitor.start()
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(1.0):
+            process = self._process
+            if process is not None and not process.is_alive() and not self._stopping.is_set():
+                log.error(
+                    "analysis worker process exited with %s; restarting in %.0f s",
+                    process.exitcode,
+                    RESTART_DELAY_SECONDS,
+                )
+                if self._stopping.wait(RESTART_DELAY_SECONDS):
+                    return
+                self._spawn()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._monitor is not None:
+            self._monitor.join(5)
+        process = self._process
+        if process is None or not process.is_alive():
+            return
+        process.terminate()  # SIGTERM: the worker finishes its batch and releases its claims
+        deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            log.warning("analysis worker process did not stop in time; killing it")
+            process.kill()
+            process.join(5)
 
 
 def node_services(config: Config) -> list[ServiceFactory]:
@@ -28,12 +102,8 @@ def node_services(config: Config) -> list[ServiceFactory]:
         senders.append(service)
         return service
 
-    def wake_senders() -> None:
-        for service in senders:
-            service.wake()
-
-    def worker(context: NodeContext) -> AnalysisWorker:
-        return AnalysisWorker(context, on_results=wake_senders)
+    def worker(context: NodeContext) -> WorkerProcess:
+        return WorkerProcess(context.config)
 
     factories: list[ServiceFactory] = [sender]
     if config.analysis.enabled and config.analysis.run_in_serve:
@@ -41,12 +111,19 @@ def node_services(config: Config) -> list[ServiceFactory]:
     return factories
 
 
-def run_worker(config: Config) -> int:
-    """Run the analysis worker alone until SIGINT or SIGTERM."""
+def run_worker(config: Config, share_cpu: bool = False) -> int:
+    """Run the analysis worker until SIGINT or SIGTERM.
+
+    `share_cpu` (the worker under `serve`): lower this process's CPU priority and, on the
+    CPU, give torch half the cores, so the Storage SCP keeps its pace.
+    """
     if not config.analysis.enabled:
         log.warning("analysis.enabled is false: the worker will find no queued jobs")
+    if share_cpu:
+        with contextlib.suppress(OSError):
+            os.nice(WORKER_NICENESS)
     context = build_context(config)
-    worker = AnalysisWorker(context, low_priority=False)
+    worker = AnalysisWorker(context, low_priority=share_cpu)
 
     def start() -> None:
         worker.start()
