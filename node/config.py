@@ -53,6 +53,7 @@ class StorageSettings:
 class AnalysisSettings:
     enabled: bool
     run_in_serve: bool
+    worker_processes: int
     model: Path
     device: str
     batch_size: int
@@ -196,6 +197,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
     "analysis": {
         "enabled": _bool,
         "run_in_serve": _bool,
+        "worker_processes": _int_range(1, 64),
         "model": _string,
         "device": _device,
         "batch_size": _int_range(1, 4096),

@@ -107,7 +107,7 @@ def node_services(config: Config) -> list[ServiceFactory]:
 
     factories: list[ServiceFactory] = [sender]
     if config.analysis.enabled and config.analysis.run_in_serve:
-        factories.append(worker)
+        factories.extend([worker] * config.analysis.worker_processes)
     return factories
 
 

@@ -39,6 +39,7 @@ SC_SERIES_NUMBER = 9001
 SR_SERIES_NUMBER = 9002
 MODEL_FILES = ("model.json", "model.safetensors")
 WAITING_POLL_SECONDS = 2.0
+PIXEL_DATA = 0x7FE00010
 
 
 @dataclass
@@ -63,6 +64,17 @@ def result_uids(source: Dataset, model_version: str) -> dict[str, str]:
         "sc": generate_uid(entropy_srcs=["pneumonode-sc", sop, model_version]),
         "sr": generate_uid(entropy_srcs=["pneumonode-sr", sop, model_version]),
     }
+
+
+def _header_only(ds: Dataset) -> Dataset:
+    """The source without its pixels: the result builders copy what they reference, and
+    copying a header is far cheaper than copying (possibly decoded) pixel data."""
+    header = Dataset()
+    for element in ds:
+        if element.tag != PIXEL_DATA:
+            header.add(element)
+    header.file_meta = ds.file_meta
+    return header
 
 
 def _lower_thread_priority() -> None:
@@ -212,7 +224,7 @@ class AnalysisWorker:
             log.warning("analysis of SOP %s failed to decode: %s", job.sop_instance_uid, exc)
             self.jobs.fail([job.job_id], f"decode: {type(exc).__name__}: {exc}")
             return None
-        return DecodedJob(job=job, dataset=ds, grey8=grey8)
+        return DecodedJob(job=job, dataset=_header_only(ds), grey8=grey8)
 
     # --- analysis -------------------------------------------------------------------------
 
