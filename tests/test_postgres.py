@@ -1,0 +1,141 @@
+"""The same node on PostgreSQL: storing, C-FIND and the analysis queue give what SQLite gives.
+
+Runs when PNEUMONODE_TEST_POSTGRES_URL names a PostgreSQL server and a role that may create
+databases (`.ci/run` starts one on loopback); each test run gets its own database.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from analysis_support import analysed, job_counts, wait_for
+from pydicom import Dataset
+from pynetdicom import AE
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+from support import NodeProcess, siim_dir, siim_files, storescu
+
+from ai.testing import build_tiny_artifact
+from storage.models import JobState
+
+SERVER_URL = os.environ.get("PNEUMONODE_TEST_POSTGRES_URL", "")
+pytestmark = pytest.mark.skipif(not SERVER_URL, reason="PNEUMONODE_TEST_POSTGRES_URL not set")
+
+QUERIES = [
+    (
+        StudyRootQueryRetrieveInformationModelFind,
+        {
+            "QueryRetrieveLevel": "STUDY",
+            "StudyInstanceUID": "",
+            "PatientID": "",
+            "ModalitiesInStudy": "",
+            "NumberOfStudyRelatedInstances": "",
+        },
+    ),
+    (
+        StudyRootQueryRetrieveInformationModelFind,
+        {
+            "QueryRetrieveLevel": "STUDY",
+            "StudyInstanceUID": "",
+            "PatientID": "1*",
+            "StudyDate": "19000101-19020101",
+        },
+    ),
+    (
+        StudyRootQueryRetrieveInformationModelFind,
+        {
+            "QueryRetrieveLevel": "STUDY",
+            "StudyInstanceUID": "",
+            "PatientName": "*a?b*",
+            "PatientSex": "F",
+        },
+    ),
+    (
+        StudyRootQueryRetrieveInformationModelFind,
+        {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "", "AccessionNumber": "5%_"},
+    ),
+    (
+        PatientRootQueryRetrieveInformationModelFind,
+        {
+            "QueryRetrieveLevel": "PATIENT",
+            "PatientID": "",
+            "NumberOfPatientRelatedStudies": "",
+            "PatientSex": "M",
+        },
+    ),
+]
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the test server, dropped afterwards."""
+    name = f"pneumonode_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(SERVER_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(SERVER_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def find(node: NodeProcess, model: str, keys: dict[str, str]) -> tuple[int, list[tuple]]:
+    ae = AE(ae_title="PGTEST")
+    ae.add_requested_context(model)
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    identifier = Dataset()
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    matches, final = [], None
+    for status, answer in assoc.send_c_find(identifier, model):
+        final = status.Status
+        if status.Status in (0xFF00, 0xFF01):
+            matches.append(tuple(str(answer.get(k, "")) for k in sorted(keys)))
+    assoc.release()
+    return final, sorted(matches)
+
+
+def test_postgres_index_answers_like_sqlite(
+    tmp_path: Path, node_factory, postgres_url: str
+) -> None:
+    on_sqlite = node_factory(name="sqlite")
+    on_postgres = node_factory({"storage": {"database_url": postgres_url}}, name="postgres")
+    for node in (on_sqlite, on_postgres):
+        assert storescu(node, [siim_dir() / "train"]).returncode == 0
+    for model, keys in QUERIES:
+        expected = find(on_sqlite, model, keys)
+        assert expected[0] == 0x0000
+        assert find(on_postgres, model, keys) == expected, keys
+    assert len(find(on_postgres, *QUERIES[0])[1]) == 200
+
+
+def test_postgres_analysis_queue(tmp_path: Path, node_factory, postgres_url: str) -> None:
+    model = build_tiny_artifact(tmp_path / "model")
+    node = node_factory(
+        {
+            "storage": {"database_url": postgres_url},
+            "analysis": {
+                "enabled": True,
+                "model": str(model),
+                "device": "cpu",
+                "batch_size": 4,
+                "max_wait_seconds": 0.2,
+            },
+            "peers": [],
+        }
+    )
+    files = siim_files()[:5]
+    assert storescu(node, files).returncode == 0
+    wait_for(analysed(node, len(files)), 180, "analysis on PostgreSQL")
+    assert job_counts(node) == {JobState.DONE.value: len(files)}
