@@ -20,6 +20,9 @@ from sqlalchemy import Engine, func, select, update
 
 from storage.models import AnalysisJob, Instance, JobState, utcnow
 
+# Claims of one job by workers that died before finishing it, before it is failed.
+MAX_ATTEMPTS = 3
+
 
 @dataclass(frozen=True)
 class ClaimedJob:
@@ -156,14 +159,18 @@ class JobQueue:
         now = now or utcnow()
         host = socket.gethostname()
         abandoned: list[int] = []
+        poisoned: list[int] = []
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(AnalysisJob.id, AnalysisJob.claimed_by, AnalysisJob.claimed_at).where(
-                    AnalysisJob.state == JobState.CLAIMED
-                )
+                select(
+                    AnalysisJob.id,
+                    AnalysisJob.claimed_by,
+                    AnalysisJob.claimed_at,
+                    AnalysisJob.attempts,
+                ).where(AnalysisJob.state == JobState.CLAIMED)
             ).all()
         expired_before = (now - self.lease).replace(tzinfo=None)
-        for job_id, claimed_by, claimed_at in rows:
+        for job_id, claimed_by, claimed_at, attempts in rows:
             parts = claimed_by.split("#")[0].split(":")
             same_host_dead = (
                 len(parts) == 3
@@ -173,10 +180,14 @@ class JobQueue:
             )
             stale = claimed_at is None or claimed_at.replace(tzinfo=None) < expired_before
             if same_host_dead or stale:
-                abandoned.append(job_id)
+                # An image whose analysis killed its worker again and again is given up on,
+                # rather than crashing every worker that takes it.
+                (poisoned if attempts >= MAX_ATTEMPTS else abandoned).append(job_id)
         if abandoned:
             self.release(abandoned)
-        return len(abandoned)
+        if poisoned:
+            self.fail(poisoned, f"abandoned by a stopped worker {MAX_ATTEMPTS} times")
+        return len(abandoned) + len(poisoned)
 
     def requeue_failed(self) -> int:
         """Queue failed jobs again (`pneumonode retry`), e.g. after fixing the model."""

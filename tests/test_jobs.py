@@ -1,0 +1,65 @@
+"""The analysis queue's claims: exclusive, resumed after a worker dies, given up when poisoned."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, update
+from support import siim_files
+
+from ai.eligibility import Eligibility
+from storage.archive import Archive
+from storage.database import create_index_engine
+from storage.filestore import FileStore
+from storage.jobs import MAX_ATTEMPTS, JobQueue
+from storage.models import AnalysisJob, JobState
+
+
+@pytest.fixture
+def queue(tmp_path: Path) -> JobQueue:
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    eligibility = Eligibility(["CR", "DX"], ["CHEST", ""])
+    archive = Archive(FileStore(tmp_path), engine, decide_job=eligibility)
+    for path in siim_files()[:5]:
+        archive.store_file_bytes(path.read_bytes(), calling_ae="TEST")
+    return JobQueue(engine)
+
+
+def _dead_worker() -> str:
+    """A worker identity on this host whose process has exited."""
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return f"{socket.gethostname()}:{process.pid}:gone"
+
+
+def test_claims_are_exclusive_and_oldest_first(queue: JobQueue) -> None:
+    first = queue.claim("host:1:a", 3)
+    second = queue.claim("host:2:b", 3)
+    assert len(first) == 3 and len(second) == 2
+    assert not {j.job_id for j in first} & {j.job_id for j in second}
+    assert [j.job_id for j in first] == sorted(j.job_id for j in first)
+    assert queue.claim("host:3:c", 3) == []
+
+
+def test_claims_of_a_dead_worker_go_back_to_the_queue(queue: JobQueue) -> None:
+    claimed = queue.claim(_dead_worker(), 5)
+    assert queue.queued_count() == 0
+    assert queue.requeue_abandoned() == len(claimed)
+    assert queue.queued_count() == 5
+
+
+def test_a_job_that_keeps_killing_workers_is_failed(queue: JobQueue) -> None:
+    [job] = queue.claim(_dead_worker(), 1)
+    with queue.engine.begin() as conn:
+        conn.execute(
+            update(AnalysisJob).where(AnalysisJob.id == job.job_id).values(attempts=MAX_ATTEMPTS)
+        )
+    queue.requeue_abandoned()
+    with queue.engine.connect() as conn:
+        state = conn.scalar(select(AnalysisJob.state).where(AnalysisJob.id == job.job_id))
+    assert state == JobState.FAILED
+    assert queue.queued_count() == 4
