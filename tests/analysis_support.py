@@ -14,6 +14,19 @@ from support import NodeProcess, node_command, node_env
 from storage.models import AnalysisJob, Delivery, DeliveryState, JobState
 
 
+def analysing_alone(model: Path, **analysis: object) -> dict:
+    """Config overrides: analysis on with `model`, on the CPU, no peers to deliver to."""
+    settings = {
+        "enabled": True,
+        "model": str(model),
+        "device": "cpu",
+        "batch_size": 4,
+        "max_wait_seconds": 0.2,
+        **analysis,
+    }
+    return {"analysis": settings, "peers": []}
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, step: float = 0.25) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -82,7 +82,7 @@ def test_gradcam_of_last_stage_is_relu_of_cam(model, batch):
 def test_batched_gradcam_equals_one_by_one(model, batch):
     _, together = gradcam(model, batch, [0, 1, 0], layer="6")
     for index, target in enumerate([0, 1, 0]):
-        _, alone = gradcam(model, batch[index:index + 1], target, layer="6")
+        _, alone = gradcam(model, batch[index : index + 1], target, layer="6")
         torch.testing.assert_close(together[index], alone[0], atol=1e-5, rtol=0)
 
 

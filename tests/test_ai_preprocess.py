@@ -14,13 +14,21 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from ai.preprocess import UnsupportedImageError, read_grey8, resize_grey8, to_model_input
 
-SIIM = Path(os.environ.get("PNEUMONODE_SIIM_DIR",
-                           Path(__file__).resolve().parents[1].parent / "shared" / "data"
-                           / "siim_small"))
+SIIM = Path(
+    os.environ.get(
+        "PNEUMONODE_SIIM_DIR",
+        Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim_small",
+    )
+)
 
 
-def make_dicom(path: Path, pixels: np.ndarray, photometric: str = "MONOCHROME2",
-               bits_stored: int | None = None, **attributes) -> Path:
+def make_dicom(
+    path: Path,
+    pixels: np.ndarray,
+    photometric: str = "MONOCHROME2",
+    bits_stored: int | None = None,
+    **attributes,
+) -> Path:
     """Write an uncompressed single-frame (or multi-frame, if 3-D) DICOM file."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
@@ -77,18 +85,25 @@ def test_16bit_without_window_is_stretched(tmp_path):
 
 def test_16bit_window_is_applied(tmp_path):
     pixels = np.array([[0, 1000, 1500, 2000, 4095]], dtype=np.uint16)
-    path = make_dicom(tmp_path / "a.dcm", pixels, bits_stored=12, WindowCenter=1500,
-                      WindowWidth=1000)
+    path = make_dicom(
+        tmp_path / "a.dcm", pixels, bits_stored=12, WindowCenter=1500, WindowWidth=1000
+    )
     grey = read_grey8(path)
-    assert grey[0, 0] == 0 and grey[0, 1] == 0          # below the window
-    assert grey[0, 3] >= 254 and grey[0, 4] == 255     # above the window
-    assert 120 <= grey[0, 2] <= 135                    # the centre is mid-grey
+    assert grey[0, 0] == 0 and grey[0, 1] == 0  # below the window
+    assert grey[0, 3] >= 254 and grey[0, 4] == 255  # above the window
+    assert 120 <= grey[0, 2] <= 135  # the centre is mid-grey
 
 
 def test_16bit_monochrome1_window_inverts(tmp_path):
     pixels = np.array([[0, 1500, 4095]], dtype=np.uint16)
-    path = make_dicom(tmp_path / "a.dcm", pixels, "MONOCHROME1", bits_stored=12,
-                      WindowCenter=1500, WindowWidth=1000)
+    path = make_dicom(
+        tmp_path / "a.dcm",
+        pixels,
+        "MONOCHROME1",
+        bits_stored=12,
+        WindowCenter=1500,
+        WindowWidth=1000,
+    )
     grey = read_grey8(path)
     assert grey[0, 0] == 255 and grey[0, 2] == 0
 
@@ -96,8 +111,15 @@ def test_16bit_monochrome1_window_inverts(tmp_path):
 def test_rescale_then_window_in_output_units(tmp_path):
     # stored 1064 -> 1064 * 1 - 1024 = 40 units, the window's centre
     pixels = np.array([[0, 1064, 3000]], dtype=np.uint16)
-    path = make_dicom(tmp_path / "a.dcm", pixels, bits_stored=12, RescaleSlope=1,
-                      RescaleIntercept=-1024, WindowCenter=40, WindowWidth=400)
+    path = make_dicom(
+        tmp_path / "a.dcm",
+        pixels,
+        bits_stored=12,
+        RescaleSlope=1,
+        RescaleIntercept=-1024,
+        WindowCenter=40,
+        WindowWidth=400,
+    )
     grey = read_grey8(path)
     assert grey[0, 0] == 0 and grey[0, 2] == 255
     assert 120 <= grey[0, 1] <= 135
@@ -144,7 +166,7 @@ def test_resize_and_normalise():
     images = [ramp(np.uint8, 255, (100, 80)), np.full((64, 64), 255, np.uint8)]
     resized = resize_grey8(images, 64)
     assert resized.shape == (2, 64, 64) and resized.dtype == torch.uint8
-    assert torch.all(resized[1] == 255)                # same size is passed through
+    assert torch.all(resized[1] == 255)  # same size is passed through
     batch = to_model_input(images, 64, mean=0.5, std=0.25)
     assert batch.shape == (2, 1, 64, 64) and batch.dtype == torch.float32
     assert torch.allclose(batch[1], torch.full((1, 64, 64), 2.0))

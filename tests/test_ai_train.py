@@ -18,9 +18,12 @@ from ai.commands import register
 from ai.infer import Analyzer
 from ai.preprocess import read_grey8
 
-SIIM = Path(os.environ.get("PNEUMONODE_SIIM_DIR",
-                           Path(__file__).resolve().parents[1].parent / "shared" / "data"
-                           / "siim_small"))
+SIIM = Path(
+    os.environ.get(
+        "PNEUMONODE_SIIM_DIR",
+        Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim_small",
+    )
+)
 pytestmark = pytest.mark.skipif(not SIIM.is_dir(), reason="siim_small data not available")
 
 
@@ -35,8 +38,10 @@ def run(*argv: str) -> int:
 def trained(tmp_path_factory) -> Path:
     torch.set_num_threads(min(2, torch.get_num_threads()))
     out = tmp_path_factory.mktemp("train") / "model"
-    assert run("train", "--data", str(SIIM), "--out", str(out), "--recipe", "tiny",
-               "--device", "cpu") == 0
+    assert (
+        run("train", "--data", str(SIIM), "--out", str(out), "--recipe", "tiny", "--device", "cpu")
+        == 0
+    )
     return out
 
 
@@ -49,13 +54,18 @@ def test_training_writes_artifact_and_reports(trained):
     assert len(training["data_fingerprint"]) == 64
     assert training["config"]["name"] == "tiny"
     metrics = json.loads((trained / "reports" / "metrics.json").read_text())
-    for key in ("accuracy", "roc_auc", "sensitivity", "specificity", "confusion_matrix",
-                "n_per_class"):
+    for key in (
+        "accuracy",
+        "roc_auc",
+        "sensitivity",
+        "specificity",
+        "confusion_matrix",
+        "n_per_class",
+    ):
         assert key in metrics
     assert sum(metrics["confusion_matrix"].values()) == 4
     assert metrics["export_check_max_abs_diff"] < 1e-5
-    for name in ("loss.png", "confusion_matrix.png", "roc.png", "top_losses.png",
-                 "results.png"):
+    for name in ("loss.png", "confusion_matrix.png", "roc.png", "top_losses.png", "results.png"):
         assert (trained / "reports" / name).stat().st_size > 1000, name
 
 
@@ -69,8 +79,20 @@ def test_reloaded_model_predicts_the_learners_numbers(trained):
 def test_predict_command_prints_table_and_csv(trained, tmp_path, capsys):
     files = sorted((SIIM / "train" / "Pneumothorax").glob("*.dcm"))[:3]
     csv_path = tmp_path / "predictions.csv"
-    assert run("predict", str(trained), *map(str, files), "--csv", str(csv_path),
-               "--batch-size", "2", "--device", "cpu") == 0
+    assert (
+        run(
+            "predict",
+            str(trained),
+            *map(str, files),
+            "--csv",
+            str(csv_path),
+            "--batch-size",
+            "2",
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "sop_instance_uid" in printed and "1.2.276.0.7230010" in printed
     table = pd.read_csv(csv_path)
@@ -88,16 +110,46 @@ def test_predict_reports_unreadable_files(trained, tmp_path, capsys):
 def test_cam_command_writes_picture(trained, tmp_path):
     source = sorted((SIIM / "train" / "Pneumothorax").glob("*.dcm"))[0]
     out = tmp_path / "cam.png"
-    assert run("cam", str(trained), str(source), "--method", "gradcam", "--out", str(out),
-               "--device", "cpu") == 0
+    assert (
+        run(
+            "cam",
+            str(trained),
+            str(source),
+            "--method",
+            "gradcam",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
     assert out.stat().st_size > 10_000
-    assert run("cam", str(trained), str(source), "--method", "cam", "--target",
-               "No Pneumothorax", "--out", str(tmp_path / "cam2.png"), "--device", "cpu") == 0
+    assert (
+        run(
+            "cam",
+            str(trained),
+            str(source),
+            "--method",
+            "cam",
+            "--target",
+            "No Pneumothorax",
+            "--out",
+            str(tmp_path / "cam2.png"),
+            "--device",
+            "cpu",
+        )
+        == 0
+    )
 
 
 def test_localise_command(trained, tmp_path):
-    assert run("localise", str(trained), "--data", str(SIIM), "--out", str(tmp_path),
-               "--device", "cpu") == 0
+    assert (
+        run(
+            "localise", str(trained), "--data", str(SIIM), "--out", str(tmp_path), "--device", "cpu"
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "localisation.json").read_text())
     assert summary["n_images"] >= 1
     assert 0.0 <= summary["peak_in_mask_rate"] <= 1.0
@@ -109,8 +161,15 @@ def test_stats_command(tmp_path):
     assert run("stats", *map(str, files), "--out", str(tmp_path)) == 0
     table = pd.read_csv(tmp_path / "cohort.csv")
     assert len(table) == 3
-    for column in ("SOPInstanceUID", "PatientAge", "img_min", "img_max", "img_mean",
-                   "img_std", "img_pct_window"):
+    for column in (
+        "SOPInstanceUID",
+        "PatientAge",
+        "img_min",
+        "img_max",
+        "img_mean",
+        "img_std",
+        "img_pct_window",
+    ):
         assert column in table.columns
     assert (tmp_path / "age_histogram.png").is_file()
     assert (tmp_path / "sex_counts.png").is_file()

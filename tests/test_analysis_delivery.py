@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from analysis_support import analysed, delivered, delivery_counts, job_counts, wait_for
+from analysis_support import (
+    analysed,
+    analysing_alone,
+    delivered,
+    delivery_counts,
+    job_counts,
+    wait_for,
+)
 from support import (
     DCMTK_ENV,
     dcmtk,
@@ -73,19 +80,6 @@ class StoreSCP:
             if path.is_file():
                 uids[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)] += 1
         return uids
-
-
-def analysing_alone(model: Path, **analysis: object) -> dict:
-    """Config overrides: analysis on with `model`, on the CPU, no peers to deliver to."""
-    settings = {
-        "enabled": True,
-        "model": str(model),
-        "device": "cpu",
-        "batch_size": 4,
-        "max_wait_seconds": 0.2,
-        **analysis,
-    }
-    return {"analysis": settings, "peers": []}
 
 
 def _analysis_config(model: Path, scp_port: int, **delivery: object) -> dict:
@@ -168,13 +162,7 @@ def test_results_stay_on_the_node_for_a_caller_not_in_peers(
     wait_for(analysed(node, len(files)), 180, "analysis")
     assert delivery_counts(node) == {}
     assert "is not in [[peers]]" in node.log_text()
-    status = subprocess.run(
-        node_command(node.config_path, "status"),
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=_env(),
-    )
+    status = node_status(node)
     assert status.returncode == 0, status.stderr
     assert "done 3" in status.stdout
     assert "6 results" in status.stdout
@@ -205,14 +193,19 @@ def test_ineligible_images_are_stored_and_recorded_as_skipped(
     node = node_factory(analysing_alone(tiny_model))
     assert storescu(node, [path]).returncode == 0
     assert job_counts(node) == {JobState.SKIPPED.value: 1}
-    status = subprocess.run(
+    status = node_status(node)
+    assert "modality MR" in status.stdout
+
+
+def node_status(node) -> subprocess.CompletedProcess:
+    """`pneumonode status` on the node's configuration."""
+    return subprocess.run(
         node_command(node.config_path, "status"),
         capture_output=True,
         text=True,
         timeout=60,
         env=_env(),
     )
-    assert "modality MR" in status.stdout
 
 
 def _env() -> dict[str, str]:

@@ -112,11 +112,31 @@ def test_orthanc_receives_sc_and_sr_in_the_same_study(
         answers = tmp_path / "findscu"
         answers.mkdir()
         found = subprocess.run(
-            [dcmtk("findscu"), "-S", "-X", "-od", str(answers), "-aec", "PNEUMONODE",
-             "127.0.0.1", str(node_port),
-             "-k", "QueryRetrieveLevel=SERIES", "-k", f"StudyInstanceUID={study_uid}",
-             "-k", "SeriesInstanceUID=", "-k", "Modality=", "-k", "SeriesDescription="],
-            env=DCMTK_ENV, capture_output=True, text=True, timeout=30,
+            [
+                dcmtk("findscu"),
+                "-S",
+                "-X",
+                "-od",
+                str(answers),
+                "-aec",
+                "PNEUMONODE",
+                "127.0.0.1",
+                str(node_port),
+                "-k",
+                "QueryRetrieveLevel=SERIES",
+                "-k",
+                f"StudyInstanceUID={study_uid}",
+                "-k",
+                "SeriesInstanceUID=",
+                "-k",
+                "Modality=",
+                "-k",
+                "SeriesDescription=",
+            ],
+            env=DCMTK_ENV,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
         assert found.returncode == 0, found.stderr
         modalities = sorted(str(pydicom.dcmread(path).Modality) for path in answers.iterdir())

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from analysis_support import analysed, job_counts, wait_for
+from analysis_support import analysed, analysing_alone, job_counts, wait_for
 from pydicom import Dataset
 from pynetdicom import AE
 from pynetdicom.sop_class import (
@@ -122,19 +122,7 @@ def test_postgres_index_answers_like_sqlite(
 
 def test_postgres_analysis_queue(tmp_path: Path, node_factory, postgres_url: str) -> None:
     model = build_tiny_artifact(tmp_path / "model")
-    node = node_factory(
-        {
-            "storage": {"database_url": postgres_url},
-            "analysis": {
-                "enabled": True,
-                "model": str(model),
-                "device": "cpu",
-                "batch_size": 4,
-                "max_wait_seconds": 0.2,
-            },
-            "peers": [],
-        }
-    )
+    node = node_factory({**analysing_alone(model), "storage": {"database_url": postgres_url}})
     files = siim_files()[:5]
     assert storescu(node, files).returncode == 0
     wait_for(analysed(node, len(files)), 180, "analysis on PostgreSQL")

@@ -76,7 +76,10 @@ def render_with_dcmtk(program: str, path: Path, png: Path) -> Image.Image:
         pytest.skip(f"{program} (dcmtk) is not installed")
     result = subprocess.run(
         [program, "--write-png", str(path), str(png)],
-        capture_output=True, text=True, timeout=60, env={**os.environ, "TCP_NODELAY": "1"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "TCP_NODELAY": "1"},
     )
     assert result.returncode == 0, result.stderr
     image = Image.open(png)
@@ -124,8 +127,10 @@ def test_overlay_blends_magma_at_alpha_06_over_the_grey_xray(source: pydicom.Dat
         y0, x0 = int(np.clip(np.floor(y), 0, 12)), int(np.clip(np.floor(x), 0, 12))
         fy, fx = np.clip(y - y0, 0, 1), np.clip(x - x0, 0, 1)
         value = (
-            heatmap[y0, x0] * (1 - fy) * (1 - fx) + heatmap[y0, x0 + 1] * (1 - fy) * fx
-            + heatmap[y0 + 1, x0] * fy * (1 - fx) + heatmap[y0 + 1, x0 + 1] * fy * fx
+            heatmap[y0, x0] * (1 - fy) * (1 - fx)
+            + heatmap[y0, x0 + 1] * (1 - fy) * fx
+            + heatmap[y0 + 1, x0] * fy * (1 - fx)
+            + heatmap[y0 + 1, x0 + 1] * fy * fx
         )
         colour = np.array(matplotlib.colormaps["magma"](value)[:3]) * 255
         expected = 0.4 * float(grey[row, column]) + 0.6 * colour
@@ -177,7 +182,9 @@ def test_overlay_keeps_the_size_of_a_non_square_image() -> None:
 )
 def test_overlay_rejects_invalid_inputs(change: dict, argument: str) -> None:
     arguments = dict(
-        grey8=np.zeros((64, 64), np.uint8), heatmap=np.zeros((4, 4)), probability=0.5,
+        grey8=np.zeros((64, 64), np.uint8),
+        heatmap=np.zeros((4, 4)),
+        probability=0.5,
         label="Pneumothorax",
     )
     arguments.update(change)
@@ -199,8 +206,15 @@ def test_uncompressed_sc_is_valid_and_renders_in_colour(relative: str, tmp_path:
     assert written.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
     assert written.SOPInstanceUID == sop_uid
     assert written.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
-    for keyword in ("PatientID", "PatientName", "PatientSex", "StudyInstanceUID", "StudyDate",
-                    "StudyTime", "AccessionNumber"):
+    for keyword in (
+        "PatientID",
+        "PatientName",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+    ):
         assert written.get(keyword) == source.get(keyword), keyword
     assert written.SeriesInstanceUID == series_uid != source.SeriesInstanceUID
     assert written.SeriesDescription == HEATMAP_SERIES_DESCRIPTION

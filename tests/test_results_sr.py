@@ -75,7 +75,8 @@ def coded(sequence) -> tuple[str, str]:
 
 def find_items(sr: pydicom.Dataset, value_type: str, name: tuple[str, str]) -> list:
     return [
-        item for item in content_items(sr)
+        item
+        for item in content_items(sr)
         if item.ValueType == value_type and coded(item.ConceptNameCodeSequence) == name
     ]
 
@@ -87,8 +88,11 @@ def test_sr_is_valid_and_carries_the_coded_finding(
     source = read_source(relative)
     series_uid, sop_uid = generate_uid(), generate_uid()
     sr = build(
-        source, probability=probability, present=present,
-        series_instance_uid=series_uid, sop_instance_uid=sop_uid,
+        source,
+        probability=probability,
+        present=present,
+        series_instance_uid=series_uid,
+        sop_instance_uid=sop_uid,
     )
     path = tmp_path / "sr.dcm"
     pydicom.dcmwrite(path, sr, enforce_file_format=True)
@@ -97,7 +101,8 @@ def test_sr_is_valid_and_carries_the_coded_finding(
     lines = [line for line in (result.stdout + result.stderr).splitlines() if line.strip()]
     assert not [line for line in lines if "Error" in line], "\n".join(lines)
     unexplained = [
-        line for line in lines
+        line
+        for line in lines
         if line.startswith("Warning") and not any(e in line for e in EXPLAINED_WARNINGS)
     ]
     assert not unexplained, "\n".join(unexplained)
@@ -109,8 +114,15 @@ def test_sr_is_valid_and_carries_the_coded_finding(
     assert (written.SOPInstanceUID, written.SeriesInstanceUID) == (sop_uid, series_uid)
     assert written.SeriesInstanceUID != source.SeriesInstanceUID
     assert written.Modality == "SR"
-    for keyword in ("PatientID", "PatientName", "PatientSex", "StudyInstanceUID", "StudyDate",
-                    "StudyTime", "AccessionNumber"):
+    for keyword in (
+        "PatientID",
+        "PatientName",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+    ):
         assert written.get(keyword) == source.get(keyword), keyword
     assert (written.CompletionFlag, written.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
     evidence = written.CurrentRequestedProcedureEvidenceSequence[0]
