@@ -235,7 +235,9 @@ class DicomNode:
             assoc.join(timeout=5)
 
 
-def run_until_signalled(start: Callable[[], None], stop: Callable[[], None]) -> int:
+def run_until_signalled(
+    start: Callable[[], None], stop: Callable[[], None], what: str = "node"
+) -> int:
     """Call `start`, wait for SIGINT or SIGTERM, call `stop`; returns the exit code.
 
     The handlers stay installed until the process exits: a second signal during the
@@ -244,7 +246,7 @@ def run_until_signalled(start: Callable[[], None], stop: Callable[[], None]) -> 
     stop_requested = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
-        log.info("received %s, stopping", signal.Signals(signum).name)
+        log.info("received %s, stopping the %s", signal.Signals(signum).name, what)
         stop_requested.set()
 
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -137,4 +137,4 @@ def run_worker(config: Config, share_cpu: bool = False) -> int:
         worker.stop()
         context.engine.dispose()
 
-    return run_until_signalled(start, stop)
+    return run_until_signalled(start, stop, what="analysis worker")
