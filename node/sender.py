@@ -13,7 +13,6 @@ import logging
 import threading
 from collections import defaultdict
 
-from pydicom import dcmread
 from pynetdicom import AE
 
 from node.context import NodeContext
@@ -90,22 +89,13 @@ class DeliverySender:
             for item in items:
                 self.queue.retry_later(item, f"{destination} is not in [[peers]]")
             return
-        datasets = {}
-        for item in items:
-            try:
-                datasets[item.delivery_id] = dcmread(self.context.archive.path_of(item.file_path))
-            except Exception as exc:
-                self.queue.retry_later(item, f"cannot read stored file: {exc}")
-        items = [i for i in items if i.delivery_id in datasets]
-        if not items:
-            return
         ae = AE(ae_title=config.node.ae_title)
         ae.network_timeout = config.node.network_timeout
         ae.acse_timeout = config.node.network_timeout
         ae.dimse_timeout = config.node.network_timeout
-        contexts = {
-            (str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for ds in datasets.values()
-        }
+        # The index knows each result's SOP class and transfer syntax: no file is read
+        # before the association is up, and each is sent as stored.
+        contexts = {(item.sop_class_uid, item.transfer_syntax_uid) for item in items}
         for sop_class, syntax in sorted(contexts):
             ae.add_requested_context(sop_class, [syntax])
         assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
@@ -120,14 +110,14 @@ class DeliverySender:
             for item in items:
                 if self._stop.is_set() or not assoc.is_established:
                     break
-                self._send_one(assoc, item, datasets[item.delivery_id], destination)
+                self._send_one(assoc, item, destination)
         finally:
             if assoc.is_established:
                 assoc.release()
 
-    def _send_one(self, assoc, item: DueDelivery, ds, destination: str) -> None:
+    def _send_one(self, assoc, item: DueDelivery, destination: str) -> None:
         try:
-            status = assoc.send_c_store(ds)
+            status = assoc.send_c_store(self.context.archive.path_of(item.file_path))
         except Exception as exc:
             self.queue.retry_later(item, f"C-STORE error: {exc}")
             return

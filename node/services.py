@@ -111,6 +111,18 @@ def node_services(config: Config) -> list[ServiceFactory]:
     return factories
 
 
+def _yield_cpu_to_ingest(config: Config) -> None:
+    """Lower this process's priority and, analysing on the CPU, give torch half the cores."""
+    with contextlib.suppress(OSError):
+        os.nice(WORKER_NICENESS)
+    from ai.artifact import resolve_device
+
+    if resolve_device(config.analysis.device).type == "cpu":
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
+
+
 def run_worker(config: Config, share_cpu: bool = False) -> int:
     """Run the analysis worker until SIGINT or SIGTERM.
 
@@ -120,10 +132,9 @@ def run_worker(config: Config, share_cpu: bool = False) -> int:
     if not config.analysis.enabled:
         log.warning("analysis.enabled is false: the worker will find no queued jobs")
     if share_cpu:
-        with contextlib.suppress(OSError):
-            os.nice(WORKER_NICENESS)
+        _yield_cpu_to_ingest(config)
     context = build_context(config)
-    worker = AnalysisWorker(context, low_priority=share_cpu)
+    worker = AnalysisWorker(context)
 
     def start() -> None:
         worker.start()

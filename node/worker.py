@@ -1,10 +1,9 @@
 """The analysis worker: queued images in, stored and queued-for-delivery results out.
 
-It runs as a background thread of `pneumonode serve` or on its own as `pneumonode worker`
-(for example on a GPU machine sharing the index database and the storage folder). A loader
-thread claims a batch and decodes its pixels while the model works on the previous batch,
-so decoding stays off the accelerator's critical path. On a CPU-only host the worker
-threads run at a lower scheduling priority than the Storage SCP, so ingest keeps its pace.
+It runs in its own process: under `pneumonode serve` (see node.services) or alone as
+`pneumonode worker` (for example on a GPU machine sharing the index database and the
+storage folder). A loader thread claims a batch and decodes its pixels while the model
+works on the previous batch, so decoding stays off the accelerator's critical path.
 
 Nothing is analysed twice: result UIDs are derived from the source UID and the model
 version, so a batch re-run after a crash replaces the same result instances, and the
@@ -13,13 +12,10 @@ job's completion and its deliveries are committed in one transaction.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import queue
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,11 +45,6 @@ class DecodedJob:
     grey8: Any  # numpy uint8 HxW
 
 
-@dataclass
-class Batch:
-    decoded: list[DecodedJob]
-
-
 def result_uids(source: Dataset, model_version: str) -> dict[str, str]:
     """Deterministic UIDs for the results of `source`: the same inputs give the same UIDs."""
     study = str(source.StudyInstanceUID)
@@ -77,30 +68,16 @@ def _header_only(ds: Dataset) -> Dataset:
     return header
 
 
-def _lower_thread_priority() -> None:
-    """Nice this OS thread (Linux: priority is per thread, and threads it starts inherit it)."""
-    with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-
-
 class AnalysisWorker:
     """Claims analysis jobs in batches, runs the model, stores results, queues deliveries."""
 
-    def __init__(
-        self,
-        context: NodeContext,
-        *,
-        on_results: Callable[[], None] | None = None,
-        low_priority: bool = True,
-    ) -> None:
+    def __init__(self, context: NodeContext) -> None:
         self.context = context
         self.settings = context.config.analysis
         self.jobs = JobQueue(context.engine)
         self.identity = worker_identity()
-        self.on_results = on_results
-        self.low_priority = low_priority
         self._stop = threading.Event()
-        self._batches: queue.Queue[Batch | None] = queue.Queue(maxsize=1)
+        self._batches: queue.Queue[list[DecodedJob]] = queue.Queue(maxsize=1)
         self._threads: list[threading.Thread] = []
         self._analyzer: Any = None
         self._model_stamp: tuple[float, ...] | None = None
@@ -133,8 +110,7 @@ class AnalysisWorker:
                 batch = self._batches.get_nowait()
             except queue.Empty:
                 break
-            if batch is not None:
-                self.jobs.release([d.job.job_id for d in batch.decoded])
+            self.jobs.release([d.job.job_id for d in batch])
 
     # --- model ----------------------------------------------------------------------------
 
@@ -148,10 +124,9 @@ class AnalysisWorker:
                 self._waiting_logged = True
             return False
         stamp = tuple(p.stat().st_mtime for p in paths)
-        if self._analyzer is not None and stamp == self._model_stamp:
-            return True
         if stamp == self._model_stamp:
-            return False  # this version already failed to load; wait for a new one
+            # Loaded already, or this version failed to load: keep what is loaded, if any.
+            return self._analyzer is not None
         self._model_stamp = stamp
         from ai.artifact import ArtifactError
         from ai.infer import Analyzer
@@ -161,8 +136,10 @@ class AnalysisWorker:
                 model_dir, device=self.settings.device, batch_size=self.settings.batch_size
             )
         except ArtifactError as exc:
+            if self._analyzer is not None:
+                log.error("new model at %s refused: %s; keeping the loaded one", model_dir, exc)
+                return True
             log.error("model at %s refused: %s; analysis waits for a valid model", model_dir, exc)
-            self._analyzer = None
             return False
         self._analyzer = analyzer
         self._waiting_logged = False
@@ -175,18 +152,16 @@ class AnalysisWorker:
     # --- loader: claim + decode -----------------------------------------------------------
 
     def _load_loop(self) -> None:
-        if self.low_priority:
-            _lower_thread_priority()
         while not self._stop.is_set():
             try:
-                if self._analyzer is None and not self._model_ready():
+                if not self._model_ready():
                     self._stop.wait(WAITING_POLL_SECONDS)
                     continue
                 claimed = self._claim_batch()
                 if not claimed:
                     continue
-                batch = Batch(decoded=[d for d in map(self._decode, claimed) if d is not None])
-                if not batch.decoded:
+                batch = [d for d in map(self._decode, claimed) if d is not None]
+                if not batch:
                     continue
                 while not self._stop.is_set():
                     try:
@@ -195,7 +170,7 @@ class AnalysisWorker:
                     except queue.Full:
                         continue
                 else:
-                    self.jobs.release([d.job.job_id for d in batch.decoded])
+                    self.jobs.release([d.job.job_id for d in batch])
             except Exception:
                 log.exception("analysis loader error; retrying")
                 self._stop.wait(WAITING_POLL_SECONDS)
@@ -229,54 +204,37 @@ class AnalysisWorker:
     # --- analysis -------------------------------------------------------------------------
 
     def _analyse_loop(self) -> None:
-        if self.low_priority:
-            _lower_thread_priority()
-            self._limit_cpu_threads()
         while not self._stop.is_set():
             try:
                 batch = self._batches.get(timeout=0.5)
             except queue.Empty:
                 continue
-            if batch is None:
-                continue
-            ids = [d.job.job_id for d in batch.decoded]
+            ids = [d.job.job_id for d in batch]
             try:
                 self.analyse(batch)
             except Exception as exc:
                 log.exception("analysis of a batch of %d failed", len(ids))
                 self.jobs.fail(ids, f"{type(exc).__name__}: {exc}")
 
-    def _limit_cpu_threads(self) -> None:
-        """On the CPU, leave cores to the Storage SCP: torch gets half of them."""
-        if str(getattr(self._analyzer, "device", "cpu")).startswith("cuda"):
-            return
-        import torch
-
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
-
-    def analyse(self, batch: Batch) -> None:
+    def analyse(self, batch: list[DecodedJob]) -> None:
         """One batched forward + GradCAM, then the result objects of every image."""
-        analyzer = self._analyzer
+        analyzer = self._analyzer  # the model that made the predictions names the results
         started = time.perf_counter()
-        predictions = analyzer.explain([d.grey8 for d in batch.decoded])
+        predictions = analyzer.explain([d.grey8 for d in batch])
         model_seconds = time.perf_counter() - started
-        for decoded, prediction in zip(batch.decoded, predictions, strict=True):
+        for decoded, prediction in zip(batch, predictions, strict=True):
             try:
-                self._store_results(decoded, prediction)
+                self._store_results(analyzer.loaded, decoded, prediction)
             except Exception as exc:
                 log.exception("results of SOP %s failed", decoded.job.sop_instance_uid)
                 self.jobs.fail([decoded.job.job_id], f"results: {type(exc).__name__}: {exc}")
-        log.debug("batch of %d analysed, model %.3f s", len(batch.decoded), model_seconds)
-        if self.on_results is not None:
-            self.on_results()
+        log.debug("batch of %d analysed, model %.3f s", len(batch), model_seconds)
 
-    def _store_results(self, decoded: DecodedJob, prediction: Any) -> None:
+    def _store_results(self, loaded: Any, decoded: DecodedJob, prediction: Any) -> None:
         from ai.results.finding_sr import build_finding_sr
         from ai.results.heatmap_sc import build_heatmap_sc
         from ai.results.overlay import render_overlay
 
-        analyzer = self._analyzer
-        loaded = analyzer.loaded
         source = decoded.dataset
         uids = result_uids(source, loaded.version)
         instance_number = int(source.get("InstanceNumber") or 1)

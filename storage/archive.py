@@ -138,8 +138,8 @@ class Archive:
         self._writer = IndexWriter()
         self.duplicate_policy = duplicate_policy
         self.decide_job = decide_job
-        # One writer at a time per process keeps SQLite free of busy retries; the file
-        # write and its fsync happen before the lock is taken, in parallel.
+        # One index writer at a time per process keeps SQLite free of busy retries; file
+        # writes and their fsyncs happen before the lock is taken, in parallel.
         self._index_lock = threading.Lock()
 
     def store_file_bytes(
@@ -181,10 +181,13 @@ class Archive:
         return StoreOutcome(record, relative, len(data), "replaced" if previous else "stored")
 
     def store_dataset(self, ds: Dataset, *, is_result: bool = True) -> StoreOutcome:
-        """Store a dataset built in memory (the node's own results) as a file."""
+        """Store a dataset built in memory (the node's own results) as a file.
+
+        The dataset is its own header: the bytes just written are not parsed back.
+        """
         buffer = io.BytesIO()
         ds.save_as(buffer, enforce_file_format=True)
-        return self.store_file_bytes(buffer.getbuffer(), is_result=is_result)
+        return self.store_file_bytes(buffer.getbuffer(), is_result=is_result, header=ds)
 
     def path_of(self, relative: str) -> Path:
         return self.files.absolute(relative)

@@ -24,6 +24,8 @@ class DueDelivery:
     destination_ae: str
     attempts: int
     file_path: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
 
 
 def enqueue(conn: Connection, sop_instance_uids: Iterable[str], destination_ae: str) -> None:
@@ -74,6 +76,8 @@ class DeliveryQueue:
                     Delivery.destination_ae,
                     Delivery.attempts,
                     Instance.file_path,
+                    Instance.sop_class_uid,
+                    Instance.transfer_syntax_uid,
                 )
                 .join(Instance, Instance.sop_instance_uid == Delivery.sop_instance_uid)
                 .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
