@@ -211,7 +211,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 def run_cam(args: argparse.Namespace) -> int:
     from ai.artifact import ArtifactError
-    from ai.display import heatmap_to_shape, save_cam_figure
+    from ai.display import save_cam_figure
     from ai.infer import Analyzer
 
     try:
@@ -236,7 +236,7 @@ def run_cam(args: argparse.Namespace) -> int:
         title = (f"{Path(name).name}: P({analyzer.loaded.positive_class}) = "
                  f"{prediction.probability:.3f} -> {prediction.label}; "
                  f"{args.method} for {prediction.target_class}")
-        save_cam_figure(target, image, heatmap_to_shape(prediction.heatmap, image.shape), title)
+        save_cam_figure(target, image, prediction.heatmap, title)
         print(target)
     return 1 if bad else 0
 

@@ -9,20 +9,15 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-
-def heatmap_to_shape(heatmap: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Bilinearly resize a [0, 1] heatmap to (rows, columns), e.g. the source image's size."""
-    tensor = torch.as_tensor(np.asarray(heatmap, dtype=np.float32))[None, None]
-    resized = F.interpolate(tensor, size=tuple(shape), mode="bilinear", align_corners=False)
-    return resized[0, 0].clamp_(0, 1).numpy()
 
 
 def save_cam_figure(path: str | Path, grey8: np.ndarray, heatmap: np.ndarray,
                     title: str = "", alpha: float = 0.6, cmap: str = "magma") -> Path:
-    """The X-ray alone, and the X-ray with the map in `magma` at alpha 0.6, bilinear."""
+    """The X-ray alone, and the X-ray with the map in `magma` at alpha 0.6, bilinear.
+
+    `heatmap` may have any resolution: matplotlib stretches it over the image (the seed's
+    `imshow(..., extent=...)`), so it is resampled once, here.
+    """
     rows, columns = grey8.shape
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 5.4))
     for axis in (left, right):

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 class Prediction:
     """One image's result. `heatmap` is float32 in [0, 1] at the model's input resolution
     (input_size x input_size, the whole image squeezed to a square): resize it to the
-    image's rows x columns to overlay it (see `ai.display.heatmap_to_shape`)."""
+    image's rows x columns to overlay it (see `ai.results.overlay.upsample_bilinear`)."""
 
     probability: float
     label: str

@@ -16,9 +16,9 @@ import numpy as np
 import pandas as pd
 
 from ai.data import POSITIVE, find_rle_table, load_items, mask_for, read_rle_table
-from ai.display import heatmap_to_shape
 from ai.infer import Analyzer
 from ai.preprocess import read_dataset, read_grey8
+from ai.results.overlay import upsample_bilinear
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class LocalisationResult:
 
 def score_heatmap(heatmap: np.ndarray, mask: np.ndarray) -> tuple[bool, float, float]:
     """(peak inside mask, share of map energy inside mask, mask's share of the image)."""
-    full = heatmap_to_shape(heatmap, mask.shape)
+    full = upsample_bilinear(heatmap, *mask.shape)
     peak = np.unravel_index(int(np.argmax(full)), full.shape)
     total = float(full.sum())
     energy = float(full[mask].sum() / total) if total > 0 else 0.0

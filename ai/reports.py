@@ -78,7 +78,7 @@ def roc_figure(path: Path, positive_probs: np.ndarray, is_positive: np.ndarray) 
 
 
 def plot_top_losses(interp, learn, classes: list[str], k: int, positive_probs: np.ndarray,
-                    positive_index: int) -> None:
+                    positive_index: int, threshold: float) -> None:
     """The seed's top-losses grid: image, predicted / actual class, loss, probability.
 
     Drawn here because fastai's own `plot_top_losses` has no method for grey images.
@@ -93,7 +93,7 @@ def plot_top_losses(interp, learn, classes: list[str], k: int, positive_probs: n
     for axis, loss, index in zip(axes.ravel(), losses, indices, strict=False):
         image, target = learn.dls.valid_ds[int(index)]
         positive = float(positive_probs[int(index)])
-        predicted = positive_index if positive >= 0.5 else 1 - positive_index
+        predicted = positive_index if positive >= threshold else 1 - positive_index
         actual_prob = positive if int(target) == positive_index else 1.0 - positive
         axis.imshow(np.asarray(image), cmap="gray")
         axis.set_title(f"{classes[predicted]} / {classes[int(target)]}\n"
@@ -124,7 +124,7 @@ def write_training_reports(out: Path, learn, metrics: dict[str, Any], positive_p
     k = min(9, len(valid_files))
     drawn["top_losses"] = _figure(reports / "top_losses.png",
                                   lambda: plot_top_losses(interp, learn, classes, k, positive_probs,
-                                                          positive_index))
+                                                          positive_index, metrics["threshold"]))
     drawn["results"] = _figure(reports / "results.png", lambda: learn.show_results(max_n=k))
     log.info("reports written to %s: %s", reports, drawn)
     return drawn

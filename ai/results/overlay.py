@@ -28,7 +28,7 @@ _BOX_COLOUR = (0, 0, 0, 190)
 def _colormap_lut(name: str) -> np.ndarray:
     """The colormap as a 256x3 float table: matplotlib itself quantises to 256 colours."""
     cmap = matplotlib.colormaps[name]
-    return (cmap(np.linspace(0.0, 1.0, 256))[:, :3] * 255.0).astype(np.float32)
+    return (cmap(np.arange(256))[:, :3] * 255.0).astype(np.float32)
 
 
 @lru_cache(maxsize=16)
@@ -84,7 +84,8 @@ def blend_heatmap(
     range, so a weak map looks weak) and alpha-blend it over the grey X-ray."""
     rows, columns = grey8.shape
     upsampled = upsample_bilinear(heatmap, rows, columns)
-    indices = np.rint(upsampled * 255.0).astype(np.uint16)
+    # matplotlib's own quantisation of [0, 1] onto its 256 colours: floor(v * 256).
+    indices = np.minimum(upsampled * 256.0, 255.0).astype(np.uint16)
     table = _blend_lut(colormap, float(alpha)).reshape(-1, 3)
     return np.take(table, (grey8.astype(np.uint16) << 8) | indices, axis=0)
 
