@@ -20,7 +20,8 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 from torch import nn
 
 from ai.architectures import ArchSpec, build_model, default_cam_layer
@@ -97,11 +98,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(handle, "sha256").hexdigest()
 
 
 def library_versions() -> dict[str, str]:
@@ -209,7 +207,8 @@ def load_artifact(model_dir: str | Path, device: str | torch.device = "auto") ->
     weights = path / meta["weights"].get("file", WEIGHTS_FILE)
     if not weights.is_file():
         raise ArtifactError(f"{path}: weights file {weights.name} is missing")
-    if _sha256(weights) != meta["weights"].get("sha256"):
+    data = weights.read_bytes()  # read once: checked, then loaded from memory
+    if hashlib.sha256(data).hexdigest() != meta["weights"].get("sha256"):
         raise ArtifactError(f"{weights}: checksum does not match {META_FILE} (corrupt or replaced)")
     try:
         spec = ArchSpec.from_json(meta["architecture"])
@@ -219,7 +218,7 @@ def load_artifact(model_dir: str | Path, device: str | torch.device = "auto") ->
     if spec.n_out != len(meta["classes"]):
         raise ArtifactError(f"{path}: {len(meta['classes'])} classes but {spec.n_out} outputs")
     try:
-        state = load_file(str(weights))
+        state = load_safetensors(data)
     except (SafetensorError, OSError) as exc:
         raise ArtifactError(f"{weights}: unreadable safetensors file ({exc})") from exc
     try:
