@@ -8,8 +8,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import create_engine, func, select
-from support import NodeProcess, node_command, node_env
+from sqlalchemy import func, select
+from support import NodeProcess, index_connection, node_command, node_env
 
 from storage.models import AnalysisJob, Delivery, DeliveryState, JobState
 
@@ -36,26 +36,18 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, step: flo
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def job_counts(node: NodeProcess) -> dict[str, int]:
-    engine = create_engine(node.db_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                select(AnalysisJob.state, func.count()).group_by(AnalysisJob.state)
-            ).all()
-    finally:
-        engine.dispose()
+def _counts_by_state(node: NodeProcess, state_column) -> dict[str, int]:
+    with index_connection(node.db_url) as conn:
+        rows = conn.execute(select(state_column, func.count()).group_by(state_column)).all()
     return {str(getattr(state, "value", state)): count for state, count in rows}
+
+
+def job_counts(node: NodeProcess) -> dict[str, int]:
+    return _counts_by_state(node, AnalysisJob.state)
 
 
 def delivery_counts(node: NodeProcess) -> dict[str, int]:
-    engine = create_engine(node.db_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(select(Delivery.state, func.count()).group_by(Delivery.state)).all()
-    finally:
-        engine.dispose()
-    return {str(getattr(state, "value", state)): count for state, count in rows}
+    return _counts_by_state(node, Delivery.state)
 
 
 def analysed(node: NodeProcess, expected: int) -> Callable[[], bool]:

@@ -14,10 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, func, select
-from support import NodeProcess, siim_dir, siim_files, start_node, storescu, write_config
-
-from storage.models import Instance
+from support import (
+    NodeProcess,
+    count_instances,
+    siim_dir,
+    siim_files,
+    start_node,
+    storescu,
+    write_config,
+)
 
 SIIM_COUNT = 200
 
@@ -38,6 +43,14 @@ def siim_dicom_files(siim_path: Path) -> list[Path]:
     files = siim_files()
     assert len(files) == SIIM_COUNT
     return files
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A deterministic untrained model artifact, so analysis runs without training."""
+    from ai.testing import build_tiny_artifact
+
+    return build_tiny_artifact(tmp_path_factory.mktemp("model") / "tiny", seed=0)
 
 
 @pytest.fixture
@@ -83,15 +96,6 @@ def node_factory(tmp_path: Path) -> Iterator[StartNode]:
 def node(node_factory: StartNode) -> NodeProcess:
     """A node with the default configuration (analysis off) on a free port."""
     return node_factory()
-
-
-def count_instances(db_url: str) -> int:
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            return int(conn.scalar(select(func.count()).select_from(Instance)))
-    finally:
-        engine.dispose()
 
 
 @pytest.fixture(scope="session")

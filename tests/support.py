@@ -6,6 +6,7 @@ own process, and dcmtk or pynetdicom clients over TCP on a free loopback port.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,16 +15,36 @@ import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import Connection, create_engine, func, select
+
+from storage.models import Instance
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULTS_TOML = REPO_ROOT / "node" / "defaults.toml"
 
 # dcmtk waits ~40 ms per message with Nagle's algorithm unless told otherwise.
 DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+@contextlib.contextmanager
+def index_connection(db_url: str) -> Iterator[Connection]:
+    """A connection to a node's index, opened from outside the node, closed after use."""
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            yield conn
+    finally:
+        engine.dispose()
+
+
+def count_instances(db_url: str) -> int:
+    with index_connection(db_url) as conn:
+        return int(conn.scalar(select(func.count()).select_from(Instance)))
 
 
 def siim_dir() -> Path:
@@ -277,11 +298,14 @@ def storescu(
     )
 
 
-def wait_for_log(node: NodeProcess, text: str, timeout: float = 5) -> str:
-    """The node's log once it contains `text` (log lines may trail the network reply)."""
+def wait_for_log(node: NodeProcess, text: str, timeout: float = 5, since: int = 0) -> str:
+    """The node's log from offset `since`, once it contains `text` (log lines may trail the
+    network reply); fails the test if `text` does not appear within `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
-        log = node.log_text()
-        if text in log or time.monotonic() > deadline:
+        log = node.log_text()[since:]
+        if text in log:
             return log
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{text!r} not in the node's log after {timeout} s")
         time.sleep(0.05)

@@ -12,7 +12,6 @@ from collections import Counter
 from pathlib import Path
 
 import pydicom
-import pytest
 from analysis_support import (
     analysed,
     analysing_alone,
@@ -21,26 +20,25 @@ from analysis_support import (
     job_counts,
     wait_for,
 )
+from sqlalchemy import select
 from support import (
     DCMTK_ENV,
+    count_instances,
     dcmtk,
     free_port,
+    index_connection,
     node_command,
     node_env,
     restart_node,
     siim_files,
     storescu,
+    wait_for_log,
 )
 
 from ai.testing import build_tiny_artifact
-from storage.models import DeliveryState, JobState
+from storage.models import Delivery, DeliveryState, JobState
 
 DESTINATION = "STORESCP"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_artifact(tmp_path_factory.mktemp("model") / "tiny", seed=1)
 
 
 class StoreSCP:
@@ -140,17 +138,8 @@ def test_every_result_arrives_once_across_destination_and_node_restarts(
 
 
 def _delivery_attempts_failed(node) -> bool:
-    from sqlalchemy import create_engine, select
-
-    from storage.models import Delivery
-
-    engine = create_engine(node.db_url)
-    try:
-        with engine.connect() as conn:
-            errors = conn.scalars(select(Delivery.last_error).where(Delivery.last_error != ""))
-            return any(errors)
-    finally:
-        engine.dispose()
+    with index_connection(node.db_url) as conn:
+        return any(conn.scalars(select(Delivery.last_error).where(Delivery.last_error != "")))
 
 
 def test_results_stay_on_the_node_for_a_caller_not_in_peers(
@@ -161,11 +150,14 @@ def test_results_stay_on_the_node_for_a_caller_not_in_peers(
     assert storescu(node, files).returncode == 0
     wait_for(analysed(node, len(files)), 180, "analysis")
     assert delivery_counts(node) == {}
-    assert "is not in [[peers]]" in node.log_text()
+    assert job_counts(node) == {JobState.DONE.value: len(files)}
+    wait_for_log(node, "is not in [[peers]]")
     status = node_status(node)
     assert status.returncode == 0, status.stderr
-    assert "done 3" in status.stdout
-    assert "6 results" in status.stdout
+    lines = status.stdout.splitlines()
+    assert "instances: 9 (6 results made by this node)" in lines
+    assert "analysis jobs: done 3" in lines
+    assert "deliveries: none" in lines
 
 
 def test_analysis_waits_for_a_model_then_catches_up(
@@ -192,9 +184,10 @@ def test_ineligible_images_are_stored_and_recorded_as_skipped(
     source.save_as(path)
     node = node_factory(analysing_alone(tiny_model))
     assert storescu(node, [path]).returncode == 0
+    assert count_instances(node.db_url) == 1
     assert job_counts(node) == {JobState.SKIPPED.value: 1}
     status = node_status(node)
-    assert "modality MR" in status.stdout
+    assert "modality MR not in ['CR', 'DX']" in status.stdout
 
 
 def node_status(node) -> subprocess.CompletedProcess:

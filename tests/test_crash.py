@@ -6,15 +6,21 @@ from __future__ import annotations
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.uid import JPEGBaseline8Bit
 from pynetdicom import AE
 from pynetdicom.sop_class import SecondaryCaptureImageStorage
-from sqlalchemy import create_engine, select
-from support import DCMTK_ENV, NodeProcess, dcmtk, restart_node, wait_for_log
+from sqlalchemy import select
+from support import (
+    DCMTK_ENV,
+    NodeProcess,
+    dcmtk,
+    index_connection,
+    restart_node,
+    wait_for_log,
+)
 
 from storage.models import Instance
 
@@ -22,13 +28,9 @@ KILL_AFTER_ACKNOWLEDGED = 40
 
 
 def indexed_files(node: NodeProcess) -> dict[str, str]:
-    engine = create_engine(node.db_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(select(Instance.sop_instance_uid, Instance.file_path))
-            return {sop: path for sop, path in rows}
-    finally:
-        engine.dispose()
+    with index_connection(node.db_url) as conn:
+        rows = conn.execute(select(Instance.sop_instance_uid, Instance.file_path))
+        return {sop: path for sop, path in rows}
 
 
 def test_kill_9_loses_no_acknowledged_instance(node_factory, siim_dicom_files) -> None:
@@ -96,13 +98,12 @@ def test_sigterm_lets_the_open_association_finish(
         [dcmtk("storescu"), "-xy", "-aec", node.ae_title, node.host, str(node.port)]
         + ["+sd", "+r", str(siim_path / "train")],
         env=DCMTK_ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 60
-    while "stored SOP" not in node.log_text() and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for_log(node, "stored SOP", timeout=60)
     node.process.send_signal(signal.SIGTERM)
+    assert sender.poll() is None, "the association must still be open when SIGTERM arrives"
     assert sender.wait(timeout=120) == 0
     assert node.process.wait(timeout=60) == 0
     node.stopped = True

@@ -13,20 +13,14 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from analysis_support import analysed, predict_with_cli, wait_for
+from analysis_support import analysed, analysing_alone, predict_with_cli, wait_for
 from orthanc_support import start_orthanc
 from pydicom.uid import SecondaryCaptureImageStorage
 from support import DCMTK_ENV, dcmtk, free_port, start_node
 
 from ai.results import read_finding
-from ai.testing import build_tiny_artifact
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_artifact(tmp_path_factory.mktemp("model") / "tiny", seed=0)
 
 
 def _sources(siim_path: Path) -> list[Path]:
@@ -47,14 +41,8 @@ def test_orthanc_receives_sc_and_sr_in_the_same_study(
         node = start_node(
             tmp_path / "node",
             {
+                **analysing_alone(tiny_model),
                 "node": {"port": node_port},
-                "analysis": {
-                    "enabled": True,
-                    "model": str(tiny_model),
-                    "device": "cpu",
-                    "batch_size": 4,
-                    "max_wait_seconds": 0.5,
-                },
                 "peers": [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}],
             },
         )

@@ -47,7 +47,7 @@ def test_claims_are_exclusive_and_oldest_first(queue: JobQueue) -> None:
 
 def test_claims_of_a_dead_worker_go_back_to_the_queue(queue: JobQueue) -> None:
     claimed = queue.claim(_dead_worker(), 5)
-    assert queue.queued_count() == 0
+    assert len(claimed) == 5 and queue.queued_count() == 0
     assert queue.requeue_abandoned() == len(claimed)
     assert queue.queued_count() == 5
 

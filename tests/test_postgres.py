@@ -13,15 +13,16 @@ from pathlib import Path
 
 import pytest
 from analysis_support import analysed, analysing_alone, job_counts, wait_for
+from find_data import all_studies, synthetic_instances
 from pydicom import Dataset
-from pynetdicom import AE
+from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from support import NodeProcess, siim_dir, siim_files, storescu
+from support import NodeProcess, siim_files, storescu
 
 from ai.testing import build_tiny_artifact
 from storage.models import JobState
@@ -58,9 +59,14 @@ QUERIES = [
             "PatientSex": "F",
         },
     ),
+    # Literal % and _ in the synthetic accession numbers must not act as SQL wildcards.
     (
         StudyRootQueryRetrieveInformationModelFind,
-        {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "", "AccessionNumber": "5%_"},
+        {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "", "AccessionNumber": "ACC%*"},
+    ),
+    (
+        StudyRootQueryRetrieveInformationModelFind,
+        {"QueryRetrieveLevel": "STUDY", "StudyInstanceUID": "", "AccessionNumber": "ACC_?"},
     ),
     (
         PatientRootQueryRetrieveInformationModelFind,
@@ -107,17 +113,26 @@ def find(node: NodeProcess, model: str, keys: dict[str, str]) -> tuple[int, list
 
 
 def test_postgres_index_answers_like_sqlite(
-    tmp_path: Path, node_factory, postgres_url: str
+    tmp_path: Path, node_factory, postgres_url: str, siim_path: Path
 ) -> None:
     on_sqlite = node_factory(name="sqlite")
     on_postgres = node_factory({"storage": {"database_url": postgres_url}}, name="postgres")
     for node in (on_sqlite, on_postgres):
-        assert storescu(node, [siim_dir() / "train"]).returncode == 0
+        assert storescu(node, [siim_path / "train"]).returncode == 0
+        ae = AE(ae_title="PGSTORE")
+        ae.requested_contexts = StoragePresentationContexts
+        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+        assert all(assoc.send_c_store(ds).Status == 0 for ds in synthetic_instances())
+        assoc.release()
+    answers = []
     for model, keys in QUERIES:
         expected = find(on_sqlite, model, keys)
         assert expected[0] == 0x0000
         assert find(on_postgres, model, keys) == expected, keys
-    assert len(find(on_postgres, *QUERIES[0])[1]) == 200
+        answers.append(len(expected[1]))
+    assert answers[0] == 200 + len(all_studies())
+    assert all(answers), f"every query matches something: {answers}"
+    assert answers[3:5] == [1, 1], "ACC%1 and ACC_2 only, wildcards escaped"
 
 
 def test_postgres_analysis_queue(tmp_path: Path, node_factory, postgres_url: str) -> None:

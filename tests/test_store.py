@@ -27,9 +27,10 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
+from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage
-from sqlalchemy import create_engine, select
-from support import NodeProcess, echo, start_node, storescu, wait_for_log
+from sqlalchemy import select
+from support import NodeProcess, echo, index_connection, start_node, wait_for_log
 
 from storage.models import Instance, Series
 
@@ -46,17 +47,13 @@ def shared_node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProces
 
 def index_rows(node: NodeProcess) -> dict[str, dict]:
     """SOP Instance UID -> instance row (with the series description) of the node's index."""
-    engine = create_engine(node.db_url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(
-                select(Instance, Series.series_description, Series.series_instance_uid).join(
-                    Series, Series.id == Instance.series_pk
-                )
-            ).mappings()
-            return {row["sop_instance_uid"]: dict(row) for row in rows}
-    finally:
-        engine.dispose()
+    with index_connection(node.db_url) as conn:
+        rows = conn.execute(
+            select(Instance, Series.series_description, Series.series_instance_uid).join(
+                Series, Series.id == Instance.series_pk
+            )
+        ).mappings()
+        return {row["sop_instance_uid"]: dict(row) for row in rows}
 
 
 def stored_files(node: NodeProcess) -> list[Path]:
@@ -298,7 +295,11 @@ def test_unknown_calling_ae_rejected_when_configured(node_factory) -> None:
     )
     assert echo(node.host, node.port, node.ae_title, calling="KNOWNPACS")
     assert not echo(node.host, node.port, node.ae_title, calling="STRANGER")
-    result = storescu(node, [], calling="STRANGER")
-    assert result.returncode != 0
-    log = wait_for_log(node, "association rejected: calling AE 'STRANGER'")
-    assert "association rejected: calling AE 'STRANGER'" in log
+    ae = AE(ae_title="STRANGER")
+    ae.add_requested_context(DX)
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    assert assoc.is_rejected
+    # PS3.8 A-ASSOCIATE-RJ: rejected-permanent, by the service user, calling AE not recognized.
+    rejection = assoc.acceptor.primitive
+    assert (rejection.result, rejection.result_source, rejection.diagnostic) == (1, 1, 3)
+    wait_for_log(node, "association rejected: calling AE 'STRANGER'")
