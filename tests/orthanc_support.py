@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from support import free_port
+from support import DCMTK_ENV, free_port
 
 
 def orthanc_binary() -> str:
@@ -109,8 +109,10 @@ def start_orthanc(
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
     log = (workdir / "orthanc.log").open("ab")
+    # Orthanc's DICOM layer is dcmtk: without TCP_NODELAY each message waits ~40 ms.
     process = subprocess.Popen(
-        [orthanc_binary(), str(config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir
+        [orthanc_binary(), str(config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+        env=DCMTK_ENV,
     )
     orthanc = OrthancProcess(http_port, dicom_port, ae_title, workdir, process)
     deadline = time.monotonic() + 30

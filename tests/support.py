@@ -15,11 +15,13 @@ import subprocess
 import sys
 import time
 import tomllib
+from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydicom import dcmread
 from sqlalchemy import Connection, create_engine, func, select
 
 from storage.models import Instance
@@ -309,3 +311,43 @@ def wait_for_log(node: NodeProcess, text: str, timeout: float = 5, since: int = 
         if time.monotonic() > deadline:
             raise AssertionError(f"{text!r} not in the node's log after {timeout} s")
         time.sleep(0.05)
+
+
+class StoreSCP:
+    """dcmtk storescp on a fixed port, stoppable and restartable; one file per instance
+    received (`+uf` unique names), so a duplicate delivery shows up as a second file; it
+    accepts every transfer syntax (`+xa`), as a PACS would."""
+
+    def __init__(self, folder: Path, ae_title: str = "STORESCP") -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = free_port()
+        self.process: subprocess.Popen | None = None
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def start(self, timeout: float = 10) -> None:
+        self.process = subprocess.Popen(
+            [dcmtk("storescp"), "+xa", "-aet", self.ae_title, "+uf", "-od", str(self.folder),
+             str(self.port)],
+            env=DCMTK_ENV,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while not echo("127.0.0.1", self.port, self.ae_title, timeout=2):
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"storescp did not answer C-ECHO on port {self.port}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def received_uids(self) -> Counter[str]:
+        uids: Counter[str] = Counter()
+        for path in self.folder.iterdir():
+            if path.is_file():
+                uids[str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)] += 1
+        return uids

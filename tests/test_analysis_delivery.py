@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import time
-from collections import Counter
 from pathlib import Path
 
 import pydicom
@@ -23,9 +22,8 @@ from analysis_support import (
 from sqlalchemy import select
 from support import (
     DCMTK_ENV,
+    StoreSCP,
     count_instances,
-    dcmtk,
-    free_port,
     index_connection,
     node_command,
     node_env,
@@ -39,45 +37,6 @@ from ai.testing import build_tiny_artifact
 from storage.models import Delivery, DeliveryState, JobState
 
 DESTINATION = "STORESCP"
-
-
-class StoreSCP:
-    """dcmtk storescp on a fixed port, stoppable and restartable."""
-
-    def __init__(self, folder: Path) -> None:
-        self.folder = folder
-        self.port = free_port()
-        self.process: subprocess.Popen | None = None
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [
-                dcmtk("storescp"),
-                "-aet",
-                DESTINATION,
-                "+uf",
-                "-od",
-                str(self.folder),
-                str(self.port),
-            ],
-            env=DCMTK_ENV,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        time.sleep(0.5)
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(timeout=10)
-
-    def received_uids(self) -> Counter[str]:
-        uids: Counter[str] = Counter()
-        for path in self.folder.iterdir():
-            if path.is_file():
-                uids[str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)] += 1
-        return uids
 
 
 def _analysis_config(model: Path, scp_port: int, **delivery: object) -> dict:
