@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from sqlalchemy import Connection, create_engine, func, select
 
 from storage.models import Instance
@@ -47,6 +47,13 @@ def index_connection(db_url: str) -> Iterator[Connection]:
 def count_instances(db_url: str) -> int:
     with index_connection(db_url) as conn:
         return int(conn.scalar(select(func.count()).select_from(Instance)))
+
+
+def assert_same_patient_and_study(written: Dataset, source: Dataset) -> None:
+    """A result object must file under the source's patient and study."""
+    for keyword in ("PatientID", "PatientName", "PatientSex", "StudyInstanceUID", "StudyDate",
+                    "StudyTime", "AccessionNumber"):
+        assert written.get(keyword) == source.get(keyword), keyword
 
 
 def siim_dir() -> Path:

@@ -11,9 +11,10 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.pixels import apply_voi_lut
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
+from support import assert_same_patient_and_study
 
+from ai.preprocess import read_grey8
 from ai.results import HEATMAP_SERIES_DESCRIPTION, build_heatmap_sc, render_overlay
 
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* person name:UserWarning")
@@ -43,13 +44,8 @@ def read_source(relative: str) -> pydicom.Dataset:
 
 
 def display_grey(source: pydicom.Dataset) -> np.ndarray:
-    """The X-ray as displayed: VOI LUT or window (if any), scaled to 8 bit, MONOCHROME1 inverted."""
-    pixels = apply_voi_lut(source.pixel_array, source).astype(np.float32)
-    low, high = float(pixels.min()), float(pixels.max())
-    grey = (pixels - low) / max(high - low, 1e-6) * 255.0
-    if source.PhotometricInterpretation == "MONOCHROME1":
-        grey = 255.0 - grey
-    return np.rint(grey).astype(np.uint8)
+    """The X-ray as the node displays it: the classifier's shared preprocessing."""
+    return read_grey8(source)
 
 
 def gaussian_heatmap(size: int = 14, centre: tuple[float, float] = (5.0, 9.0)) -> np.ndarray:
@@ -206,16 +202,7 @@ def test_uncompressed_sc_is_valid_and_renders_in_colour(relative: str, tmp_path:
     assert written.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
     assert written.SOPInstanceUID == sop_uid
     assert written.file_meta.TransferSyntaxUID == pydicom.uid.ExplicitVRLittleEndian
-    for keyword in (
-        "PatientID",
-        "PatientName",
-        "PatientSex",
-        "StudyInstanceUID",
-        "StudyDate",
-        "StudyTime",
-        "AccessionNumber",
-    ):
-        assert written.get(keyword) == source.get(keyword), keyword
+    assert_same_patient_and_study(written, source)
     assert written.SeriesInstanceUID == series_uid != source.SeriesInstanceUID
     assert written.SeriesDescription == HEATMAP_SERIES_DESCRIPTION
     assert (written.PhotometricInterpretation, written.SamplesPerPixel) == ("RGB", 3)

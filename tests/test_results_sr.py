@@ -9,6 +9,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import ComprehensiveSRStorage, generate_uid
+from support import assert_same_patient_and_study
 
 from ai.results import Finding, build_finding_sr, read_finding
 
@@ -114,16 +115,7 @@ def test_sr_is_valid_and_carries_the_coded_finding(
     assert (written.SOPInstanceUID, written.SeriesInstanceUID) == (sop_uid, series_uid)
     assert written.SeriesInstanceUID != source.SeriesInstanceUID
     assert written.Modality == "SR"
-    for keyword in (
-        "PatientID",
-        "PatientName",
-        "PatientSex",
-        "StudyInstanceUID",
-        "StudyDate",
-        "StudyTime",
-        "AccessionNumber",
-    ):
-        assert written.get(keyword) == source.get(keyword), keyword
+    assert_same_patient_and_study(written, source)
     assert (written.CompletionFlag, written.VerificationFlag) == ("COMPLETE", "UNVERIFIED")
     evidence = written.CurrentRequestedProcedureEvidenceSequence[0]
     assert evidence.StudyInstanceUID == source.StudyInstanceUID

@@ -26,7 +26,7 @@ from ai.results.codes import (
     UNITLESS,
 )
 from ai.results.validation import (
-    require_positive_int,
+    require_new_instance,
     require_probability,
     require_source_image,
     require_text,
@@ -160,19 +160,17 @@ def build_finding_sr(
     require_text("device_observer_name", device_observer_name)
     require_uid("device_observer_uid", device_observer_uid)
     require_text("device_observer_manufacturer", device_observer_manufacturer)
-    require_uid("series_instance_uid", series_instance_uid)
-    require_uid("sop_instance_uid", sop_instance_uid)
-    require_positive_int("series_number", series_number)
-    require_positive_int("instance_number", instance_number)
-    require_text("series_description", series_description)
-    if institution_name is not None:
-        require_text("institution_name", institution_name)
+    require_new_instance(
+        source,
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        series_number=series_number,
+        instance_number=instance_number,
+        series_description=series_description,
+        institution_name=institution_name,
+    )
     if software_version is not None:
         require_text("software_version", software_version)
-    if sop_instance_uid == source.SOPInstanceUID:
-        raise ValueError("sop_instance_uid must differ from the source's SOPInstanceUID")
-    if series_instance_uid == source.get("SeriesInstanceUID"):
-        raise ValueError("series_instance_uid must be a new series, not the source's")
 
     observer = hd.sr.ObserverContext(
         observer_type=DEVICE_OBSERVER,

@@ -17,10 +17,9 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from ai.results.codes import SOURCE_FOR_PROCESSING
 from ai.results.validation import (
-    require_positive_int,
+    require_new_instance,
     require_source_image,
     require_text,
-    require_uid,
 )
 
 logger = logging.getLogger(__name__)
@@ -119,24 +118,22 @@ def build_heatmap_sc(
     """
     require_source_image("source", source)
     _check_rgb(rgb)
-    require_uid("series_instance_uid", series_instance_uid)
-    require_uid("sop_instance_uid", sop_instance_uid)
-    require_positive_int("series_number", series_number)
-    require_positive_int("instance_number", instance_number)
+    require_new_instance(
+        source,
+        series_instance_uid=series_instance_uid,
+        sop_instance_uid=sop_instance_uid,
+        series_number=series_number,
+        instance_number=instance_number,
+        series_description=series_description,
+        institution_name=institution_name,
+    )
     require_text("manufacturer", manufacturer)
     require_text("model_name", model_name)
     require_text("software_version", software_version)
-    require_text("series_description", series_description)
-    if institution_name is not None:
-        require_text("institution_name", institution_name)
     if transfer_syntax not in _ENCODINGS:
         raise ValueError(
             f"transfer_syntax must be one of {sorted(_ENCODINGS)}, got {transfer_syntax!r}"
         )
-    if sop_instance_uid == source.SOPInstanceUID:
-        raise ValueError("sop_instance_uid must differ from the source's SOPInstanceUID")
-    if series_instance_uid == source.get("SeriesInstanceUID"):
-        raise ValueError("series_instance_uid must be a new series, not the source's")
 
     transfer_syntax_uid, photometric = _ENCODINGS[transfer_syntax]
     orientation = _source_orientation(source)

@@ -7,11 +7,11 @@ can log a precise reason instead of a stack trace from deep inside highdicom or 
 import math
 
 from pydicom import Dataset
-from pydicom.uid import RE_VALID_UID
+from pydicom.uid import UID
 
 
 def _is_valid_uid(value: object) -> bool:
-    return isinstance(value, str) and len(value) <= 64 and RE_VALID_UID.match(value) is not None
+    return isinstance(value, str) and UID(value).is_valid
 
 
 def require_probability(name: str, value: float) -> float:
@@ -58,3 +58,27 @@ def require_source_image(name: str, source: Dataset) -> Dataset:
         if not _is_valid_uid(str(value) if value else ""):
             raise ValueError(f"{name} lacks a valid {keyword}")
     return source
+
+
+def require_new_instance(
+    source: Dataset,
+    *,
+    series_instance_uid: str,
+    sop_instance_uid: str,
+    series_number: int,
+    instance_number: int,
+    series_description: str,
+    institution_name: str | None,
+) -> None:
+    """The identity of a result object: valid, and a new series and instance, not the source's."""
+    require_uid("series_instance_uid", series_instance_uid)
+    require_uid("sop_instance_uid", sop_instance_uid)
+    require_positive_int("series_number", series_number)
+    require_positive_int("instance_number", instance_number)
+    require_text("series_description", series_description)
+    if institution_name is not None:
+        require_text("institution_name", institution_name)
+    if sop_instance_uid == source.SOPInstanceUID:
+        raise ValueError("sop_instance_uid must differ from the source's SOPInstanceUID")
+    if series_instance_uid == source.get("SeriesInstanceUID"):
+        raise ValueError("series_instance_uid must be a new series, not the source's")
