@@ -7,7 +7,6 @@ parsed arguments and returns an exit code (0 ok, 1 some inputs failed, 2 usage/d
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (GPU when present; default auto)"
+CAM_METHODS = ("gradcam", "cam")  # the keys of ai.cam.METHODS (not imported: it loads torch)
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -95,7 +95,7 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
                     "side. With several files --out is a folder (<name>_cam.png each).")
     cam.add_argument("model", help="model directory")
     cam.add_argument("files", nargs="+", help="DICOM files")
-    cam.add_argument("--method", default="gradcam", choices=["gradcam", "cam"])
+    cam.add_argument("--method", default="gradcam", choices=CAM_METHODS)
     cam.add_argument("--target", default=None,
                      help="class name to explain (default: the model's positive class)")
     cam.add_argument("--layer", default=None,
@@ -113,7 +113,7 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
                           help="folder with labels.csv / DICOMs and train-rle.csv(.gz)")
     localise.add_argument("--scope", default="validation", choices=["validation", "all"],
                           help="positive images of the model's validation split, or all")
-    localise.add_argument("--method", default="gradcam", choices=["gradcam", "cam"])
+    localise.add_argument("--method", default="gradcam", choices=CAM_METHODS)
     localise.add_argument("--out", default=None,
                           help="folder for localisation.json/.csv (default: <model>/reports)")
     localise.add_argument("--batch-size", type=int, default=8)
@@ -171,17 +171,25 @@ def _read_inputs(files: list[str]):
     return good, bad
 
 
-def run_predict(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
+def _load_analyzer(args: argparse.Namespace, batch_size: int, precision: str = "auto"):
+    """The Analyzer for args.model, or None after printing why the model was refused."""
     from ai.artifact import ArtifactError
     from ai.infer import Analyzer
 
     try:
-        analyzer = Analyzer(args.model, device=args.device, batch_size=args.batch_size,
-                            precision=args.precision)
+        return Analyzer(args.model, device=args.device, batch_size=batch_size,
+                        precision=precision)
     except ArtifactError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+    from tqdm import tqdm
+
+    analyzer = _load_analyzer(args, args.batch_size, args.precision)
+    if analyzer is None:
         return 2
     rows: list[tuple[str, str, str, str]] = []
     failed = 0
@@ -196,28 +204,18 @@ def run_predict(args: argparse.Namespace) -> int:
         for name, message in bad:
             failed += 1
             rows.append((name, "", "", f"error: {message}"))
-    header = ("file", "sop_instance_uid", "probability", "label")
-    widths = [max(len(header[i]), *(len(row[i]) for row in rows)) for i in range(3)]
-    print("  ".join(h.ljust(w) for h, w in zip(header, widths + [0], strict=False)).rstrip())
-    for row in rows:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths + [0], strict=False)).rstrip())
+    table = pd.DataFrame(rows, columns=["file", "sop_instance_uid", "probability", "label"])
+    print(table.to_string(index=False, justify="left"))
     if args.csv:
-        with open(args.csv, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(header)
-            writer.writerows(rows)
+        table.to_csv(args.csv, index=False)
     return 1 if failed else 0
 
 
 def run_cam(args: argparse.Namespace) -> int:
-    from ai.artifact import ArtifactError
     from ai.display import save_cam_figure
-    from ai.infer import Analyzer
 
-    try:
-        analyzer = Analyzer(args.model, device=args.device, batch_size=8)
-    except ArtifactError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    analyzer = _load_analyzer(args, batch_size=8)
+    if analyzer is None:
         return 2
     good, bad = _read_inputs(args.files)
     for name, message in bad:
