@@ -68,6 +68,11 @@ class LoadedModel:
         return self.classes.index(self.positive_class)
 
     @property
+    def negative_class(self) -> str:
+        """What a probability under the threshold is called: the other class, or "other"."""
+        return self.classes[1 - self.positive_index] if len(self.classes) == 2 else "other"
+
+    @property
     def threshold(self) -> float:
         return float(self.meta["threshold"])
 

@@ -52,9 +52,7 @@ class Analyzer:
     def __init__(self, model: LoadedModel | str | Path, *, device: str = "auto",
                  batch_size: int = 32, precision: str = "auto") -> None:
         self.loaded = model if isinstance(model, LoadedModel) else load_artifact(model, device)
-        self.model = self.loaded.model.eval()
-        for parameter in self.model.parameters():
-            parameter.requires_grad_(False)
+        self.model = self.loaded.model.eval().requires_grad_(False)
         self.device = self.loaded.device
         self.batch_size = max(1, int(batch_size))
         self.autocast_dtype = resolve_precision(precision, self.device)
@@ -89,10 +87,8 @@ class Analyzer:
 
     def label_for(self, probability: float) -> str:
         """The class name a probability of the positive class stands for, at the threshold."""
-        if len(self.classes) == 2:
-            negative = self.classes[1 - self.positive_index]
-            return self.loaded.positive_class if probability >= self.threshold else negative
-        return self.loaded.positive_class if probability >= self.threshold else "other"
+        loaded = self.loaded
+        return loaded.positive_class if probability >= self.threshold else loaded.negative_class
 
     def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """(N, C) softmax probabilities, float32."""
