@@ -200,5 +200,5 @@ def test_sr_refuses_a_source_without_identity() -> None:
 
 
 def test_read_finding_refuses_what_is_not_a_measurement_report() -> None:
-    with pytest.raises(ValueError, match="sr"):
+    with pytest.raises(ValueError, match="sr is not a TID 1500 Measurement Report"):
         read_finding(read_source(CASES[0][0]))
