@@ -15,14 +15,13 @@ from find_data import synthetic_instances as make_synthetic
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
-from sqlalchemy import Engine, event, update
+from sqlalchemy import Engine, event
 from sqlalchemy.dialects import postgresql
 from support import siim_files
 
 from storage.archive import Archive
 from storage.database import create_index_engine
 from storage.filestore import FileStore
-from storage.models import Instance
 from storage.query import (
     IdentifierMismatchError,
     Level,
@@ -55,14 +54,6 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
         archive.store_file_bytes(path.read_bytes())
     for ds in make_synthetic():
         archive.store_dataset(ds, is_result=False)
-    # The indexer does not fill AcquisitionDateTime (yet): set it as it would.
-    with engine.begin() as conn:
-        for ds in make_synthetic():
-            conn.execute(
-                update(Instance)
-                .where(Instance.sop_instance_uid == ds.SOPInstanceUID)
-                .values(acquisition_date_time=ds.AcquisitionDateTime)
-            )
     yield engine
     engine.dispose()
 
@@ -225,6 +216,23 @@ def test_like_pattern_escapes_for_other_databases() -> None:
 )
 def test_date_and_time_ranges(engine: Engine, keys: dict[str, str], expected: list[str]) -> None:
     assert study_ids(engine, **keys) == expected
+
+
+@pytest.mark.parametrize(
+    ("keys", "siim_matches"),
+    [
+        ({"StudyDate": "-19991231"}, SIIM_SAMPLE),  # the SIIM studies are dated 19010101
+        ({"StudyDate": "19010101"}, SIIM_SAMPLE),
+        ({"StudyDate": "20200101-"}, 0),
+        ({"PatientID": "FIND%*"}, 0),
+    ],
+)
+def test_matching_counts_the_siim_studies_too(
+    engine: Engine, keys: dict[str, str], siim_matches: int
+) -> None:
+    """study_ids() shows only the synthetic studies; the SIIM ones (empty StudyID) count here."""
+    matches = run(engine, STUDY, "STUDY", StudyID="", **keys)
+    assert sum(1 for m in matches if not m.StudyID) == siim_matches
 
 
 @pytest.mark.parametrize(
