@@ -15,7 +15,12 @@ from pynetdicom import evt
 from sqlalchemy.exc import OperationalError
 
 from node.context import NodeContext
-from storage.archive import InvalidDatasetError, UnreadableDatasetError, read_header
+from storage.archive import (
+    InvalidDatasetError,
+    UnreadableDatasetError,
+    envelope_mismatch,
+    read_header,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,17 +44,18 @@ def _status(code: int, comment: str) -> Dataset:
 
 def _mismatch(header: Dataset, event: evt.Event) -> str | None:
     """Why the dataset does not belong to the request it came in, or None."""
-    sop_class = str(header.get("SOPClassUID", "") or "").strip()
-    sop_instance = str(header.get("SOPInstanceUID", "") or "").strip()
-    if not sop_class or not sop_instance:
-        return None  # the archive's UID checks report what is missing
-    if sop_class != str(event.context.abstract_syntax):
-        return f"SOP Class differs from the presentation context's: {sop_class}"
-    if sop_class != str(event.request.AffectedSOPClassUID):
-        return f"SOP Class differs from the request's: {sop_class}"
-    if sop_instance != str(event.request.AffectedSOPInstanceUID):
-        return "SOP Instance UID differs from the request's"
-    return None
+    request = event.request
+    return envelope_mismatch(
+        header,
+        sop_class=str(event.context.abstract_syntax),
+        sop_instance="",
+        envelope="presentation context",
+    ) or envelope_mismatch(
+        header,
+        sop_class=str(request.AffectedSOPClassUID or ""),
+        sop_instance=str(request.AffectedSOPInstanceUID or ""),
+        envelope="request",
+    )
 
 
 def handle_store(event: evt.Event, context: NodeContext) -> int | Dataset:

@@ -84,6 +84,22 @@ def read_header(data: bytes | memoryview) -> Dataset:
         raise UnreadableDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
 
 
+def envelope_mismatch(
+    header: Dataset, *, sop_class: str, sop_instance: str, envelope: str
+) -> str | None:
+    """Why a dataset is not the instance its envelope (C-STORE request, presentation
+    context, file meta) announces, or None; an empty announced value is not checked."""
+    own_class = str(header.get("SOPClassUID", "") or "").strip()
+    own_instance = str(header.get("SOPInstanceUID", "") or "").strip()
+    if not own_class or not own_instance:
+        return None  # store_file_bytes reports what is missing
+    if sop_class and own_class != sop_class:
+        return f"SOP Class differs from the {envelope}'s: {own_class}"
+    if sop_instance and own_instance != sop_instance:
+        return f"SOP Instance UID differs from the {envelope}'s"
+    return None
+
+
 _PREAMBLE_AND_PREFIX = 132
 _UNDEFINED_LENGTH = 0xFFFFFFFF
 

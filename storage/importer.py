@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from storage.archive import Archive, StoreError, read_header
+from storage.archive import Archive, StoreError, envelope_mismatch, read_header
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +62,14 @@ def _skip_reason_before_store(data: bytes) -> str | None:
 def _mismatch(header) -> str | None:
     """The file meta must describe the dataset it carries, as a C-STORE request must."""
     meta = header.file_meta
-    media_class = str(meta.get("MediaStorageSOPClassUID", "") or "")
-    if media_class == _MEDIA_STORAGE_DIRECTORY:
+    if str(meta.get("MediaStorageSOPClassUID", "") or "") == _MEDIA_STORAGE_DIRECTORY:
         return "a DICOMDIR, not an instance"
-    sop_class = str(header.get("SOPClassUID", "") or "")
-    sop_instance = str(header.get("SOPInstanceUID", "") or "")
-    if media_class and sop_class and media_class != sop_class:
-        return "SOP Class UID differs from the file meta's"
-    media_instance = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
-    if media_instance and sop_instance and media_instance != sop_instance:
-        return "SOP Instance UID differs from the file meta's"
-    return None
+    return envelope_mismatch(
+        header,
+        sop_class=str(meta.get("MediaStorageSOPClassUID", "") or ""),
+        sop_instance=str(meta.get("MediaStorageSOPInstanceUID", "") or ""),
+        envelope="file meta",
+    )
 
 
 def import_folder(archive: Archive, folder: Path, *, progress: bool = True) -> ImportSummary:
