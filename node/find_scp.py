@@ -16,6 +16,7 @@ from pynetdicom import evt
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.context import NodeContext
+from node.dimse import status_dataset
 from storage.query import (
     IdentifierMismatchError,
     PreparedFind,
@@ -36,16 +37,6 @@ STATUS_IDENTIFIER_MISMATCH = 0xA900
 STATUS_UNABLE_TO_PROCESS = 0xC000
 
 FindResponse = tuple[int | Dataset, Dataset | None]
-
-
-def failure(status: int, comment: str, offending: tuple[int, ...] = ()) -> Dataset:
-    """A status dataset pynetdicom copies into the C-FIND response."""
-    ds = Dataset()
-    ds.Status = status
-    ds.ErrorComment = comment[:64]
-    if offending:
-        ds.OffendingElement = list(offending)
-    return ds
 
 
 def handle_find(event: evt.Event, context: NodeContext) -> Iterator[FindResponse]:
@@ -81,7 +72,8 @@ def _answer(event: evt.Event, context: NodeContext, outcome: _FindOutcome) -> It
         model = QueryModel.from_sop_class(event.request.AffectedSOPClassUID)
     except ValueError:
         outcome.status = STATUS_IDENTIFIER_MISMATCH
-        yield failure(STATUS_IDENTIFIER_MISMATCH, "SOP class is not a supported FIND model"), None
+        comment = "SOP class is not a supported FIND model"
+        yield status_dataset(STATUS_IDENTIFIER_MISMATCH, comment), None
         return
     outcome.model = model.value
     try:
@@ -94,13 +86,13 @@ def _answer(event: evt.Event, context: NodeContext, outcome: _FindOutcome) -> It
         )
         # The comment may quote a query value (a birth date): the log names only the keys.
         log.warning("C-FIND refused (0x%04X) on %s", outcome.status, _tag_names(exc.offending))
-        yield failure(outcome.status, exc.comment, exc.offending), None
+        yield status_dataset(outcome.status, exc.comment, exc.offending), None
         return
     except Exception:
         # A shape of identifier nobody foresaw: answer it, keep serving, keep the traceback.
         log.exception("C-FIND identifier could not be processed")
         outcome.status = STATUS_UNABLE_TO_PROCESS
-        yield failure(STATUS_UNABLE_TO_PROCESS, "identifier could not be processed"), None
+        yield status_dataset(STATUS_UNABLE_TO_PROCESS, "identifier could not be processed"), None
         return
     outcome.level = prepared.level.name
     if prepared.ignored_keys:
@@ -139,7 +131,7 @@ def _stream(
     except SQLAlchemyError as exc:
         log.error("C-FIND index query failed: %s", type(exc).__name__)
         outcome.status = STATUS_OUT_OF_RESOURCES
-        yield failure(STATUS_OUT_OF_RESOURCES, "index unavailable, try again"), None
+        yield status_dataset(STATUS_OUT_OF_RESOURCES, "index unavailable, try again"), None
         return
     if event.is_cancelled:
         outcome.status = STATUS_CANCEL

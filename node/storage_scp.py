@@ -15,6 +15,7 @@ from pynetdicom import evt
 from sqlalchemy.exc import OperationalError
 
 from node.context import NodeContext
+from node.dimse import status_dataset
 from storage.archive import (
     InvalidDatasetError,
     UnreadableDatasetError,
@@ -31,16 +32,6 @@ DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNREADABLE_DATASET = 0xC210
 UNEXPECTED_ERROR = 0xC211
 INVALID_UID = 0xC220
-
-_ERROR_COMMENT_LENGTH = 64  # ErrorComment is an LO
-
-
-def _status(code: int, comment: str) -> Dataset:
-    status = Dataset()
-    status.Status = code
-    status.ErrorComment = comment[:_ERROR_COMMENT_LENGTH]
-    return status
-
 
 def _mismatch(header: Dataset, event: evt.Event) -> str | None:
     """Why the dataset does not belong to the request it came in, or None."""
@@ -68,23 +59,23 @@ def handle_store(event: evt.Event, context: NodeContext) -> int | Dataset:
         mismatch = _mismatch(header, event)
         if mismatch is not None:
             log.warning("refused SOP %s from %s: %s", affected, calling_ae, mismatch)
-            return _status(DOES_NOT_MATCH_SOP_CLASS, mismatch)
+            return status_dataset(DOES_NOT_MATCH_SOP_CLASS, mismatch)
         outcome = context.archive.store_file_bytes(data, calling_ae=calling_ae, header=header)
     except UnreadableDatasetError as exc:
         log.warning("refused SOP %s from %s: %s", affected, calling_ae, exc)
-        return _status(UNREADABLE_DATASET, "cannot parse the dataset")
+        return status_dataset(UNREADABLE_DATASET, "cannot parse the dataset")
     except InvalidDatasetError as exc:
         log.warning("refused SOP %s from %s: %s", affected, calling_ae, exc)
-        return _status(INVALID_UID, str(exc))
+        return status_dataset(INVALID_UID, str(exc))
     except OSError as exc:
         log.error("cannot store SOP %s from %s: %s", affected, calling_ae, exc)
-        return _status(OUT_OF_RESOURCES, f"cannot write the file: {exc.strerror or exc}")
+        return status_dataset(OUT_OF_RESOURCES, f"cannot write the file: {exc.strerror or exc}")
     except OperationalError as exc:
         log.error("cannot index SOP %s from %s: %s", affected, calling_ae, exc.orig)
-        return _status(OUT_OF_RESOURCES, "cannot write the index")
+        return status_dataset(OUT_OF_RESOURCES, "cannot write the index")
     except Exception:
         log.exception("unexpected error storing SOP %s from %s", affected, calling_ae)
-        return _status(UNEXPECTED_ERROR, "internal error while storing")
+        return status_dataset(UNEXPECTED_ERROR, "internal error while storing")
     record = outcome.record
     log.info(
         "%s SOP %s class %s from %s, %d bytes",
