@@ -249,6 +249,10 @@ def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
     if duplicate:
         raise ConfigError(f"peers: AE title {duplicate!r} is listed twice")
 
+    if not sections["node"]["accept_unknown_callers"] and not peers:
+        raise ConfigError(
+            "node.accept_unknown_callers: false with no [[peers]] would reject every caller"
+        )
     storage = sections["storage"]
     folder = (base_dir / storage["folder"]).resolve()
     analysis = sections["analysis"]

@@ -25,7 +25,7 @@ from pynetdicom.sop_class import (
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from node.config import Config, ConfigError
+from node.config import Config
 from node.context import NodeContext, build_context
 from node.find_scp import handle_find
 from node.storage_scp import handle_store
@@ -106,17 +106,8 @@ def _quiet_pynetdicom() -> None:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
-def check_access_settings(config: Config) -> None:
-    """Refuse a config that would turn every caller away."""
-    if not config.node.accept_unknown_callers and not config.peers:
-        raise ConfigError(
-            "node.accept_unknown_callers: false with no [[peers]] would reject every caller"
-        )
-
-
 def build_ae(config: Config) -> AE:
     """The AE with its limits and every presentation context the node accepts."""
-    check_access_settings(config)
     ae = AE(ae_title=config.node.ae_title)
     ae.maximum_associations = config.node.max_associations
     ae.maximum_pdu_size = config.node.max_pdu
