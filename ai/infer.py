@@ -18,7 +18,7 @@ import torch
 
 from ai.artifact import LoadedModel, load_artifact
 from ai.cam import METHODS
-from ai.preprocess import normalise, resize_grey8
+from ai.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +67,9 @@ class Analyzer:
 
     def _chunks(self, images: Sequence[np.ndarray]) -> Iterator[tuple[int, torch.Tensor]]:
         for start in range(0, len(images), self.batch_size):
-            batch = resize_grey8(images[start:start + self.batch_size], self.loaded.input_size,
-                                 self.device)
-            x = normalise(batch, self.loaded.mean, self.loaded.std)
+            loaded = self.loaded
+            x = to_model_input(images[start:start + self.batch_size], loaded.input_size,
+                               loaded.mean, loaded.std, self.device)
             if self.device.type == "cuda":
                 x = x.contiguous(memory_format=torch.channels_last)
             yield start, x

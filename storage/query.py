@@ -217,11 +217,6 @@ _SCP_FILLED = {_QUERY_LEVEL_TAG, _RETRIEVE_AE_TAG, _CHARSET_TAG}
 UTF8_CHARSET = "ISO_IR 192"
 
 
-def supported_keywords(level: Level) -> list[str]:
-    """Keywords matched and returned at `level` (its own keys and those of levels above)."""
-    return [k for k, spec in _KEY_SPECS.items() if spec.level <= level]
-
-
 # --- case-sensitive LIKE -----------------------------------------------------------------
 
 LIKE_ESCAPE = "!"
