@@ -1,5 +1,5 @@
-"""The `pneumonode` command: serve, worker, import, status, config-check, and the classifier's
-commands (stats, train, predict, cam, localise).
+"""The `pneumonode` command: serve, worker, import, status, retry, verify, config-check, and
+the classifier's commands (stats, train, predict, cam, localise).
 
 Every subcommand takes `--config PATH` (default ./config.toml, or the embedded defaults when
 that file does not exist) and `--log-level`. A configuration error is one line naming the
@@ -134,6 +134,22 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_verify(args: argparse.Namespace) -> int:
+    from storage.consistency import verify
+    from storage.database import create_index_engine
+    from storage.filestore import FileStore
+
+    config = _load(args)
+    engine = create_index_engine(config.storage.database_url)
+    try:
+        report = verify(FileStore(config.storage.folder), engine, checksums=not args.quick)
+    finally:
+        engine.dispose()
+    for line in report.lines():
+        print(line)
+    return 1 if report.problems else 0
+
+
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _load(args)
     print(f"{config.source}: OK")
@@ -179,7 +195,7 @@ def _register_ai_commands(
         register(subparsers)
 
 
-NODE_COMMANDS = ("serve", "worker", "import", "status", "retry", "config-check")
+NODE_COMMANDS = ("serve", "worker", "import", "status", "retry", "verify", "config-check")
 
 
 def build_parser(with_ai_commands: bool = True) -> argparse.ArgumentParser:
@@ -223,6 +239,16 @@ def build_parser(with_ai_commands: bool = True) -> argparse.ArgumentParser:
         "retry", parents=[common], help="queue failed analysis jobs and deliveries again"
     )
     retry.set_defaults(func=cmd_retry)
+
+    verify = subparsers.add_parser(
+        "verify",
+        parents=[common],
+        help="check every indexed instance against its file; exit 1 if anything is wrong",
+    )
+    verify.add_argument(
+        "--quick", action="store_true", help="check existence and size only, not checksums"
+    )
+    verify.set_defaults(func=cmd_verify)
 
     check = subparsers.add_parser(
         "config-check", parents=[common], help="validate the configuration and exit"

@@ -47,6 +47,10 @@ class StorageSettings:
     database_url: str
     duplicate_policy: str
     fsync: bool
+    max_instance_mib: int
+    verify_pixels: bool
+    identity_conflicts: str
+    quarantine_orphans: bool
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,10 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "database_url": _string,
         "duplicate_policy": _choice("replace", "keep-first"),
         "fsync": _bool,
+        "max_instance_mib": _int_range(1, 1 << 20),
+        "verify_pixels": _bool,
+        "identity_conflicts": _choice("refuse", "accept"),
+        "quarantine_orphans": _bool,
     },
     "analysis": {
         "enabled": _bool,
@@ -270,6 +278,10 @@ def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
             database_url=storage["database_url"] or f"sqlite:///{folder / 'index.sqlite'}",
             duplicate_policy=storage["duplicate_policy"],
             fsync=storage["fsync"],
+            max_instance_mib=storage["max_instance_mib"],
+            verify_pixels=storage["verify_pixels"],
+            identity_conflicts=storage["identity_conflicts"],
+            quarantine_orphans=storage["quarantine_orphans"],
         ),
         analysis=AnalysisSettings(**{**analysis, "model": (base_dir / analysis["model"])}),
         delivery=DeliverySettings(**delivery),

@@ -14,6 +14,7 @@ from node.config import Config
 from storage.archive import Archive, JobDecision
 from storage.database import create_index_engine
 from storage.filestore import FileStore
+from storage.intake import MIB, IntakeChecks
 
 
 @dataclass
@@ -45,5 +46,10 @@ def build_context(config: Config, decide_job: JobDecision | None = None) -> Node
         engine,
         duplicate_policy=config.storage.duplicate_policy,
         decide_job=decide_job,
+        checks=IntakeChecks(
+            max_instance_bytes=config.storage.max_instance_mib * MIB,
+            verify_pixels=config.storage.verify_pixels,
+        ),
+        identity_conflicts=config.storage.identity_conflicts,
     )
     return NodeContext(config=config, engine=engine, archive=archive)

@@ -124,8 +124,7 @@ class DeliverySender:
         code = getattr(status, "Status", None)
         if code is None:
             self.queue.retry_later(item, "no C-STORE response (timeout or abort)")
-            log.warning("delivery of SOP %s to %s: no response", item.sop_instance_uid,
-                        destination)
+            log.warning("delivery of SOP %s to %s: no response", item.sop_instance_uid, destination)
             return
         if code in SUCCESS_OR_WARNING:
             self.queue.delivered(item.delivery_id)

@@ -29,6 +29,7 @@ from node.config import Config
 from node.context import NodeContext, build_context
 from node.find_scp import handle_find
 from node.storage_scp import handle_store
+from storage.consistency import log_recovery, recover
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +180,12 @@ class DicomNode:
         return str(host), int(port)
 
     def start(self) -> None:
-        removed = self.context.archive.files.cleanup_temporaries()
-        if removed:
-            log.info("removed %d temporary files left by an interrupted write", removed)
+        archive = self.context.archive
+        log_recovery(
+            recover(
+                archive.files, archive.engine, quarantine=self.config.storage.quarantine_orphans
+            )
+        )
         self._server = self.ae.start_server(
             (self.config.node.bind_address, self.config.node.port),
             block=False,

@@ -16,22 +16,68 @@ from sqlalchemy.exc import OperationalError
 
 from node.context import NodeContext
 from node.dimse import status_dataset
-from storage.archive import (
+from storage.archive import envelope_mismatch
+from storage.errors import (
+    DeflateError,
+    EncodingMismatchError,
+    IdentityConflictError,
     InvalidDatasetError,
+    PixelDataDecodeError,
+    PixelDataEncapsulationError,
+    PixelDataFrameError,
+    PixelDataLengthError,
+    StoreError,
+    TooLargeError,
     UnreadableDatasetError,
-    envelope_mismatch,
-    read_header,
 )
 
 log = logging.getLogger(__name__)
 
-# C-STORE statuses (PS3.4 B.2.3; the 0xC2xx codes are this node's "cannot understand").
+# C-STORE statuses (PS3.4 B.2.3): 0xA7xx out of resources, 0xA900 not the SOP class, and
+# 0xCxxx "cannot understand", whose low bits this node uses to tell the reasons apart.
 SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
+INSTANCE_TOO_LARGE = 0xA710
 DOES_NOT_MATCH_SOP_CLASS = 0xA900
 UNREADABLE_DATASET = 0xC210
 UNEXPECTED_ERROR = 0xC211
+ENCODING_MISMATCH = 0xC212
+BROKEN_DEFLATE = 0xC213
 INVALID_UID = 0xC220
+PIXEL_DATA_LENGTH = 0xC230
+PIXEL_DATA_ENCAPSULATION = 0xC231
+PIXEL_DATA_FRAME = 0xC232
+PIXEL_DATA_DECODE = 0xC233
+STUDY_OF_ANOTHER_PATIENT = 0xC240
+SERIES_OF_ANOTHER_STUDY = 0xC241
+
+# Most specific class first: the first match gives the status.
+REFUSAL_STATUSES: tuple[tuple[type[StoreError], int], ...] = (
+    (EncodingMismatchError, ENCODING_MISMATCH),
+    (DeflateError, BROKEN_DEFLATE),
+    (UnreadableDatasetError, UNREADABLE_DATASET),
+    (InvalidDatasetError, INVALID_UID),
+    (TooLargeError, INSTANCE_TOO_LARGE),
+    (PixelDataLengthError, PIXEL_DATA_LENGTH),
+    (PixelDataEncapsulationError, PIXEL_DATA_ENCAPSULATION),
+    (PixelDataFrameError, PIXEL_DATA_FRAME),
+    (PixelDataDecodeError, PIXEL_DATA_DECODE),
+)
+_UID_ELEMENTS = {"study": 0x0020000D, "series": 0x0020000E}
+
+
+def refusal_status(error: StoreError) -> Dataset:
+    """The status, with ErrorComment (and the offending element), that `error` answers."""
+    if isinstance(error, IdentityConflictError):
+        code = STUDY_OF_ANOTHER_PATIENT if error.level == "study" else SERIES_OF_ANOTHER_STUDY
+        # ErrorComment is an LO of 64 characters: a UID alone may fill it.
+        comment = f"{error.level} held under another {error.holder}: {error.uid}"
+        if len(comment) > 64:
+            comment = error.uid
+        return status_dataset(code, comment, (_UID_ELEMENTS[error.level],))
+    code = next((c for kind, c in REFUSAL_STATUSES if isinstance(error, kind)), UNEXPECTED_ERROR)
+    return status_dataset(code, str(error))
+
 
 def _mismatch(header: Dataset, event: evt.Event) -> str | None:
     """Why the dataset does not belong to the request it came in, or None."""
@@ -55,18 +101,15 @@ def handle_store(event: evt.Event, context: NodeContext) -> int | Dataset:
     affected = str(event.request.AffectedSOPInstanceUID or "")
     try:
         data = event.encoded_dataset()
-        header = read_header(data)
+        header = context.archive.inspect(data)
         mismatch = _mismatch(header, event)
         if mismatch is not None:
             log.warning("refused SOP %s from %s: %s", affected, calling_ae, mismatch)
             return status_dataset(DOES_NOT_MATCH_SOP_CLASS, mismatch)
         outcome = context.archive.store_file_bytes(data, calling_ae=calling_ae, header=header)
-    except UnreadableDatasetError as exc:
+    except StoreError as exc:
         log.warning("refused SOP %s from %s: %s", affected, calling_ae, exc)
-        return status_dataset(UNREADABLE_DATASET, "cannot parse the dataset")
-    except InvalidDatasetError as exc:
-        log.warning("refused SOP %s from %s: %s", affected, calling_ae, exc)
-        return status_dataset(INVALID_UID, str(exc))
+        return refusal_status(exc)
     except OSError as exc:
         log.error("cannot store SOP %s from %s: %s", affected, calling_ae, exc)
         return status_dataset(OUT_OF_RESOURCES, f"cannot write the file: {exc.strerror or exc}")

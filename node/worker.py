@@ -144,7 +144,9 @@ class AnalysisWorker:
         self._analyzer = analyzer
         self._waiting_logged = False
         log.info(
-            "model %s %s loaded on %s", analyzer.loaded.name, analyzer.loaded.version,
+            "model %s %s loaded on %s",
+            analyzer.loaded.name,
+            analyzer.loaded.version,
             analyzer.device,
         )
         return True
@@ -240,8 +242,9 @@ class AnalysisWorker:
         instance_number = int(source.get("InstanceNumber") or 1)
         instance_number = instance_number if instance_number > 0 else 1
         present = prediction.label == loaded.positive_class
-        rgb = render_overlay(decoded.grey8, prediction.heatmap, prediction.probability,
-                             prediction.label)
+        rgb = render_overlay(
+            decoded.grey8, prediction.heatmap, prediction.probability, prediction.label
+        )
         sc = build_heatmap_sc(
             source,
             rgb,

@@ -8,30 +8,29 @@ instance obeys the same rules. When it returns, the file and its index row are d
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import threading
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.errors import InvalidDicomError
-from pydicom.filereader import data_element_generator
-from pydicom.uid import UID
 from sqlalchemy import Connection, Engine, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from storage.errors import IdentityConflictError, InvalidDatasetError
 from storage.filestore import FileStore, InvalidUIDError, check_uid
 from storage.indexer import HeaderRecord, IndexWriter
-from storage.models import AnalysisJob, Instance, JobState, utcnow
+from storage.intake import IntakeChecks, inspect_instance
+from storage.models import AnalysisJob, IdentityConflict, Instance, JobState, utcnow
 
 log = logging.getLogger(__name__)
 
 DUPLICATE_POLICIES = ("replace", "keep-first")
+IDENTITY_CONFLICT_POLICIES = ("refuse", "accept")
 
 # Decides, inside the storing transaction, whether an instance gets an analysis job:
 # returns None (no job), or (JobState.QUEUED | JobState.SKIPPED, reason).
@@ -42,18 +41,7 @@ JobDecision = Callable[[HeaderRecord, bool], tuple[JobState, str] | None]
 _SELECT_FILE_PATH = select(Instance.file_path).where(Instance.sop_instance_uid == bindparam("sop"))
 _SELECT_JOB = select(AnalysisJob.id).where(AnalysisJob.sop_instance_uid == bindparam("sop"))
 _INSERT_JOB = insert(AnalysisJob)
-
-
-class StoreError(Exception):
-    """An instance was refused; nothing of it was written or indexed."""
-
-
-class UnreadableDatasetError(StoreError):
-    """The bytes are not a DICOM dataset pydicom can parse."""
-
-
-class InvalidDatasetError(StoreError):
-    """The dataset lacks, or has an invalid, attribute the archive needs (a UID)."""
+_INSERT_CONFLICT = insert(IdentityConflict)
 
 
 @dataclass(frozen=True)
@@ -64,24 +52,6 @@ class StoreOutcome:
     relative_path: str
     file_size: int
     action: str  # "stored", "replaced" or "kept-first"
-
-
-def read_header(data: bytes | memoryview) -> Dataset:
-    """Parse the file meta and the header elements, and check the dataset is whole.
-
-    Pixel data is not decoded. pydicom reads a truncated or garbled dataset without
-    complaint, keeping what it could, so the element structure is walked to the end.
-    """
-    try:
-        ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
-        _check_whole(data, ds)
-        return ds
-    except UnreadableDatasetError:
-        raise
-    except (InvalidDicomError, EOFError, ValueError, KeyError, TypeError, OSError) as exc:
-        raise UnreadableDatasetError(f"cannot parse dataset: {exc}") from exc
-    except Exception as exc:  # pydicom raises a wide range of errors on corrupt input
-        raise UnreadableDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
 
 
 def envelope_mismatch(
@@ -100,42 +70,6 @@ def envelope_mismatch(
     return None
 
 
-_PREAMBLE_AND_PREFIX = 132
-_UNDEFINED_LENGTH = 0xFFFFFFFF
-
-
-def _check_whole(data: bytes | memoryview, ds: Dataset) -> None:
-    """Raise UnreadableDatasetError unless every element after the file meta is complete."""
-    meta = ds.file_meta
-    group_length = meta.get("FileMetaInformationGroupLength")
-    if group_length is None:
-        raise UnreadableDatasetError("cannot parse dataset: no file meta group length")
-    transfer_syntax = UID(str(meta.get("TransferSyntaxUID", "")))
-    if not transfer_syntax.is_transfer_syntax:
-        raise UnreadableDatasetError("cannot parse dataset: unknown transfer syntax")
-    body = bytes(data[_PREAMBLE_AND_PREFIX + 12 + int(group_length) :])
-    if transfer_syntax.is_deflated:
-        try:
-            body = zlib.decompress(body, -zlib.MAX_WBITS)
-        except zlib.error as exc:
-            raise UnreadableDatasetError(f"cannot parse dataset: bad deflate: {exc}") from exc
-    if not body:
-        raise UnreadableDatasetError("cannot parse dataset: no data elements")
-    stream = io.BytesIO(body)
-    elements = data_element_generator(
-        stream, transfer_syntax.is_implicit_VR, transfer_syntax.is_little_endian
-    )
-    end_of_last_element = 0
-    for element in elements:
-        value = element.value
-        defined = element.length != _UNDEFINED_LENGTH
-        if defined and isinstance(value, bytes) and len(value) != element.length:
-            raise UnreadableDatasetError(f"cannot parse dataset: element {element.tag} is cut")
-        end_of_last_element = stream.tell()
-    if end_of_last_element != len(body):
-        raise UnreadableDatasetError("cannot parse dataset: it ends inside an element")
-
-
 class Archive:
     """The file store and the index, kept consistent with each other."""
 
@@ -146,17 +80,29 @@ class Archive:
         *,
         duplicate_policy: str = "replace",
         decide_job: JobDecision | None = None,
+        checks: IntakeChecks | None = None,
+        identity_conflicts: str = "refuse",
     ) -> None:
         if duplicate_policy not in DUPLICATE_POLICIES:
             raise ValueError(f"duplicate_policy: {duplicate_policy!r} not in {DUPLICATE_POLICIES}")
+        if identity_conflicts not in IDENTITY_CONFLICT_POLICIES:
+            raise ValueError(
+                f"identity_conflicts: {identity_conflicts!r} not in {IDENTITY_CONFLICT_POLICIES}"
+            )
         self.files = files
         self.engine = engine
-        self._writer = IndexWriter()
+        self.checks = checks or IntakeChecks()
+        self._writer = IndexWriter(refuse_conflicts=identity_conflicts == "refuse")
         self.duplicate_policy = duplicate_policy
         self.decide_job = decide_job
         # One index writer at a time per process keeps SQLite free of busy retries; file
         # writes and their fsyncs happen before the lock is taken, in parallel.
         self._index_lock = threading.Lock()
+
+    def inspect(self, data: bytes | memoryview) -> Dataset:
+        """The header of `data` once it is known to read back (storage.intake), else a
+        StoreError naming why not."""
+        return inspect_instance(data, self.checks)
 
     def store_file_bytes(
         self,
@@ -166,8 +112,12 @@ class Archive:
         is_result: bool = False,
         header: Dataset | None = None,
     ) -> StoreOutcome:
-        """Store a complete DICOM file (preamble, file meta, dataset) given as bytes."""
-        ds = header if header is not None else read_header(data)
+        """Store a complete DICOM file (preamble, file meta, dataset) given as bytes.
+
+        `header` is what `inspect` returned for these bytes (or the dataset the node built
+        them from); without it the bytes are inspected here.
+        """
+        ds = header if header is not None else self.inspect(data)
         meta = getattr(ds, "file_meta", None)
         transfer_syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
         record = HeaderRecord.from_dataset(ds, transfer_syntax)
@@ -185,9 +135,16 @@ class Archive:
                 log.info("duplicate SOP %s kept first copy", record.sop_instance_uid)
                 return StoreOutcome(record, existing, len(data), "kept-first")
 
-        self.files.write_atomic(relative, data)
+        checksum = hashlib.sha256(data).hexdigest()
+        # Never over an existing file: a replaced copy stays whole until the index points
+        # at the new one, so the index always describes the bytes on disk.
+        relative = self.files.write_new(relative, data)
         try:
-            previous = self._index(record, relative, len(data), calling_ae, is_result)
+            previous = self._index(record, relative, len(data), checksum, calling_ae, is_result)
+        except IdentityConflictError as conflict:
+            self.files.remove(relative)
+            self._record_conflict(record, conflict, "refused", calling_ae)
+            raise
         except BaseException:
             if not self._indexed_path_is(record.sop_instance_uid, relative):
                 self.files.remove(relative)
@@ -224,6 +181,7 @@ class Archive:
         record: HeaderRecord,
         relative: str,
         size: int,
+        checksum: str,
         calling_ae: str,
         is_result: bool,
     ) -> str | None:
@@ -232,6 +190,7 @@ class Archive:
         for attempt in range(3):
             try:
                 with self._index_lock:
+                    accepted: list[IdentityConflictError] = []
                     try:
                         with self.engine.begin() as conn:
                             previous = self._writer.upsert(
@@ -239,15 +198,28 @@ class Archive:
                                 record,
                                 file_path=relative,
                                 file_size=size,
+                                file_sha256=checksum,
                                 received_at=received_at,
                                 calling_ae=calling_ae,
                                 is_result=is_result,
+                                conflicts=accepted,
                             )
+                            for conflict in accepted:
+                                self._insert_conflict(
+                                    conn, record, conflict, "accepted", calling_ae
+                                )
                             self._enqueue_job(conn, record, calling_ae, is_result)
                     except BaseException:
                         self._writer.rolled_back()
                         raise
                     self._writer.committed()
+                for conflict in accepted:
+                    log.warning(
+                        "accepted SOP %s from %s although %s",
+                        record.sop_instance_uid,
+                        calling_ae,
+                        conflict,
+                    )
                 return previous
             except IntegrityError:
                 # Another process inserted the same patient/study/series first: go again,
@@ -255,6 +227,36 @@ class Archive:
                 if attempt == 2:
                     raise
         return None
+
+    @staticmethod
+    def _insert_conflict(
+        conn: Connection,
+        record: HeaderRecord,
+        conflict: IdentityConflictError,
+        action: str,
+        calling_ae: str,
+    ) -> None:
+        conn.execute(
+            _INSERT_CONFLICT,
+            {
+                "sop_instance_uid": record.sop_instance_uid,
+                "level": conflict.level,
+                "conflicting_uid": conflict.uid,
+                "action": action,
+                "calling_ae": calling_ae,
+                "recorded_at": utcnow(),
+            },
+        )
+
+    def _record_conflict(
+        self, record: HeaderRecord, conflict: IdentityConflictError, action: str, calling_ae: str
+    ) -> None:
+        """Count a refused conflict; the refusal stands even if counting fails."""
+        try:
+            with self._index_lock, self.engine.begin() as conn:
+                self._insert_conflict(conn, record, conflict, action, calling_ae)
+        except Exception:
+            log.exception("cannot record the identity conflict of SOP %s", record.sop_instance_uid)
 
     def _enqueue_job(
         self, conn: Connection, record: HeaderRecord, calling_ae: str, is_result: bool

@@ -9,11 +9,34 @@ UIDs (digits and dots), so nothing a sender writes in a dataset can steer where 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import os
+import secrets
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from pydicom.uid import UID
+
+TEMPORARY_PREFIX = ".incoming-"
+WRITER_LOCK_NAME = "writers.lock"
+
+
+def _link_if_absent(source: str, target: Path) -> bool:
+    """Give `source` the name `target` unless that name exists (atomic, no clobbering)."""
+    try:
+        os.link(source, target)
+    except FileExistsError:
+        return False
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        if target.exists():  # a file system without hard links
+            return False
+        os.replace(source, target)
+        return True
+    return True
 
 
 class InvalidUIDError(ValueError):
@@ -38,6 +61,7 @@ class FileStore:
         self.files_root = self.root / "files"
         self.fsync = fsync
         self.files_root.mkdir(parents=True, exist_ok=True)
+        self._held_lock: contextlib.ExitStack | None = None
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         parts = (
@@ -50,20 +74,29 @@ class FileStore:
     def absolute(self, relative: str) -> Path:
         return self.files_root / relative
 
-    def write_atomic(self, relative: str, data: bytes | memoryview) -> Path:
-        """Write `data` to `relative` so that it is durable and whole once this returns."""
+    def write_new(self, relative: str, data: bytes | memoryview) -> str:
+        """Write `data` durably under `relative`, or under a sibling name if that exists.
+
+        An existing file is never replaced: the copy it holds stays whole until the index
+        points elsewhere. Returns the relative path actually written.
+        """
+        self.hold_shared_writer_lock()
         target = self.absolute(relative)
         folder = target.parent
         created = not folder.exists()
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=".tmp")
+        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 if self.fsync:
                     handle.flush()
                     os.fsync(handle.fileno())
-            os.replace(tmp_name, target)
+            stem = target.name.removesuffix(".dcm")
+            while not _link_if_absent(tmp_name, target):
+                target = folder / f"{stem}.~{secrets.token_hex(4)}.dcm"
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp_name)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
@@ -74,20 +107,44 @@ class FileStore:
                 # A new folder's own entry lives in its parents: make those durable too.
                 self._fsync_dir(folder.parent)
                 self._fsync_dir(folder.parent.parent)
-        return target
+        return target.relative_to(self.files_root).as_posix()
 
     def remove(self, relative: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.absolute(relative))
 
-    def cleanup_temporaries(self) -> int:
-        """Delete temporary files left by a crash mid-write; returns how many."""
-        count = 0
-        for leftover in self.files_root.rglob(".incoming-*.tmp"):
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-                count += 1
-        return count
+    def walk(self) -> Iterator[tuple[str, bool]]:
+        """(relative path, is a temporary) of every file under the files folder."""
+        for folder, _dirs, names in os.walk(self.files_root):
+            base = Path(folder).relative_to(self.files_root).as_posix()
+            for name in names:
+                relative = name if base == "." else f"{base}/{name}"
+                yield relative, name.startswith(TEMPORARY_PREFIX)
+
+    @contextlib.contextmanager
+    def writer_lock(self, exclusive: bool) -> Iterator[bool]:
+        """Hold the store's writer lock: shared by every process that writes files,
+        exclusive for the recovery pass, which must know that no write is under way.
+        Yields False when an exclusive lock is not to be had right now."""
+        fd = os.open(self.root / WRITER_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            mode = fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH
+            try:
+                fcntl.flock(fd, mode)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                yield False
+                return
+            yield True
+        finally:
+            os.close(fd)
+
+    def hold_shared_writer_lock(self) -> None:
+        """Keep a shared writer lock from this process's first write on (see writer_lock)."""
+        if self._held_lock is None:
+            self._held_lock = contextlib.ExitStack()
+            self._held_lock.enter_context(self.writer_lock(exclusive=False))
 
     @staticmethod
     def _fsync_dir(folder: Path) -> None:

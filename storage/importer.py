@@ -16,7 +16,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from storage.archive import Archive, StoreError, envelope_mismatch, read_header
+from storage.archive import Archive, envelope_mismatch
+from storage.errors import StoreError
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,7 @@ def import_folder(archive: Archive, folder: Path, *, progress: bool = True) -> I
         reason = _skip_reason_before_store(data)
         try:
             if reason is None:
-                header = read_header(data)
+                header = archive.inspect(data)
                 reason = _mismatch(header)
             if reason is None:
                 outcome = archive.store_file_bytes(data, calling_ae="", header=header)

@@ -14,6 +14,7 @@ from datetime import datetime
 from pydicom.dataset import Dataset
 from sqlalchemy import Connection, Select, Table, Update, bindparam, insert, select, update
 
+from storage.errors import IdentityConflictError
 from storage.models import Instance, Patient, Series, Study
 
 
@@ -135,16 +136,15 @@ _INSTANCE_FIELDS = (
 # Statements are built once and take their values as parameters: building a statement
 # with literal values costs SQLAlchemy a new cache key per call, more than running it.
 @functools.cache
-def _select_pk(table: Table, key_column: str) -> Select:
-    return select(table.c.id).where(table.c[key_column] == bindparam("key"))
+def _select_pk(table: Table, key_column: str, parent_column: str | None) -> Select:
+    columns = [table.c.id] + ([table.c[parent_column]] if parent_column else [])
+    return select(*columns).where(table.c[key_column] == bindparam("key"))
 
 
 @functools.cache
 def _select_instance_path() -> Select:
     table = Instance.__table__
-    return select(table.c.id, table.c.file_path).where(
-        table.c.sop_instance_uid == bindparam("key")
-    )
+    return select(table.c.id, table.c.file_path).where(table.c.sop_instance_uid == bindparam("key"))
 
 
 @functools.cache
@@ -161,9 +161,12 @@ class IndexWriter:
     safe; it is updated only after the caller's transaction commits.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, refuse_conflicts: bool = True) -> None:
         self._cache: dict[tuple[str, str], tuple[int, tuple]] = {}
         self._pending: dict[tuple[str, str], tuple[int, tuple]] = {}
+        # A study held under another patient, or a series under another study: refused
+        # (IdentityConflictError), or accepted and reported by `upsert`.
+        self.refuse_conflicts = refuse_conflicts
 
     def committed(self) -> None:
         self._cache.update(self._pending)
@@ -180,8 +183,13 @@ class IndexWriter:
         key: str,
         values: dict[str, object],
         parent: tuple[str, int] | None,
+        conflicts: list[IdentityConflictError],
     ) -> int:
-        """Primary key of the row whose `key_column` is `key`, inserted or updated."""
+        """Primary key of the row whose `key_column` is `key`, inserted or updated.
+
+        A row that exists under another parent is a conflict: raised when conflicts are
+        refused, else appended to `conflicts` and the row moved to the new parent.
+        """
         if parent is not None:
             values = {**values, parent[0]: parent[1]}
         attributes = tuple(values.values())
@@ -189,11 +197,18 @@ class IndexWriter:
         cached = self._pending.get(cache_key) or self._cache.get(cache_key)
         if cached is not None and cached[1] == attributes:
             return cached[0]
-        pk = conn.scalar(_select_pk(table, key_column), {"key": key})
-        if pk is None:
+        parent_column = parent[0] if parent is not None else None
+        existing = conn.execute(_select_pk(table, key_column, parent_column), {"key": key}).first()
+        if existing is None:
             inserted = conn.execute(insert(table), {key_column: key, **values})
             pk = inserted.inserted_primary_key[0]
         else:
+            pk = existing[0]
+            if parent is not None and existing[1] != parent[1]:
+                conflict = IdentityConflictError(table.name, key)
+                if self.refuse_conflicts:
+                    raise conflict
+                conflicts.append(conflict)
             conn.execute(_update_by_pk(table), {"pk_": pk, **values})
         self._pending[cache_key] = (pk, attributes)
         return pk
@@ -208,12 +223,16 @@ class IndexWriter:
         received_at: datetime,
         calling_ae: str,
         is_result: bool,
+        file_sha256: str | None = None,
+        conflicts: list[IdentityConflictError] | None = None,
     ) -> str | None:
         """Insert or update the four rows for `record` (the caller commits).
 
-        Returns the file path the instance had before, or None if it is new.
+        Returns the file path the instance had before, or None if it is new. Identity
+        conflicts accepted on the way are appended to `conflicts`.
         """
         fields = record.__dict__
+        conflicts = conflicts if conflicts is not None else []
         patient_pk = self._upsert_parent(
             conn,
             Patient.__table__,
@@ -221,6 +240,7 @@ class IndexWriter:
             record.patient_id,
             {f: fields[f] for f in _PATIENT_FIELDS},
             None,
+            conflicts,
         )
         study_pk = self._upsert_parent(
             conn,
@@ -229,6 +249,7 @@ class IndexWriter:
             record.study_instance_uid,
             {f: fields[f] for f in _STUDY_FIELDS},
             ("patient_pk", patient_pk),
+            conflicts,
         )
         series_pk = self._upsert_parent(
             conn,
@@ -237,19 +258,19 @@ class IndexWriter:
             record.series_instance_uid,
             {f: fields[f] for f in _SERIES_FIELDS},
             ("study_pk", study_pk),
+            conflicts,
         )
         instances = Instance.__table__
         values = {f: fields[f] for f in _INSTANCE_FIELDS} | {
             "series_pk": series_pk,
             "file_path": file_path,
             "file_size": file_size,
+            "file_sha256": file_sha256,
             "received_at": received_at,
             "calling_ae": calling_ae,
             "is_result": is_result,
         }
-        previous = conn.execute(
-            _select_instance_path(), {"key": record.sop_instance_uid}
-        ).first()
+        previous = conn.execute(_select_instance_path(), {"key": record.sop_instance_uid}).first()
         if previous is None:
             conn.execute(insert(instances), {"sop_instance_uid": record.sop_instance_uid, **values})
             return None

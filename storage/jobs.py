@@ -57,11 +57,14 @@ class JobQueue:
 
     def queued_count(self) -> int:
         with self.engine.connect() as conn:
-            return conn.scalar(
-                select(func.count()).select_from(AnalysisJob).where(
-                    AnalysisJob.state == JobState.QUEUED
+            return (
+                conn.scalar(
+                    select(func.count())
+                    .select_from(AnalysisJob)
+                    .where(AnalysisJob.state == JobState.QUEUED)
                 )
-            ) or 0
+                or 0
+            )
 
     def claim(self, worker: str, limit: int) -> list[ClaimedJob]:
         """Take up to `limit` queued jobs, oldest first, for `worker`."""

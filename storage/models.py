@@ -99,12 +99,33 @@ class Instance(Base):
     specific_character_set: Mapped[str] = mapped_column(String(128), default="")
     file_path: Mapped[str] = mapped_column(Text)
     file_size: Mapped[int] = mapped_column(BigInteger)
+    # SHA-256 of the file's bytes at ingest (hex), for `pneumonode verify`; None for rows
+    # indexed before the column existed.
+    file_sha256: Mapped[str | None] = mapped_column(String(64))
     received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     calling_ae: Mapped[str] = mapped_column(String(16), default="", index=True)
     # True for the Secondary Captures and Structured Reports this node made itself.
     is_result: Mapped[bool] = mapped_column(default=False)
 
     series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class IdentityConflict(Base):
+    """An instance that named another parent for a study or series the index holds.
+
+    Kept whether the instance was refused or accepted (storage.identity_conflicts), so
+    that `status` can count them; no patient names or IDs, only UIDs.
+    """
+
+    __tablename__ = "identity_conflict"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH))
+    level: Mapped[str] = mapped_column(String(16))  # "study" or "series"
+    conflicting_uid: Mapped[str] = mapped_column(String(UID_LENGTH), index=True)
+    action: Mapped[str] = mapped_column(String(16))  # "refused" or "accepted"
+    calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class JobState(enum.StrEnum):

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, func, select
 
-from storage.models import AnalysisJob, Delivery, Instance, JobState
+from storage.models import AnalysisJob, Delivery, IdentityConflict, Instance, JobState
 
 
 @dataclass(frozen=True)
@@ -18,14 +18,18 @@ class QueueReport:
     job_errors: list[tuple[str, str]]
     delivery_errors: list[tuple[str, str, str]]
     skip_reasons: list[tuple[str, int]]
+    conflicts: dict[str, int]  # identity conflicts by action ("refused", "accepted")
 
 
 def queue_report(engine: Engine, last: int = 5) -> QueueReport:
     with engine.connect() as conn:
         instances = conn.scalar(select(func.count()).select_from(Instance)) or 0
-        results = conn.scalar(
-            select(func.count()).select_from(Instance).where(Instance.is_result.is_(True))
-        ) or 0
+        results = (
+            conn.scalar(
+                select(func.count()).select_from(Instance).where(Instance.is_result.is_(True))
+            )
+            or 0
+        )
         jobs = dict(
             conn.execute(select(AnalysisJob.state, func.count()).group_by(AnalysisJob.state)).all()
         )
@@ -51,6 +55,11 @@ def queue_report(engine: Engine, last: int = 5) -> QueueReport:
             .order_by(func.count().desc())
             .limit(last)
         ).all()
+        conflicts = dict(
+            conn.execute(
+                select(IdentityConflict.action, func.count()).group_by(IdentityConflict.action)
+            ).all()
+        )
     return QueueReport(
         instances=instances,
         results=results,
@@ -59,6 +68,7 @@ def queue_report(engine: Engine, last: int = 5) -> QueueReport:
         job_errors=[tuple(r) for r in job_errors],
         delivery_errors=[tuple(r) for r in delivery_errors],
         skip_reasons=[tuple(r) for r in skip_reasons],
+        conflicts=conflicts,
     )
 
 
@@ -69,6 +79,8 @@ def format_report(report: QueueReport) -> str:
         + (", ".join(f"{k} {v}" for k, v in sorted(report.jobs.items())) or "none"),
         "deliveries: "
         + (", ".join(f"{k} {v}" for k, v in sorted(report.deliveries.items())) or "none"),
+        "identity conflicts (study under another patient, series under another study): "
+        + (", ".join(f"{k} {v}" for k, v in sorted(report.conflicts.items())) or "none"),
     ]
     if report.skip_reasons:
         lines.append("skipped, by reason:")
