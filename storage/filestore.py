@@ -146,6 +146,12 @@ class FileStore:
             self._held_lock = contextlib.ExitStack()
             self._held_lock.enter_context(self.writer_lock(exclusive=False))
 
+    def release_writer_lock(self) -> None:
+        """Give up the shared writer lock (this process writes no more)."""
+        if self._held_lock is not None:
+            self._held_lock.close()
+            self._held_lock = None
+
     @staticmethod
     def _fsync_dir(folder: Path) -> None:
         fd = os.open(folder, os.O_RDONLY)

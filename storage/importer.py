@@ -34,7 +34,8 @@ class ImportSummary:
 
     @property
     def skip_reasons(self) -> Counter[str]:
-        return Counter(reason for _, reason in self.skipped)
+        """Skips counted by the kind of reason (the text before its first colon)."""
+        return Counter(reason.split(":")[0] for _, reason in self.skipped)
 
     def lines(self) -> list[str]:
         """A human-readable summary, one line per action and per skip reason."""
@@ -96,7 +97,7 @@ def import_folder(archive: Archive, folder: Path, *, progress: bool = True) -> I
                 summary.actions[outcome.action] += 1
                 continue
         except StoreError as exc:
-            reason = str(exc).split(":")[0] if "cannot parse" in str(exc) else str(exc)
+            reason = str(exc)
         log.debug("skipped %s: %s", path, reason)
         summary.skipped.append((path, reason))
     return summary
