@@ -17,12 +17,12 @@ from dicom_data import association, chunked_sending
 from pydicom import Dataset, dcmread
 from pydicom.data import get_testdata_files
 from pydicom.uid import (
+    JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEG2000,
     JPEG2000Lossless,
     JPEGBaseline8Bit,
     JPEGExtended12Bit,
