@@ -12,7 +12,10 @@ def status_dataset(code: int, comment: str, offending: tuple[int, ...] = ()) -> 
     log then says what went wrong, not only a number."""
     status = Dataset()
     status.Status = code
-    status.ErrorComment = comment[:ERROR_COMMENT_LENGTH]
+    # ASCII only (the command set has no character set) and one value: a backslash from a
+    # sender's UID would split it.
+    text = comment.encode("ascii", "replace").decode("ascii").replace("\\", "/")
+    status.ErrorComment = text[:ERROR_COMMENT_LENGTH]
     if offending:
         status.OffendingElement = list(offending)
     return status

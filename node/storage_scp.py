@@ -15,7 +15,7 @@ from pynetdicom import evt
 from sqlalchemy.exc import OperationalError
 
 from node.context import NodeContext
-from node.dimse import status_dataset
+from node.dimse import ERROR_COMMENT_LENGTH, status_dataset
 from storage.archive import envelope_mismatch
 from storage.errors import (
     DeflateError,
@@ -71,9 +71,17 @@ def refusal_status(error: StoreError) -> Dataset:
     if isinstance(error, IdentityConflictError):
         code = STUDY_OF_ANOTHER_PATIENT if error.level == "study" else SERIES_OF_ANOTHER_STUDY
         # ErrorComment is an LO of 64 characters: a UID alone may fill it.
-        comment = f"{error.level} held under another {error.holder}: {error.uid}"
-        if len(comment) > 64:
-            comment = error.uid
+        comment = next(
+            (
+                c
+                for c in (
+                    f"{error.level} {error.uid} of other {error.holder}",
+                    f"other {error.holder}: {error.uid}",
+                )
+                if len(c) <= ERROR_COMMENT_LENGTH
+            ),
+            error.uid,
+        )
         return status_dataset(code, comment, (_UID_ELEMENTS[error.level],))
     code = next((c for kind, c in REFUSAL_STATUSES if isinstance(error, kind)), UNEXPECTED_ERROR)
     return status_dataset(code, str(error))

@@ -85,10 +85,10 @@ def _walk(body: bytes | memoryview, transfer_syntax: UID) -> DatasetStructure:
     try:  # the failure path only: a sender that encoded in the other VR mode?
         walk_dataset(body, implicit_vr=not implicit, little_endian=little)
     except MalformedDatasetError:
-        raise UnreadableDatasetError(f"cannot parse dataset: {reason}") from None
+        raise UnreadableDatasetError(f"cannot parse: {reason}") from None
     encoded = "Explicit" if implicit else "Implicit"
     raise EncodingMismatchError(
-        f"dataset is encoded {encoded} VR, not as its transfer syntax {transfer_syntax.name}"
+        f"encoded {encoded} VR, unlike its transfer syntax {transfer_syntax.name}"
     )
 
 
@@ -131,12 +131,12 @@ def inspect_instance(data: bytes | memoryview, checks: IntakeChecks = IntakeChec
         raise UnreadableDatasetError(f"unknown transfer syntax {str(transfer_syntax)[:64]!r}")
     body: bytes | memoryview = memoryview(data)[meta_end:]
     if transfer_syntax.is_deflated:
-        body = inflate_bounded(body, checks.max_instance_bytes - meta_end)
+        body = inflate_bounded(body, checks.max_instance_bytes)
     structure = _walk(body, transfer_syntax)
     try:
         header = _parse_header(data, meta_end, body, transfer_syntax.is_deflated)
     except Exception as exc:  # the structure is sound, so this is a value pydicom rejects
-        raise UnreadableDatasetError(f"cannot parse dataset: {type(exc).__name__}: {exc}") from exc
+        raise UnreadableDatasetError(f"cannot parse: {type(exc).__name__}: {exc}") from exc
     check_pixel_data(header, structure, memoryview(body), transfer_syntax)
     if checks.verify_pixels and structure.pixel_data is not None:
         decode_every_frame(data)

@@ -37,7 +37,7 @@ MAX_TRAILING_PADDING = 8
 BITS_FOR_TAG = {0x7FE00008: 32, 0x7FE00009: 64}  # Float and Double Float Pixel Data
 
 
-def _int(header: Dataset, keyword: str, default: int | None = None) -> int:
+def _int(header: Dataset, keyword: str, default: int | None = None, positive=False) -> int:
     value = header.get(keyword)
     if value is None or value == "":
         if default is None:
@@ -47,8 +47,8 @@ def _int(header: Dataset, keyword: str, default: int | None = None) -> int:
         number = int(value)
     except (TypeError, ValueError) as exc:
         raise PixelDataLengthError(f"{keyword} {value!r} is not a number") from exc
-    if number < 0:
-        raise PixelDataLengthError(f"{keyword} {number} is negative")
+    if number < 0 or (positive and number == 0):
+        raise PixelDataLengthError(f"{keyword} is {number}")
     return number
 
 
@@ -58,10 +58,10 @@ def frame_count(header: Dataset) -> int:
 
 def expected_native_length(header: Dataset, tag: int) -> int:
     """Bytes of native pixel data the Image Pixel attributes imply (without padding)."""
-    rows = _int(header, "Rows")
-    columns = _int(header, "Columns")
-    samples = _int(header, "SamplesPerPixel", 1)
-    bits = BITS_FOR_TAG.get(tag) or _int(header, "BitsAllocated")
+    rows = _int(header, "Rows", positive=True)
+    columns = _int(header, "Columns", positive=True)
+    samples = _int(header, "SamplesPerPixel", 1, positive=True)
+    bits = BITS_FOR_TAG.get(tag) or _int(header, "BitsAllocated", positive=True)
     frames = frame_count(header)
     photometric = str(header.get("PhotometricInterpretation", "")).strip()
     if photometric in ("YBR_FULL_422", "YBR_PARTIAL_422") and samples == 3:
@@ -95,12 +95,15 @@ def _frames(
         raise PixelDataEncapsulationError(
             f"Pixel Data has {len(fragments)} fragments for {frames} frames"
         )
+    if layout.offset_table[1] and layout.offset_table[1] != 4 * frames:
+        raise PixelDataEncapsulationError(
+            f"Basic Offset Table has {layout.offset_table[1] // 4} entries for {frames} frames"
+        )
     if frames == 1:
         return [fragments]
     if len(fragments) == frames:
         return [[fragment] for fragment in fragments]
-    offset_table_length = layout.offset_table[1]
-    if offset_table_length:
+    if layout.offset_table[1]:
         return _frames_by_offset_table(layout, data, frames)
     if has_extended_offset_table:
         return [fragments]  # checked as one run of fragments: first start, last end
@@ -120,11 +123,7 @@ def _frames(
 def _frames_by_offset_table(
     layout: PixelDataLayout, data: memoryview, frames: int
 ) -> list[list[tuple[int, int]]]:
-    table_offset, table_length = layout.offset_table
-    if table_length != 4 * frames:
-        raise PixelDataEncapsulationError(
-            f"Basic Offset Table has {table_length // 4} entries for {frames} frames"
-        )
+    table_offset = layout.offset_table[0]
     offsets = struct.unpack_from(f"<{frames}I", data, table_offset)
     first_item = layout.fragments[0][0] - 8
     by_position = {offset - 8 - first_item: i for i, (offset, _) in enumerate(layout.fragments)}

@@ -82,7 +82,7 @@ class _Walker:
 
     def _need(self, offset: int, size: int, end: int, what: str) -> None:
         if offset + size > end:
-            raise MalformedDatasetError(f"{what} is cut at byte {offset}")
+            raise MalformedDatasetError(f"{what} cut at byte {offset}")
 
     def _tag(self, offset: int) -> int:
         group, element = self.tag_format.unpack_from(self.data, offset)
@@ -98,23 +98,21 @@ class _Walker:
         if depth > MAX_NESTING:
             raise MalformedDatasetError(f"sequences nested deeper than {MAX_NESTING}")
         while offset < end:
-            self._need(offset, 8, end, "an element header")
+            self._need(offset, 8, end, "element header")
             tag = self._tag(offset)
             if tag == ITEM_DELIMITER:
                 if not until_delimiter:
-                    raise MalformedDatasetError(
-                        f"an item delimiter outside an item at byte {offset}"
-                    )
+                    raise MalformedDatasetError(f"item delimiter outside an item at byte {offset}")
                 return offset + 8
             if tag in (ITEM, SEQUENCE_DELIMITER):
                 raise MalformedDatasetError(
-                    f"an item tag {_tag_text(tag)} among elements at byte {offset}"
+                    f"item tag {_tag_text(tag)} among elements at byte {offset}"
                 )
             offset = self._element(offset, end, depth, implicit, top=top)
             if top:
                 self.result.elements += 1
         if until_delimiter:
-            raise MalformedDatasetError("an item of undefined length has no delimiter")
+            raise MalformedDatasetError("item of undefined length without delimiter")
         return offset
 
     def _element(self, offset: int, end: int, depth: int, implicit: bool, *, top: bool) -> int:
@@ -130,13 +128,12 @@ class _Walker:
                 value = offset + 8
             elif vr in LONG_VRS or (vr.isalpha() and vr.isupper()):
                 # A VR this reader does not know is read like the long ones (PS3.5 6.2).
-                self._need(offset, 12, end, f"element {_tag_text(tag)}")
+                self._need(offset, 12, end, _tag_text(tag))
                 length = self.u32.unpack_from(self.data, offset + 8)[0]
                 value = offset + 12
             else:
                 raise MalformedDatasetError(
-                    f"element {_tag_text(tag)} at byte {offset} has no valid VR "
-                    f"({vr!r}): not Explicit VR as its transfer syntax says"
+                    f"{_tag_text(tag)} has no valid VR {vr!r} (byte {offset})"
                 )
         if top and tag in PIXEL_DATA_TAGS:
             self.result.pixel_data_elements += 1
@@ -150,12 +147,12 @@ class _Walker:
             if vr == b"UN":  # content is implicit VR little endian (CP-246)
                 return self._sequence(tag, value, end, depth, True, defined_end=None)
             raise MalformedDatasetError(
-                f"element {_tag_text(tag)} has an undefined length but VR {vr.decode()}"
+                f"{_tag_text(tag)} of VR {vr.decode()} has undefined length"
             )
         if value + length > end:
             raise MalformedDatasetError(
-                f"element {_tag_text(tag)} at byte {offset} claims {length} bytes; "
-                f"only {max(end - value, 0)} follow"
+                f"{_tag_text(tag)} claims {length} bytes, {max(end - value, 0)} left "
+                f"(byte {offset})"
             )
         if self._is_sequence(tag, vr, implicit) and length:
             self._sequence(tag, value, value + length, depth, implicit, defined_end=value + length)
@@ -183,19 +180,18 @@ class _Walker:
     ) -> int:
         limit = defined_end if defined_end is not None else end
         while offset < limit:
-            self._need(offset, 8, limit, f"an item of {_tag_text(tag)}")
+            self._need(offset, 8, limit, f"item of {_tag_text(tag)}")
             item_tag = self._tag(offset)
             length = self.u32.unpack_from(self.data, offset + 4)[0]
             if item_tag == SEQUENCE_DELIMITER:
                 if defined_end is not None:
                     raise MalformedDatasetError(
-                        f"sequence {_tag_text(tag)} of defined length has a delimiter"
+                        f"{_tag_text(tag)} of defined length has a delimiter"
                     )
                 return offset + 8
             if item_tag != ITEM:
                 raise MalformedDatasetError(
-                    f"sequence {_tag_text(tag)} holds {_tag_text(item_tag)} where an item "
-                    f"belongs, at byte {offset}"
+                    f"{_tag_text(tag)} holds {_tag_text(item_tag)}, not an item (byte {offset})"
                 )
             start = offset + 8
             if length == UNDEFINED_LENGTH:
@@ -205,22 +201,21 @@ class _Walker:
             else:
                 if start + length > limit:
                     raise MalformedDatasetError(
-                        f"an item of {_tag_text(tag)} claims {length} bytes; "
-                        f"only {limit - start} follow"
+                        f"item of {_tag_text(tag)} claims {length} bytes, {limit - start} left"
                     )
                 self.elements(
                     start, start + length, depth + 1, implicit, top=False, until_delimiter=False
                 )
                 offset = start + length
         if defined_end is None:
-            raise MalformedDatasetError(f"sequence {_tag_text(tag)} has no delimiter")
+            raise MalformedDatasetError(f"sequence {_tag_text(tag)} without delimiter")
         return offset
 
     def _encapsulated(self, tag: int, offset: int, end: int) -> int:
         """Pixel Data of undefined length: an offset table item, fragments, a delimiter."""
         items: list[tuple[int, int]] = []
         while True:
-            self._need(offset, 8, end, "an encapsulated pixel data item")
+            self._need(offset, 8, end, "pixel data item")
             item_tag = self._tag(offset)
             length = self.u32.unpack_from(self.data, offset + 4)[0]
             if item_tag == SEQUENCE_DELIMITER:
@@ -228,18 +223,17 @@ class _Walker:
                 break
             if item_tag != ITEM:
                 raise MalformedDatasetError(
-                    f"encapsulated pixel data holds {_tag_text(item_tag)} where a fragment "
-                    f"belongs, at byte {offset}"
+                    f"pixel data holds {_tag_text(item_tag)}, not a fragment (byte {offset})"
                 )
             if length == UNDEFINED_LENGTH or offset + 8 + length > end:
                 raise MalformedDatasetError(
-                    f"a pixel data fragment at byte {offset} claims {length} bytes; "
-                    f"only {max(end - offset - 8, 0)} follow"
+                    f"pixel data fragment claims {length} bytes, "
+                    f"{max(end - offset - 8, 0)} left (byte {offset})"
                 )
             items.append((offset + 8, length))
             offset += 8 + length
         if not items:
-            raise MalformedDatasetError("encapsulated pixel data has no offset table item")
+            raise MalformedDatasetError("encapsulated pixel data without offset table item")
         self.result.pixel_data = PixelDataLayout(
             tag=tag, encapsulated=True, offset_table=items[0], fragments=tuple(items[1:])
         )

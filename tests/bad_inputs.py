@@ -2,10 +2,11 @@
 could put on the wire, and names the DIMSE status and ErrorComment the node must answer.
 
 Bodies start from a valid dataset (`small_image`, a SIIM file) encoded with pydicom and are
-then mangled with byte slicing and struct; `write_raw_file` + `chunked_sending` send them
-unchanged. Builders run when their test runs (the zip bomb and the oversize image are not
-built at collection). A case registers itself with `@case(status, comment)`; its id is the
-builder's name.
+then mangled with byte slicing and struct; the test writes them after a file meta and
+sends them unchanged with `chunked_sending`. Builders run when their test runs (the zip
+bomb and the oversize image are not built at collection). A case registers itself with
+`@case(status, *comment)`, the texts its ErrorComment must hold; its id is the builder's
+name.
 """
 
 from __future__ import annotations
@@ -21,8 +22,6 @@ from dicom_data import DX, encode_body, small_image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 from pydicom.uid import (
     CTImageStorage,
     DeflatedExplicitVRLittleEndian,
@@ -83,14 +82,14 @@ class Payload:
 class Case:
     name: str
     status: int
-    comment: str
+    comment: tuple[str, ...]  # each must be in the ErrorComment (an LO: 64 characters)
     build: Callable[[], Payload]
 
 
 CASES: list[Case] = []
 
 
-def case(status: int, comment: str) -> Callable[[Callable[[], Payload]], Callable[[], Payload]]:
+def case(status: int, *comment: str) -> Callable[[Callable[[], Payload]], Callable[[], Payload]]:
     def register(build: Callable[[], Payload]) -> Callable[[], Payload]:
         CASES.append(Case(build.__name__, status, comment, build))
         return build
@@ -103,19 +102,15 @@ def case(status: int, comment: str) -> Callable[[Callable[[], Payload]], Callabl
 
 def _payload(ds: Dataset, body: bytes | None = None, **envelope) -> Payload:
     """`body` (default: `ds` in Explicit VR LE) in the envelope `ds` announces."""
-    envelope.setdefault("sop_class", str(ds.SOPClassUID))
-    envelope.setdefault("sop_instance", str(ds.SOPInstanceUID))
+    if "sop_class" not in envelope:
+        envelope["sop_class"] = str(ds.SOPClassUID)
+    if "sop_instance" not in envelope:
+        envelope["sop_instance"] = str(ds.SOPInstanceUID)
     return Payload(encode_body(ds) if body is None else body, **envelope)
 
 
 def _implicit(ds: Dataset) -> bytes:
-    body = copy.copy(ds)
-    del body.file_meta
-    buffer = DicomBytesIO()
-    buffer.is_little_endian = True
-    buffer.is_implicit_VR = True
-    write_dataset(buffer, body)
-    return buffer.getvalue()
+    return encode_body(ds, implicit_vr=True)
 
 
 def _deflate(data: bytes) -> bytes:
@@ -130,7 +125,7 @@ def _offset_of(body: bytes, tag: int) -> int:
         group, element = struct.unpack_from("<HH", body, offset)
         if (group << 16) | element == tag:
             return offset
-        if body[offset + 4 : offset + 6] in LONG_VRS:
+        if bytes(body[offset + 4 : offset + 6]) in LONG_VRS:
             offset += 12 + struct.unpack_from("<I", body, offset + 8)[0]
         else:
             offset += 8 + struct.unpack_from("<H", body, offset + 6)[0]
@@ -149,9 +144,8 @@ def _encapsulated(ds: Dataset, fragments: list[bytes], offset_table: bytes = b""
     header = copy.deepcopy(ds)
     del header.PixelData
     items = b"".join(_item(f) for f in fragments)
-    return encode_body(header) + PIXEL_DATA_UNDEFINED + _item(offset_table) + items + (
-        SEQUENCE_DELIMITER
-    )
+    pixel_data = PIXEL_DATA_UNDEFINED + _item(offset_table) + items + SEQUENCE_DELIMITER
+    return encode_body(header) + pixel_data
 
 
 def _with_undefined_sequence(ds: Dataset) -> bytes:
@@ -173,7 +167,7 @@ def _only_frame(ds: Dataset) -> bytes:
 # --- 0xC210: the bytes do not parse as a dataset --------------------------------------------
 
 
-@case(UNREADABLE, "cannot parse dataset")
+@case(UNREADABLE, "cannot parse")
 def garbage_bytes() -> Payload:
     ds = small_image()
     junk = bytes((i * 131 + 7) % 251 for i in range(600))
@@ -185,12 +179,16 @@ def empty_dataset() -> Payload:
     return _payload(small_image(), b"")
 
 
-@case(UNREADABLE, "an element header is cut at byte 0")
-def three_bytes() -> Payload:
-    return _payload(small_image(), b"\x08\x00\x05")
+@case(UNREADABLE, "(0009,1001) cut at byte 18")
+def cut_inside_a_long_vr_header() -> Payload:
+    # pynetdicom's chunked sender must read the first element's header whole to find the
+    # dataset's start: a Specific Character Set, then 10 of the 12 bytes of an OB header.
+    ds = small_image()
+    first = encode_body(ds)[:18]
+    return _payload(ds, first + b"\x09\x00\x01\x10OB\x00\x00\x10\x00")
 
 
-@case(UNREADABLE, "an element header is cut")
+@case(UNREADABLE, "element header cut")
 def cut_mid_element_header() -> Payload:
     ds = small_image()
     body = encode_body(ds)
@@ -218,14 +216,14 @@ def cut_inside_pixel_data() -> Payload:
     return _payload(ds, encode_body(ds)[:-100])
 
 
-@case(UNREADABLE, "where an item belongs")
+@case(UNREADABLE, "holds (0010,0010)")
 def sequence_without_delimiter() -> Payload:
     ds = small_image()
     body = _with_undefined_sequence(ds)
     return _payload(ds, body.replace(SEQUENCE_DELIMITER, b"", 1))
 
 
-@case(UNREADABLE, "has no delimiter")
+@case(UNREADABLE, "without delimiter")
 def last_sequence_without_delimiter() -> Payload:
     ds = small_image()
     item = Dataset()
@@ -237,14 +235,14 @@ def last_sequence_without_delimiter() -> Payload:
     return _payload(ds, body[: -len(SEQUENCE_DELIMITER)])
 
 
-@case(UNREADABLE, "an item tag (FFFE,E0DD) among elements")
+@case(UNREADABLE, "item tag (FFFE,E0DD) among elements")
 def item_without_delimiter() -> Payload:
     ds = small_image()
     body = _with_undefined_sequence(ds)
     return _payload(ds, body.replace(ITEM_DELIMITER, b"", 1))
 
 
-@case(UNREADABLE, "an item tag (FFFE,E000) among elements")
+@case(UNREADABLE, "item tag (FFFE,E000) among elements")
 def item_tag_at_top_level() -> Payload:
     ds = small_image()
     body = encode_body(ds)
@@ -252,7 +250,7 @@ def item_tag_at_top_level() -> Payload:
     return _payload(ds, body[:at] + _item(b"") + body[at:])
 
 
-@case(UNREADABLE, "claims 65535 bytes")
+@case(UNREADABLE, "(0010,0020) claims 65535 bytes")
 def length_past_the_end() -> Payload:
     ds = small_image()
     body = bytearray(encode_body(ds))
@@ -260,7 +258,7 @@ def length_past_the_end() -> Payload:
     return _payload(ds, bytes(body))
 
 
-@case(UNREADABLE, "has an undefined length but VR OB")
+@case(UNREADABLE, "(0009,1001) of VR OB has undefined length")
 def undefined_length_outside_pixel_data() -> Payload:
     ds = small_image()
     body = encode_body(ds)
@@ -269,7 +267,7 @@ def undefined_length_outside_pixel_data() -> Payload:
     return _payload(ds, body[:at] + private + body[at:])
 
 
-@case(UNREADABLE, "has no valid VR")
+@case(UNREADABLE, "(0010,0020) has no valid VR")
 def invalid_vr() -> Payload:
     ds = small_image()
     body = bytearray(encode_body(ds))
@@ -291,7 +289,7 @@ def sequences_nested_33_deep() -> Payload:
     return _payload(ds)
 
 
-@case(UNREADABLE, "no offset table item")
+@case(UNREADABLE, "pixel data without offset table")
 def encapsulated_without_items() -> Payload:
     ds = small_image()
     header = copy.deepcopy(ds)
@@ -300,7 +298,7 @@ def encapsulated_without_items() -> Payload:
     return _payload(ds, body, transfer_syntax=JPEGBaseline8Bit)
 
 
-@case(UNREADABLE, "cannot parse dataset")
+@case(UNREADABLE, "cannot parse")
 def little_endian_under_big_endian() -> Payload:
     ds = small_image(rows=64, columns=64)
     return _payload(ds, transfer_syntax=ExplicitVRBigEndian)
@@ -319,6 +317,13 @@ def implicit_vr_under_explicit() -> Payload:
 def explicit_vr_under_implicit() -> Payload:
     ds = small_image()
     return _payload(ds, transfer_syntax=ImplicitVRLittleEndian)
+
+
+@case(ENCODING_MISMATCH, "encoded Implicit VR")
+def deflated_implicit_vr() -> Payload:
+    ds = small_image()
+    stream = _deflate(_implicit(ds))
+    return _payload(ds, stream, transfer_syntax=DeflatedExplicitVRLittleEndian)
 
 
 # --- 0xC213: the deflate stream of a Deflated dataset is broken -----------------------------
@@ -343,6 +348,15 @@ def deflate_invalid_block_type() -> Payload:
 def deflate_then_garbage() -> Payload:
     ds = small_image()
     stream = _deflate(encode_body(ds)) + b"trailing garbage " * 4
+    return _payload(ds, stream, transfer_syntax=DeflatedExplicitVRLittleEndian)
+
+
+@case(BROKEN_DEFLATE, "does not inflate")
+def zlib_wrapped_deflate() -> Payload:
+    """zlib's header and checksum around the stream: wbits 15 where DICOM wants raw."""
+    ds = small_image()
+    deflater = zlib.compressobj(9, zlib.DEFLATED, zlib.MAX_WBITS)
+    stream = deflater.compress(encode_body(ds)) + deflater.flush()
     return _payload(ds, stream, transfer_syntax=DeflatedExplicitVRLittleEndian)
 
 
@@ -467,6 +481,13 @@ def frames_missing_from_pixel_data() -> Payload:
     return _payload(ds)
 
 
+@case(PIXEL_LENGTH, "NumberOfFrames is -1")
+def negative_number_of_frames() -> Payload:
+    ds = small_image()
+    ds.NumberOfFrames = "-1"
+    return _payload(ds)
+
+
 @case(PIXEL_LENGTH, "Pixel Data without Rows")
 def pixel_data_without_rows() -> Payload:
     ds = small_image()
@@ -491,7 +512,7 @@ def encapsulated_under_native() -> Payload:
     return _payload(ds, _encapsulated(ds, [FAKE_JPEG_FRAME]))
 
 
-@case(PIXEL_ENCAPSULATION, "not encapsulated under a compressed transfer syntax")
+@case(PIXEL_ENCAPSULATION, "not encapsulated under a compressed")
 def native_under_jpeg() -> Payload:
     ds = small_image()
     return _payload(ds, transfer_syntax=JPEGBaseline8Bit)
@@ -577,7 +598,7 @@ def rle_segment_header_nonsense() -> Payload:
 # --- 0xC240/0xC241: a study or series the index holds under another parent ------------------
 
 
-@case(STUDY_OF_ANOTHER_PATIENT, "")
+@case(STUDY_OF_ANOTHER_PATIENT)
 def study_of_another_patient() -> Payload:
     first = small_image(patient_id="CONFLICT-PATIENT-A")
     second = small_image(patient_id="CONFLICT-PATIENT-B", study_uid=first.StudyInstanceUID)
@@ -589,7 +610,7 @@ def study_of_another_patient() -> Payload:
     )
 
 
-@case(SERIES_OF_ANOTHER_STUDY, "")
+@case(SERIES_OF_ANOTHER_STUDY)
 def series_of_another_study() -> Payload:
     first = small_image(patient_id="CONFLICT-PATIENT-C")
     second = small_image(patient_id="CONFLICT-PATIENT-C", series_uid=first.SeriesInstanceUID)

@@ -18,7 +18,7 @@ import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
@@ -72,6 +72,17 @@ def small_image(
     return ds
 
 
+def second_copy(first: Dataset, series_description: str) -> Dataset:
+    """Another copy of `first` (same SOP, study and series UIDs) that differs visibly."""
+    return small_image(
+        sop_uid=first.SOPInstanceUID,
+        study_uid=first.StudyInstanceUID,
+        series_uid=first.SeriesInstanceUID,
+        patient_id=first.PatientID,
+        series_description=series_description,
+    )
+
+
 def file_bytes(ds: Dataset) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
@@ -86,27 +97,29 @@ def write_raw_file(
     sop_instance: str,
     transfer_syntax: str = ExplicitVRLittleEndian,
 ) -> Path:
-    """A file whose meta says `sop_class`/`sop_instance` followed by `body` as the dataset."""
+    """A file whose meta says `sop_class`/`sop_instance` followed by `body` as the dataset,
+    unchanged (the meta is written alone: saving an empty dataset under a Deflated syntax
+    would put an empty deflate stream before the body)."""
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = UID(sop_class)
     meta.MediaStorageSOPInstanceUID = UID(sop_instance)
     meta.TransferSyntaxUID = transfer_syntax
-    header = Dataset()
-    header.file_meta = meta
-    buffer = io.BytesIO()
-    header.save_as(buffer, enforce_file_format=True)
+    buffer = DicomBytesIO()
+    buffer.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(buffer, meta, enforce_standard=True)
     path.write_bytes(buffer.getvalue() + body)
     return path
 
 
-def encode_body(ds: Dataset) -> bytes:
-    """The dataset (without file meta) in Explicit VR Little Endian, as sent on the wire."""
+def encode_body(ds: Dataset, implicit_vr: bool = False) -> bytes:
+    """The dataset (without file meta) in Explicit (or Implicit) VR Little Endian, as sent
+    on the wire."""
     body = copy.copy(ds)
     if hasattr(body, "file_meta"):
         del body.file_meta
     buffer = DicomBytesIO()
     buffer.is_little_endian = True
-    buffer.is_implicit_VR = False
+    buffer.is_implicit_VR = implicit_vr
     write_dataset(buffer, body)
     return buffer.getvalue()
 

@@ -111,7 +111,10 @@ def start_orthanc(
     log = (workdir / "orthanc.log").open("ab")
     # Orthanc's DICOM layer is dcmtk: without TCP_NODELAY each message waits ~40 ms.
     process = subprocess.Popen(
-        [orthanc_binary(), str(config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+        [orthanc_binary(), str(config_path)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=workdir,
         env=DCMTK_ENV,
     )
     orthanc = OrthancProcess(http_port, dicom_port, ae_title, workdir, process)

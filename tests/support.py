@@ -51,8 +51,15 @@ def count_instances(db_url: str) -> int:
 
 def assert_same_patient_and_study(written: Dataset, source: Dataset) -> None:
     """A result object must file under the source's patient and study."""
-    for keyword in ("PatientID", "PatientName", "PatientSex", "StudyInstanceUID", "StudyDate",
-                    "StudyTime", "AccessionNumber"):
+    for keyword in (
+        "PatientID",
+        "PatientName",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+    ):
         assert written.get(keyword) == source.get(keyword), keyword
 
 
@@ -334,8 +341,16 @@ class StoreSCP:
 
     def start(self, timeout: float = 10) -> None:
         self.process = subprocess.Popen(
-            [dcmtk("storescp"), "+xa", "-aet", self.ae_title, "+uf", "-od", str(self.folder),
-             str(self.port)],
+            [
+                dcmtk("storescp"),
+                "+xa",
+                "-aet",
+                self.ae_title,
+                "+uf",
+                "-od",
+                str(self.folder),
+                str(self.port),
+            ],
             env=DCMTK_ENV,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -96,10 +96,10 @@ def test_private_implicit_element_is_not_taken_for_a_sequence() -> None:
     ("body", "message"),
     [
         (MODALITY + NAME[:-2], "claims 4 bytes"),
-        (MODALITY + NAME[:5], "is cut"),
+        (MODALITY + NAME[:5], "cut at byte"),
         (explicit(0x00081110, b"SQ", item(NAME, undefined=True), undefined=True), "delimiter"),
         (explicit(0x00081110, b"SQ", item(NAME)[:-1] + b"  ", undefined=False), "cut|claims"),
-        (explicit(0x00081110, b"SQ", MODALITY), "where an item belongs"),
+        (explicit(0x00081110, b"SQ", MODALITY), "not an item"),
         (
             explicit(0x00100010, b"LO", b"AB", undefined=False)[:4] + b"\x0a\x00\x00\x00",
             "no valid VR",
@@ -279,5 +279,5 @@ def test_size_limit_and_bounded_inflate() -> None:
 def test_garbage_after_the_file_meta() -> None:
     data = file_bytes(small_image())
     garbage = data[: file_meta_end(data)] + b"\x08\x00\x18\x00UI\xff\x7f" + b"garbage!" * 10
-    with pytest.raises(UnreadableDatasetError, match="cannot parse dataset"):
+    with pytest.raises(UnreadableDatasetError, match="cannot parse"):
         inspect_instance(garbage)

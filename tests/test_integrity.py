@@ -8,7 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from dicom_data import DX, association, file_bytes, small_image
+from dicom_data import DX, association, file_bytes, second_copy, small_image
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
@@ -99,12 +99,7 @@ def _row(archive: Archive, sop: str):
 
 def test_replace_writes_a_new_file_and_switches_the_row(archive: Archive) -> None:
     first = small_image(series_description="first")
-    second = small_image(
-        sop_uid=first.SOPInstanceUID,
-        study_uid=first.StudyInstanceUID,
-        series_uid=first.SeriesInstanceUID,
-        series_description="second copy, longer",
-    )
+    second = second_copy(first, "second copy, longer")
     archive.store_file_bytes(file_bytes(first))
     old_path = _row(archive, first.SOPInstanceUID).file_path
     archive.store_file_bytes(file_bytes(second))
@@ -119,12 +114,7 @@ def test_replace_writes_a_new_file_and_switches_the_row(archive: Archive) -> Non
 
 def test_a_failed_index_commit_leaves_the_old_copy_whole(archive: Archive, monkeypatch) -> None:
     first = small_image(series_description="first")
-    second = small_image(
-        sop_uid=first.SOPInstanceUID,
-        study_uid=first.StudyInstanceUID,
-        series_uid=first.SeriesInstanceUID,
-        series_description="second",
-    )
+    second = second_copy(first, "second")
     archive.store_file_bytes(file_bytes(first))
     before = _row(archive, first.SOPInstanceUID)
 
@@ -223,3 +213,20 @@ def test_verify_and_restart_recovery_on_a_real_node(node_factory) -> None:
     assert not orphan.exists()
     assert (node.storage / "quarantine" / "1.2.3" / "4.5" / "6.7.dcm").is_file()
     assert again.stop() == 0
+
+
+def test_an_index_from_before_checksums_gains_the_column(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'index.sqlite'}"
+    engine = create_index_engine(url)
+    archive = Archive(FileStore(tmp_path, fsync=False), engine)
+    archive.store_file_bytes(file_bytes(small_image()))
+    with engine.begin() as conn:
+        conn.exec_driver_sql("ALTER TABLE instance DROP COLUMN file_sha256")
+    engine.dispose()
+    engine = create_index_engine(url)  # as a newer node opening an older index
+    try:
+        report = verify(FileStore(tmp_path, fsync=False), engine)
+        assert report.problems == 0 and report.without_checksum == 1
+        assert "1 rows predate checksums" in report.lines()[-1]
+    finally:
+        engine.dispose()

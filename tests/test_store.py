@@ -15,6 +15,7 @@ from dicom_data import (
     chunked_sending,
     encode_body,
     file_bytes,
+    second_copy,
     small_image,
     write_raw_file,
 )
@@ -148,12 +149,7 @@ def test_duplicate_replace_keeps_one_row_and_the_newest_file(shared_node: NodePr
 def test_duplicate_keep_first_leaves_the_first_copy(node_factory) -> None:
     node = node_factory({"storage": {"duplicate_policy": "keep-first"}})
     first = small_image(series_description="first")
-    second = small_image(
-        sop_uid=first.SOPInstanceUID,
-        study_uid=first.StudyInstanceUID,
-        series_uid=first.SeriesInstanceUID,
-        series_description="second",
-    )
+    second = second_copy(first, "second")
     assert _send(node, first) == 0x0000
     before = index_rows(node)
     assert _send(node, second) == 0x0000
