@@ -495,6 +495,13 @@ def pixel_data_without_rows() -> Payload:
     return _payload(ds)
 
 
+@case(PIXEL_LENGTH, "Rows is 0")
+def rows_zero() -> Payload:
+    ds = small_image()
+    ds.Rows = 0
+    return _payload(ds)
+
+
 @case(PIXEL_LENGTH, "NumberOfFrames")
 def number_of_frames_not_a_number() -> Payload:
     ds = small_image()
@@ -539,6 +546,16 @@ def offset_table_with_wrong_entries() -> Payload:
     step = 8 + len(FAKE_JPEG_FRAME)
     table = struct.pack("<3I", 0, step, 2 * step)
     body = _encapsulated(ds, [FAKE_JPEG_FRAME] * 3, offset_table=table)
+    return _payload(ds, body, transfer_syntax=JPEGBaseline8Bit)
+
+
+@case(PIXEL_ENCAPSULATION, "Basic Offset Table has 3 entries for 2 frames")
+def offset_table_longer_than_the_frames() -> Payload:
+    ds = small_image()
+    ds.NumberOfFrames = 2
+    step = 8 + len(FAKE_JPEG_FRAME)
+    table = struct.pack("<3I", 0, step, 2 * step)
+    body = _encapsulated(ds, [FAKE_JPEG_FRAME] * 2, offset_table=table)
     return _payload(ds, body, transfer_syntax=JPEGBaseline8Bit)
 
 
