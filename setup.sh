@@ -10,7 +10,7 @@ if command -v apt-get >/dev/null; then
     [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq dcmtk orthanc dicom3tools python3-venv >/dev/null
+    $SUDO apt-get install -y -qq dcmtk orthanc dicom3tools openssl python3-venv >/dev/null
 fi
 
 PYTHON="${PYTHON:-python3}"

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from node.config import Config, ConfigError, load_config
+from node.log_policy import keep_phi_out_of_logs
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,7 @@ def configure_logging(level: str) -> None:
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
     logging.captureWarnings(False)
     warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent")
+    keep_phi_out_of_logs()
 
 
 def _load(args: argparse.Namespace) -> Config:

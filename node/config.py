@@ -28,6 +28,10 @@ class Peer:
     ae_title: str
     host: str
     port: int
+    # Accept this AE title from any address, not only from `host`'s addresses.
+    any_address: bool = False
+    # Send to this peer over DICOM TLS (the [tls] certificate, key and CA bundle).
+    tls: bool = False
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,9 @@ class NodeSettings:
     max_pdu: int
     accept_unknown_callers: bool
     network_timeout: float
+    require_called_ae_title: bool
+    association_request_timeout: float
+    max_associations_per_address: int
 
 
 @dataclass(frozen=True)
@@ -76,11 +83,24 @@ class DeliverySettings:
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    enabled: bool
+    port: int
+    plain_listener: bool
+    certificate: Path | None
+    private_key: Path | None
+    ca_bundle: Path | None
+    verify_clients: bool
+    check_hostname: bool
+
+
+@dataclass(frozen=True)
 class Config:
     node: NodeSettings
     storage: StorageSettings
     analysis: AnalysisSettings
     delivery: DeliverySettings
+    tls: TlsSettings
     peers: tuple[Peer, ...] = field(default_factory=tuple)
     source: str = "<embedded defaults>"
 
@@ -181,6 +201,7 @@ def _string_list(upper: bool):
 
 
 _PORT = _int_range(1, 65535)
+_PORT_OR_ZERO = _int_range(0, 65535)
 
 _SCHEMA: dict[str, dict[str, Any]] = {
     "node": {
@@ -191,6 +212,9 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "max_pdu": _int_range(0, 2**32 - 1),
         "accept_unknown_callers": _bool,
         "network_timeout": _positive_float,
+        "require_called_ae_title": _bool,
+        "association_request_timeout": _positive_float,
+        "max_associations_per_address": _int_range(1, 1000),
     },
     "storage": {
         "folder": _string,
@@ -220,21 +244,42 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "retry_max_seconds": _positive_float,
         "max_attempts": _int_range(0, 1_000_000),
     },
+    "tls": {
+        "enabled": _bool,
+        "port": _PORT_OR_ZERO,
+        "plain_listener": _bool,
+        "certificate": _string,
+        "private_key": _string,
+        "ca_bundle": _string,
+        "verify_clients": _bool,
+        "check_hostname": _bool,
+    },
 }
 
 _PEER_SCHEMA: dict[str, Any] = {"ae_title": _ae_title, "host": _host, "port": _PORT}
+# Keys a [[peers]] entry may leave out, with what they mean then.
+_PEER_OPTIONAL: dict[str, tuple[Any, Any]] = {"any_address": (_bool, False), "tls": (_bool, False)}
 
 
-def _check_section(name: str, table: Any, schema: dict[str, Any]) -> dict[str, Any]:
+def _check_section(
+    name: str,
+    table: Any,
+    schema: dict[str, Any],
+    optional: dict[str, tuple[Any, Any]] | None = None,
+) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(f"{name}: must be a table")
-    unknown = sorted(set(table) - set(schema))
+    optional = optional or {}
+    unknown = sorted(set(table) - set(schema) - set(optional))
     if unknown:
         raise ConfigError(f"{name}.{unknown[0]}: unknown key")
     missing = [k for k in schema if k not in table]
     if missing:
         raise ConfigError(f"{name}.{missing[0]}: missing key")
-    return {k: check(f"{name}.{k}", table[k]) for k, check in schema.items()}
+    checked = {k: check(f"{name}.{k}", table[k]) for k, check in schema.items()}
+    for key, (check, default) in optional.items():
+        checked[key] = check(f"{name}.{key}", table[key]) if key in table else default
+    return checked
 
 
 def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
@@ -250,7 +295,8 @@ def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
     if not isinstance(raw_peers, list):
         raise ConfigError("peers: must be an array of tables ([[peers]])")
     peers = tuple(
-        Peer(**_check_section(f"peers[{i}]", p, _PEER_SCHEMA)) for i, p in enumerate(raw_peers)
+        Peer(**_check_section(f"peers[{i}]", p, _PEER_SCHEMA, _PEER_OPTIONAL))
+        for i, p in enumerate(raw_peers)
     )
     titles = [p.ae_title for p in peers]
     duplicate = next((t for t in titles if titles.count(t) > 1), None)
@@ -261,6 +307,9 @@ def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
         raise ConfigError(
             "node.accept_unknown_callers: false with no [[peers]] would reject every caller"
         )
+    node = sections["node"]
+    if node["max_associations_per_address"] > node["max_associations"]:
+        raise ConfigError("node.max_associations_per_address: must be <= node.max_associations")
     storage = sections["storage"]
     folder = (base_dir / storage["folder"]).resolve()
     analysis = sections["analysis"]
@@ -285,8 +334,36 @@ def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
         ),
         analysis=AnalysisSettings(**{**analysis, "model": (base_dir / analysis["model"])}),
         delivery=DeliverySettings(**delivery),
+        tls=_tls_settings(sections["tls"], base_dir, peers),
         peers=peers,
         source=source,
+    )
+
+
+def _tls_settings(tls: dict[str, Any], base_dir: Path, peers: tuple[Peer, ...]) -> TlsSettings:
+    """The [tls] section with its files resolved; what TLS needs is checked here, at start."""
+    files = {}
+    for key in ("certificate", "private_key", "ca_bundle"):
+        text = tls[key].strip()
+        path = (base_dir / text).resolve() if text else None
+        if path is not None and not path.is_file():
+            raise ConfigError(f"tls.{key}: {path} is not a file")
+        files[key] = path
+    if tls["enabled"] and (files["certificate"] is None or files["private_key"] is None):
+        raise ConfigError("tls.certificate: a TLS listener needs a certificate and a private key")
+    if tls["verify_clients"] and files["ca_bundle"] is None:
+        raise ConfigError("tls.ca_bundle: verify_clients needs the CA bundle to verify against")
+    if any(peer.tls for peer in peers) and files["ca_bundle"] is None:
+        raise ConfigError("tls.ca_bundle: a [[peers]] entry with tls = true needs a CA bundle")
+    return TlsSettings(
+        enabled=tls["enabled"],
+        port=tls["port"],
+        plain_listener=tls["plain_listener"],
+        certificate=files["certificate"],
+        private_key=files["private_key"],
+        ca_bundle=files["ca_bundle"],
+        verify_clients=tls["verify_clients"],
+        check_hostname=tls["check_hostname"],
     )
 
 

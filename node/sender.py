@@ -16,6 +16,7 @@ from collections import defaultdict
 from pynetdicom import AE
 
 from node.context import NodeContext
+from node.tls import client_context
 from storage.deliveries import DeliveryQueue, DueDelivery
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,8 @@ class DeliverySender:
         contexts = {(item.sop_class_uid, item.transfer_syntax_uid) for item in items}
         for sop_class, syntax in sorted(contexts):
             ae.add_requested_context(sop_class, [syntax])
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title)
+        tls_args = (client_context(config.tls), peer.host) if peer.tls else None
+        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
         if not assoc.is_established:
             reason = "association rejected" if assoc.is_rejected else "cannot connect"
             error = f"{reason} by {peer.ae_title} at {peer.host}:{peer.port}"

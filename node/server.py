@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import ssl
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -23,12 +24,14 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
-from pynetdicom.transport import ThreadedAssociationServer
 
+from node.admission import Admission
 from node.config import Config
 from node.context import NodeContext, build_context
 from node.find_scp import handle_find
+from node.guarded_transport import GuardedRequestHandler, GuardedServer, GuardLimits
 from node.storage_scp import handle_store
+from node.tls import server_context
 from storage.consistency import log_recovery, recover
 
 log = logging.getLogger(__name__)
@@ -100,11 +103,14 @@ ServiceFactory = Callable[[NodeContext], BackgroundService]
 
 def _quiet_pynetdicom() -> None:
     """pynetdicom's own handlers log every message, identifiers included (patient names):
-    the node logs its own summary lines instead, which also saves time per instance."""
+    the node logs its own summary lines instead, which also saves time per instance. Its
+    transport layer logs a traceback for every connection a sender breaks off; the guarded
+    transport logs one line for those."""
     _config.LOG_HANDLER_LEVEL = "none"
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("pynetdicom.dul").setLevel(logging.CRITICAL)
 
 
 def build_ae(config: Config) -> AE:
@@ -113,10 +119,11 @@ def build_ae(config: Config) -> AE:
     ae.maximum_associations = config.node.max_associations
     ae.maximum_pdu_size = config.node.max_pdu
     ae.network_timeout = config.node.network_timeout
-    ae.acse_timeout = config.node.network_timeout
+    # As acceptor, the ACSE timeout is the ARTIM timer: a connection that sends nothing.
+    ae.acse_timeout = config.node.association_request_timeout
     ae.dimse_timeout = config.node.network_timeout
-    if not config.node.accept_unknown_callers:
-        ae.require_calling_aet = [peer.ae_title for peer in config.peers]
+    # Calling AE titles are checked by node.admission, before pynetdicom negotiates.
+    ae.require_called_aet = config.node.require_called_ae_title
     ae.add_supported_context(Verification, UNCOMPRESSED_TRANSFER_SYNTAXES)
     for context in AllStoragePresentationContexts:
         ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
@@ -169,15 +176,47 @@ class DicomNode:
         self.context = context or build_context(config)
         self._service_factories = tuple(services)
         self._services: list[BackgroundService] = []
-        self._server: ThreadedAssociationServer | None = None
+        self._servers: list[GuardedServer] = []
+        self.limits = GuardLimits(
+            read_timeout=config.node.network_timeout,
+            request_timeout=config.node.association_request_timeout,
+            max_pdu_length=config.node.max_pdu,
+            max_per_address=config.node.max_associations_per_address,
+            admission=Admission(config),
+        )
 
     @property
-    def address(self) -> tuple[str, int]:
-        """The (host, port) the server listens on; the port is the real one if 0 was asked."""
-        if self._server is None:
-            raise RuntimeError("the node is not started")
-        host, port = self._server.server_address[:2]
-        return str(host), int(port)
+    def addresses(self) -> list[tuple[str, int, bool]]:
+        """(host, port, is TLS) of each listener; the port is the real one if 0 was asked."""
+        return [
+            (
+                str(server.server_address[0]),
+                int(server.server_address[1]),
+                server.tls_context is not None,
+            )
+            for server in self._servers
+        ]
+
+    def _listen(self, port: int, tls_context: ssl.SSLContext | None) -> None:
+        server = self.ae.make_server(
+            (self.config.node.bind_address, port),
+            evt_handlers=event_handlers(self.context),
+            server_class=GuardedServer,
+            request_handler=GuardedRequestHandler,
+            limits=self.limits,
+            tls_context=tls_context,
+        )
+        self._servers.append(server)
+        threading.Thread(target=server.serve_forever, name=f"listener-{port}", daemon=True).start()
+        host, real_port = server.server_address[:2]
+        log.info(
+            "listening as %s on %s:%d%s (storage %s)",
+            self.config.node.ae_title,
+            host,
+            real_port,
+            " with DICOM TLS" if tls_context is not None else "",
+            self.config.storage.folder,
+        )
 
     def start(self) -> None:
         archive = self.context.archive
@@ -186,19 +225,11 @@ class DicomNode:
                 archive.files, archive.engine, quarantine=self.config.storage.quarantine_orphans
             )
         )
-        self._server = self.ae.start_server(
-            (self.config.node.bind_address, self.config.node.port),
-            block=False,
-            evt_handlers=event_handlers(self.context),
-        )
-        host, port = self.address
-        log.info(
-            "listening as %s on %s:%d (storage %s)",
-            self.config.node.ae_title,
-            host,
-            port,
-            self.config.storage.folder,
-        )
+        tls = self.config.tls
+        if not tls.enabled or tls.plain_listener:
+            self._listen(self.config.node.port, None)
+        if tls.enabled:
+            self._listen(tls.port, server_context(tls))
         for factory in self._service_factories:
             service = factory(self.context)
             service.start()
@@ -206,10 +237,11 @@ class DicomNode:
 
     def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Stop accepting, let open associations finish (then abort them), stop services."""
-        if self._server is not None:
-            self._server.shutdown()
+        if self._servers:
+            for server in self._servers:
+                server.shutdown()
             self._finish_associations(grace_seconds)
-            self._server = None
+            self._servers.clear()
         for service in reversed(self._services):
             try:
                 service.stop()

@@ -78,10 +78,15 @@ def start_orthanc(
     workdir: Path,
     *,
     ae_title: str = "ORTHANC",
-    modalities: dict[str, tuple[str, str, int]] | None = None,
+    modalities: dict[str, tuple[str, str, int] | dict[str, Any]] | None = None,
     sync_storage: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> OrthancProcess:
-    """Start Orthanc with storage and SQLite index under `workdir`; wait for its REST API."""
+    """Start Orthanc with storage and SQLite index under `workdir`; wait for its REST API.
+
+    A modality is (AE title, host, port), or Orthanc's object form (e.g. with "UseDicomTls");
+    `extra` adds or overrides configuration keys (e.g. "DicomTlsEnabled").
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     http_port, dicom_port = free_port(), free_port()
     config = {
@@ -102,9 +107,11 @@ def start_orthanc(
         "SyncStorageArea": sync_storage,
         "Plugins": [],
         "DicomModalities": {
-            name: [aet, host, port] for name, (aet, host, port) in (modalities or {}).items()
+            name: list(value) if isinstance(value, tuple) else value
+            for name, value in (modalities or {}).items()
         },
         "StableAge": 2,
+        **(extra or {}),
     }
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")

@@ -213,8 +213,10 @@ def start_node(
     preexec_fn: Callable[[], None] | None = None,
     startup_timeout: float = 30,
     log_name: str = "node.log",
+    ready_log: str | None = None,
 ) -> NodeProcess:
-    """Start `pneumonode serve` on a free loopback port and wait until C-ECHO works.
+    """Start `pneumonode serve` on a free loopback port and wait until C-ECHO works (or,
+    with `ready_log`, until the log holds that text).
 
     Analysis is off unless `overrides` turns it on, so these tests need no model.
     """
@@ -255,7 +257,10 @@ def start_node(
     )
     if not data["node"]["accept_unknown_callers"] and data.get("peers"):
         node.probe_ae = data["peers"][0]["ae_title"]
-    wait_until_serving(node, startup_timeout)
+    if ready_log is None:
+        wait_until_serving(node, startup_timeout)
+    else:  # no plain listener to echo: wait for the log to say it listens
+        wait_for_log(node, ready_log, timeout=startup_timeout)
     return node
 
 

@@ -26,7 +26,7 @@ from dicom_data import (
 )
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
-from pynetdicom.dsutils import encode
+from raw_pdus import c_store_command, pdata_tf, send_pdus
 from sqlalchemy import select
 from support import NodeProcess, echo, index_connection, start_node, wait_for_log
 
@@ -181,33 +181,6 @@ def test_corpus_is_large_and_distinct() -> None:
 # --- cut-off associations -----------------------------------------------------------------
 
 
-def _pdata_tf(context_id: int, control: int, fragment: bytes) -> bytes:
-    """A P-DATA-TF PDU of one PDV (PS3.8 9.3.5): control bit 0 command, bit 1 last."""
-    pdv = struct.pack(">IBB", len(fragment) + 2, context_id, control) + fragment
-    return struct.pack(">BBI", 0x04, 0x00, len(pdv)) + pdv
-
-
-def _c_store_command(sop_class: str, sop_instance: str) -> bytes:
-    """A C-STORE-RQ command set (Implicit VR LE) announcing a dataset."""
-    command = Dataset()
-    command.AffectedSOPClassUID = sop_class
-    command.CommandField = 0x0001
-    command.MessageID = 1
-    command.Priority = 0x0000
-    command.CommandDataSetType = 0x0000
-    command.AffectedSOPInstanceUID = sop_instance
-    elements = encode(command, True, True)
-    return b"\x00\x00\x00\x00\x04\x00\x00\x00" + struct.pack("<I", len(elements)) + elements
-
-
-def _send_pdus(assoc, pdus: bytes) -> socket.socket:
-    """Write `pdus` on the association's own socket, past pynetdicom's DIMSE layer."""
-    raw = assoc.dul.socket.socket
-    assert raw is not None
-    raw.sendall(pdus)
-    return raw
-
-
 def test_raw_c_store_pdus_are_understood(bad_node: NodeProcess) -> None:
     """The control for the cut-off cases: the same hand-made PDUs, with the dataset's
     last fragment too, store the instance."""
@@ -217,11 +190,11 @@ def test_raw_c_store_pdus_are_understood(bad_node: NodeProcess) -> None:
     third = len(body) // 3
     with association(node.host, node.port, node.ae_title, [(DX, [ExplicitVRLittleEndian])]) as a:
         context_id = a.accepted_contexts[0].context_id
-        _send_pdus(
+        send_pdus(
             a,
-            _pdata_tf(context_id, 0b11, _c_store_command(DX, ds.SOPInstanceUID))
-            + _pdata_tf(context_id, 0b00, body[:third])
-            + _pdata_tf(context_id, 0b10, body[third:]),
+            pdata_tf(context_id, 0b11, c_store_command(DX, ds.SOPInstanceUID))
+            + pdata_tf(context_id, 0b00, body[:third])
+            + pdata_tf(context_id, 0b10, body[third:]),
         )
         deadline = time.monotonic() + 10
         while ds.SOPInstanceUID not in index_rows(node):
@@ -239,10 +212,10 @@ def test_cut_off_c_store_leaves_nothing(bad_node: NodeProcess, ending: str) -> N
         node.host, node.port, node.ae_title, [(DX, [ExplicitVRLittleEndian])], calling=calling
     ) as assoc:
         context_id = assoc.accepted_contexts[0].context_id
-        pdus = _pdata_tf(context_id, 0b11, _c_store_command(DX, ds.SOPInstanceUID))
+        pdus = pdata_tf(context_id, 0b11, c_store_command(DX, ds.SOPInstanceUID))
         if ending != "a_abort_after_command_only":
-            pdus += _pdata_tf(context_id, 0b00, body[: len(body) // 3])
-        raw = _send_pdus(assoc, pdus)
+            pdus += pdata_tf(context_id, 0b00, body[: len(body) // 3])
+        raw = send_pdus(assoc, pdus)
         time.sleep(0.2)  # let the node take the fragments in
         assert assoc.is_established  # the node took them as a message under way
         if ending == "tcp_close":

@@ -1,0 +1,309 @@
+"""pynetdicom's association server, hardened against senders that stall, flood or lie.
+
+pynetdicom reads a PDU as one blocking `recv(6)` for its header and one `recv(length)` for
+its body, with no deadline, and accepts any announced length: ten connections that announce
+4 GB and send nothing hold every association slot forever. This module is the one place
+that adapts pynetdicom's internals, and `tests/test_guarded_transport.py` pins what it
+relies on:
+
+- `GuardedAssociationSocket.recv` (over pynetdicom's `AssociationSocket.recv`) gives every
+  PDU header and body a deadline, answers a PDU longer than the node accepts with A-ABORT
+  before reading its body, and decides on the A-ASSOCIATE-RQ's calling AE title and the
+  peer's address (A-ASSOCIATE-RJ) before pynetdicom negotiates;
+- `GuardedServer` (a `ThreadedAssociationServer`) caps the associations one remote address
+  may hold, and does the TLS handshake in the connection's own thread with a deadline, not
+  in the accept loop where one silent client would stop every other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+import struct
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+log = logging.getLogger(__name__)
+
+A_ASSOCIATE_RQ = 0x01
+P_DATA_TF = 0x04
+KNOWN_PDU_TYPES = frozenset(range(0x01, 0x08))
+PDU_HEADER_LENGTH = 6
+# An A-ASSOCIATE-RQ with 128 presentation contexts of 40 transfer syntaxes each is ~170 KB.
+MAX_ASSOCIATE_RQ_LENGTH = 1 << 20
+MAX_CONTROL_PDU_LENGTH = 1 << 10  # A-ASSOCIATE-RJ/AC aside, the others are 4 bytes long
+UNLIMITED_PDU_LENGTH = 0xFFFFFFFF
+
+# A-ABORT: source 2 (service provider), reason 6 (invalid PDU parameter value), PS3.8 9.3.8.
+A_ABORT_INVALID_PARAMETER = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6))
+
+
+def a_associate_rj(result: int, source: int, reason: int) -> bytes:
+    """An A-ASSOCIATE-RJ PDU (PS3.8 9.3.4)."""
+    return struct.pack(">BBIBBBB", 0x03, 0, 4, 0, result, source, reason)
+
+
+# Rejected-permanent by the service user: calling AE title not recognised (PS3.8 9.3.4).
+REJECT_CALLING_AE = a_associate_rj(1, 1, 3)
+
+# Decides on an association request: (calling AE title, called AE title, remote address)
+# -> None to let pynetdicom negotiate, or the reason it is rejected (logged).
+Admission = Callable[[str, str, str], str | None]
+
+
+@dataclass(frozen=True)
+class GuardLimits:
+    """How long a sender may take and how much it may announce."""
+
+    read_timeout: float  # seconds for any one PDU header or body (node.network_timeout)
+    request_timeout: float  # seconds from connect to a whole A-ASSOCIATE-RQ (ARTIM)
+    max_pdu_length: int  # the node's maximum PDU (0: unlimited)
+    max_per_address: int  # associations one remote address may hold at once
+    admission: Admission | None = None
+
+
+class PduRefused(ConnectionAbortedError):
+    """The peer was answered (A-ABORT or A-ASSOCIATE-RJ) and the connection is dropped."""
+
+
+class GuardedAssociationSocket(AssociationSocket):
+    """An AssociationSocket whose reads have deadlines and whose PDUs have limits.
+
+    pynetdicom treats an OSError from `recv` as the transport closing (Evt17): the
+    association ends and its slot is free. Objects are converted to this class right after
+    pynetdicom created them (`guard_socket`), so there is no constructor of our own.
+    """
+
+    _limits: GuardLimits
+    _connected_at: float
+    _expect_header: bool
+    _pdu_type: int
+    _first_pdu: bool
+
+    def recv(self, nr_bytes: int) -> bytearray:
+        if self._expect_header:
+            data = self._read(nr_bytes, self._deadline())
+            self._check_header(data)
+            return data
+        self._expect_header = True
+        deadline = self._deadline()
+        data = self._read(nr_bytes, deadline)
+        if self._first_pdu and self._pdu_type == A_ASSOCIATE_RQ and len(data) == nr_bytes:
+            self._first_pdu = False
+            self._admit(bytes(data))
+        elif self._pdu_type == P_DATA_TF and len(data) == nr_bytes:
+            self._check_contexts(data)
+        return data
+
+    def _check_contexts(self, body: bytearray) -> None:
+        """Every PDV must name an accepted presentation context (PS3.8 9.3.5); pynetdicom
+        would wait for the rest of a message that can never come."""
+        accepted = {context.context_id for context in self.assoc.accepted_contexts}
+        offset = 0
+        while offset + 5 <= len(body):
+            item_length, context_id = struct.unpack_from(">IB", body, offset)
+            if context_id not in accepted:
+                self._refuse(
+                    A_ABORT_INVALID_PARAMETER,
+                    f"P-DATA on presentation context {context_id}, which was not accepted",
+                )
+            offset += 4 + item_length
+
+    def _deadline(self) -> float:
+        if self._first_pdu:
+            return self._connected_at + self._limits.request_timeout
+        return time.monotonic() + self._limits.read_timeout
+
+    def _read(self, nr_bytes: int, deadline: float) -> bytearray:
+        """Like AssociationSocket.recv, but the whole read ends by `deadline`."""
+        sock = self.socket
+        if sock is None:
+            return bytearray()
+        data = bytearray()
+        while len(data) < nr_bytes:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(self._stalled(len(data), nr_bytes))
+            sock.settimeout(remaining)
+            try:
+                chunk = sock.recv(min(nr_bytes - len(data), 1 << 16))
+            except TimeoutError:
+                raise TimeoutError(self._stalled(len(data), nr_bytes)) from None
+            if not chunk:
+                break  # closed by the peer: pynetdicom sees the short read
+            data.extend(chunk)
+        sock.settimeout(self._limits.read_timeout)  # sends must not block forever either
+        return data
+
+    def _stalled(self, received: int, wanted: int) -> str:
+        what = "association request" if self._first_pdu else "PDU"
+        message = f"{what} stalled at {received} of {wanted} bytes"
+        log.warning("aborted connection from %s: %s", self._peer(), message)
+        return message
+
+    def _peer(self) -> str:
+        address = self.assoc.requestor.address_info
+        return f"{address.address}:{address.port}"
+
+    def _check_header(self, header: bytearray) -> None:
+        if len(header) != PDU_HEADER_LENGTH:
+            return  # the peer closed; pynetdicom handles the short read
+        pdu_type, _, length = struct.unpack(">BBI", header)
+        self._pdu_type = pdu_type
+        if pdu_type not in KNOWN_PDU_TYPES:
+            return  # pynetdicom aborts it and reads no body
+        self._expect_header = False
+        limit = self._length_limit(pdu_type)
+        if length > limit:
+            self._refuse(
+                A_ABORT_INVALID_PARAMETER,
+                f"PDU type 0x{pdu_type:02X} of {length} bytes exceeds {limit}",
+            )
+
+    def _length_limit(self, pdu_type: int) -> int:
+        if pdu_type == A_ASSOCIATE_RQ:
+            return MAX_ASSOCIATE_RQ_LENGTH
+        if pdu_type == P_DATA_TF:
+            return self._limits.max_pdu_length or UNLIMITED_PDU_LENGTH
+        return MAX_CONTROL_PDU_LENGTH
+
+    def _admit(self, body: bytes) -> None:
+        """Apply the admission rule to the A-ASSOCIATE-RQ (PS3.8 9.3.2: protocol version,
+        reserved, called AE title, calling AE title, each title 16 bytes)."""
+        if self._limits.admission is None or len(body) < 36:
+            return
+        called = body[4:20].decode("ascii", "replace").strip()
+        calling = body[20:36].decode("ascii", "replace").strip()
+        reason = self._limits.admission(calling, called, self.assoc.requestor.address_info.address)
+        if reason is not None:
+            self._refuse(
+                REJECT_CALLING_AE,
+                f"association rejected: calling AE {calling!r}: {reason}",
+                level=logging.INFO,
+            )
+
+    def _refuse(self, answer: bytes, message: str, level: int = logging.WARNING) -> None:
+        log.log(level, "%s from %s", message, self._peer())
+        with contextlib.suppress(OSError):
+            self.socket.sendall(answer)
+        raise PduRefused(message)
+
+
+def guard_socket(assoc_socket: AssociationSocket, limits: GuardLimits) -> None:
+    """Turn pynetdicom's freshly made acceptor socket into a GuardedAssociationSocket."""
+    assoc_socket.__class__ = GuardedAssociationSocket
+    guarded = assoc_socket
+    guarded._limits = limits
+    guarded._connected_at = time.monotonic()
+    guarded._expect_header = True
+    guarded._pdu_type = 0
+    guarded._first_pdu = True
+    if guarded.socket is not None:
+        guarded.socket.settimeout(limits.read_timeout)
+
+
+class GuardedRequestHandler(RequestHandler):
+    """pynetdicom's handler, with the TLS handshake done here and the socket guarded."""
+
+    server: GuardedServer
+
+    def setup(self) -> None:
+        context = self.server.tls_context
+        if context is None:
+            return
+        raw: socket.socket = self.request
+        raw.settimeout(self.server.limits.request_timeout)
+        try:
+            tls = context.wrap_socket(raw, server_side=True, do_handshake_on_connect=False)
+            tls.do_handshake()
+        except (OSError, ssl.SSLError) as exc:
+            log.warning(
+                "TLS handshake with %s:%s failed: %s",
+                *self.client_address[:2],
+                getattr(exc, "reason", None) or exc,
+            )
+            raw.close()
+            raise _HandshakeFailed from None
+        self.request = tls
+
+    def _create_association(self):  # noqa: ANN202 - pynetdicom's own return type
+        assoc = super()._create_association()
+        guard_socket(assoc.dul.socket, self.server.limits)
+        return assoc
+
+
+class _HandshakeFailed(Exception):
+    """Already logged; the connection is closed."""
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """ThreadedAssociationServer with a per-address cap and TLS outside the accept loop.
+
+    Made with `ae.make_server(..., server_class=GuardedServer, request_handler=
+    GuardedRequestHandler, limits=..., tls_context=...)`; pynetdicom's own `ssl_context`
+    stays None, since it would shake hands in the thread that accepts every connection.
+    """
+
+    def __init__(
+        self, *args, limits: GuardLimits, tls_context: ssl.SSLContext | None = None, **kwargs
+    ) -> None:
+        self.limits = limits
+        self.tls_context = tls_context
+        self._connections: dict[str, int] = {}
+        self._connections_lock = threading.Lock()
+        super().__init__(*args, **kwargs)
+
+    def verify_request(self, request, client_address) -> bool:
+        """Refuse a connection from an address that already holds its share of slots.
+
+        Runs in the accept loop; a connection counts as pending until its association
+        thread is running (process_request_thread), then as an active association.
+        """
+        address = str(client_address[0])
+        with self._connections_lock:
+            held = self._connections.get(address, 0) + sum(
+                1
+                for assoc in self.ae.active_associations
+                if assoc.is_acceptor and assoc.requestor.address == address
+            )
+            if held >= self.limits.max_per_address:
+                log.warning(
+                    "refused connection from %s: it holds %d associations "
+                    "(node.max_associations_per_address)",
+                    address,
+                    held,
+                )
+                return False
+            self._connections[address] = self._connections.get(address, 0) + 1
+        return True
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            address = str(client_address[0])
+            with self._connections_lock:
+                left = self._connections.get(address, 1) - 1
+                if left:
+                    self._connections[address] = left
+                else:
+                    self._connections.pop(address, None)
+
+    def handle_error(self, request, client_address) -> None:
+        """One log line instead of socketserver's traceback on stderr."""
+        error = sys.exc_info()[1]
+        if isinstance(error, _HandshakeFailed):
+            return
+        log.error("connection from %s failed: %s", client_address[0], error)
+
+    def shutdown(self) -> None:
+        if self not in self.ae._servers:  # made with make_server, not start_server
+            self.ae._servers.append(self)
+        super().shutdown()

@@ -1,0 +1,41 @@
+"""What the node's logs may say: one line per event, UIDs but never patient data.
+
+pydicom warns about invalid values by quoting them (a malformed birth date, a name that
+does not decode), and logs them again on its own logger: both are silenced in every
+pneumonode process, since the node logs its own line for each refusal. pynetdicom logs a
+traceback when a sender breaks an association (an over-long UID in a request, a cut PDU):
+the traceback is dropped and the message kept, so a hostile sender costs one line.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+_PYDICOM_MODULES = r"pydicom(\..*)?$"
+_REDUNDANT = frozenset({"Received an invalid DIMSE message"})
+
+
+class _OneLinePerPynetdicomError(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("pynetdicom"):
+            return True
+        if record.getMessage() in _REDUNDANT:
+            return False
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+def keep_phi_out_of_logs() -> None:
+    """Install the policy on the root logger's handlers (after logging is configured)."""
+    import pydicom.config  # noqa: F401 - it sets its logger's level when first imported
+
+    warnings.filterwarnings("ignore", module=_PYDICOM_MODULES)
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
+    # pynetdicom's own copy of each invalid value; the DIMSE layer logs the same text.
+    logging.getLogger("pynetdicom.utils").setLevel(logging.CRITICAL)
+    one_line = _OneLinePerPynetdicomError()
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, _OneLinePerPynetdicomError) for f in handler.filters):
+            handler.addFilter(one_line)
