@@ -31,6 +31,19 @@ def test_shipped_config_is_the_embedded_default() -> None:
             {"node": {"accept_unknown_callers": False}, "peers": []},
             "node.accept_unknown_callers:",
         ),
+        ({"node": {"max_associations_per_address": 30}}, "node.max_associations_per_address:"),
+        ({"storage": {"identity_conflicts": "merge"}}, "storage.identity_conflicts:"),
+        ({"tls": {"enabled": True}}, "tls.certificate: a TLS listener needs a certificate"),
+        ({"tls": {"ca_bundle": "/nonexistent/ca.pem"}}, "tls.ca_bundle: /nonexistent/ca.pem"),
+        ({"tls": {"verify_clients": True}}, "tls.ca_bundle: verify_clients needs"),
+        (
+            {"peers": [{"ae_title": "PACS", "host": "pacs", "port": 104, "tls": True}]},
+            "tls.ca_bundle: a [[peers]] entry with tls = true needs",
+        ),
+        (
+            {"peers": [{"ae_title": "PACS", "host": "pacs", "port": 104, "tls": "yes"}]},
+            "peers[0].tls: must be true or false",
+        ),
     ],
 )
 def test_bad_key_is_named(tmp_path: Path, capsys, overrides, message) -> None:
