@@ -46,6 +46,7 @@ class NodeSettings:
     require_called_ae_title: bool
     association_request_timeout: float
     max_associations_per_address: int
+    relational_queries: bool
 
 
 @dataclass(frozen=True)
@@ -215,6 +216,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "require_called_ae_title": _bool,
         "association_request_timeout": _positive_float,
         "max_associations_per_address": _int_range(1, 1000),
+        "relational_queries": _bool,
     },
     "storage": {
         "folder": _string,

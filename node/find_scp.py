@@ -77,7 +77,9 @@ def _answer(event: evt.Event, context: NodeContext, outcome: _FindOutcome) -> It
         return
     outcome.model = model.value
     try:
-        prepared = prepare_find(_identifier(event), model)
+        prepared = prepare_find(
+            _identifier(event), model, relational=context.config.node.relational_queries
+        )
     except QueryError as exc:
         outcome.status = (
             STATUS_IDENTIFIER_MISMATCH
@@ -139,3 +141,32 @@ def _stream(
         return
     outcome.status = STATUS_SUCCESS
     yield STATUS_SUCCESS, None
+
+
+# Query/Retrieve SOP classes whose extended negotiation byte 1 means relational queries
+# (FIND) or relational retrieval (MOVE, GET), PS3.4 C.5.1.1, C.5.2.1, C.5.3.1.
+_RELATIONAL_NEGOTIATION_CLASSES = frozenset(
+    {
+        "1.2.840.10008.5.1.4.1.2.1.1",  # Patient Root FIND
+        "1.2.840.10008.5.1.4.1.2.2.1",  # Study Root FIND
+        "1.2.840.10008.5.1.4.1.2.1.2",  # Patient Root MOVE
+        "1.2.840.10008.5.1.4.1.2.2.2",  # Study Root MOVE
+        "1.2.840.10008.5.1.4.1.2.1.3",  # Patient Root GET
+        "1.2.840.10008.5.1.4.1.2.2.3",  # Study Root GET
+    }
+)
+
+
+def handle_sop_extended(event: evt.Event, context: NodeContext) -> dict[str, bytes]:
+    """EVT_SOP_EXTENDED: say truthfully what the node does with relational queries.
+
+    Byte 1 is relational queries/retrieval (per node.relational_queries); the node claims
+    none of the other options (combined date-time matching, fuzzy name matching, time
+    zone adjustment), so their bytes are 0.
+    """
+    relational = 1 if context.config.node.relational_queries else 0
+    return {
+        uid: bytes([relational]) + bytes(max(len(info) - 1, 0))
+        for uid, info in event.app_info.items()
+        if str(uid) in _RELATIONAL_NEGOTIATION_CLASSES and info
+    }

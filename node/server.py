@@ -28,7 +28,7 @@ from pynetdicom.sop_class import (
 from node.admission import Admission
 from node.config import Config
 from node.context import NodeContext, build_context
-from node.find_scp import handle_find
+from node.find_scp import handle_find, handle_sop_extended
 from node.guarded_transport import GuardedRequestHandler, GuardedServer, GuardLimits
 from node.storage_scp import handle_store
 from node.tls import server_context
@@ -154,6 +154,7 @@ def event_handlers(context: NodeContext) -> list[tuple]:
         (evt.EVT_C_ECHO, _handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),
         (evt.EVT_C_FIND, handle_find, [context]),
+        (evt.EVT_SOP_EXTENDED, handle_sop_extended, [context]),
         (evt.EVT_ACCEPTED, _log_association("accepted")),
         (evt.EVT_REJECTED, _log_association("rejected")),
         (evt.EVT_RELEASED, _log_association("released")),

@@ -4,10 +4,10 @@ No networking here: `prepare_find` turns a Query/Retrieve identifier (a pydicom 
 and an information model into one SQL statement, and `PreparedFind.responses` streams the
 response identifiers from it. The rules, from PS3.4 C.2.2 and C.4.1:
 
-- Levels PATIENT (Patient Root only), STUDY, SERIES and IMAGE. Every unique key above the
-  query level must be present with a single value (a UID key may hold a list of UIDs);
-  Patient Root puts PatientID above STUDY. Breaking these raises `IdentifierMismatchError`
-  (the SCP answers 0xA900).
+- Levels PATIENT (Patient Root only), STUDY, SERIES and IMAGE. Relational queries (the
+  default) may leave out the unique keys above the level; hierarchical ones must give each
+  with a single value (a UID key may hold a list of UIDs), Patient Root putting PatientID
+  above STUDY. Breaking these raises `IdentifierMismatchError` (the SCP answers 0xA900).
 - Matching: universal (empty, or only `*`), single value, wildcard `*`/`?` (not for UI,
   DA, TM, DT and numeric keys), list of UIDs for UI keys, ranges `a-b`, `a-`, `-b` for DA,
   TM and DT; several values of a non-UID key match if any value matches (PS3.4 C.2.2.2.8).
@@ -426,7 +426,10 @@ def _level_of(identifier: Dataset, model: QueryModel) -> Level:
 
 
 def _check_hierarchy(identifier: Dataset, model: QueryModel, level: Level) -> None:
-    """Unique keys above the query level: present, single value (or UID list), no wildcard."""
+    """Unique keys above the query level: present, single value (or UID list), no wildcard.
+
+    Only for hierarchical queries: a relational query may leave them out or match them
+    like any other key."""
     top = Level.PATIENT if model is QueryModel.PATIENT_ROOT else Level.STUDY
     for above in Level:
         if not top <= above < level:
@@ -656,13 +659,18 @@ class PreparedFind:
         return ds
 
 
-def prepare_find(identifier: Dataset, model: QueryModel) -> PreparedFind:
+def prepare_find(
+    identifier: Dataset, model: QueryModel, *, relational: bool = True
+) -> PreparedFind:
     """Validate `identifier` for `model` and build its single SQL statement.
 
-    Raises IdentifierMismatchError or UnprocessableQueryError (both QueryError).
+    `relational` answers queries without the unique keys above their level (PS3.4
+    C.4.1.2.2); otherwise the hierarchical rules apply. Raises IdentifierMismatchError or
+    UnprocessableQueryError (both QueryError).
     """
     level = _level_of(identifier, model)
-    _check_hierarchy(identifier, model, level)
+    if not relational:
+        _check_hierarchy(identifier, model, level)
     level_table = _LEVEL_TABLE[level]
     columns: list[ColumnElement] = []
     conditions: list[ColumnElement] = []

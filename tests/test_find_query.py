@@ -99,9 +99,33 @@ def test_level_and_hierarchy_errors(model: QueryModel, keys: dict[str, str]) -> 
     for keyword, value in keys.items():
         setattr(ds, keyword, value)
     with pytest.raises(IdentifierMismatchError) as raised:
-        prepare_find(ds, model)
+        prepare_find(ds, model, relational=False)
     assert raised.value.comment and len(raised.value.comment) <= 64
     assert raised.value.offending
+
+
+@pytest.mark.parametrize(
+    ("model", "level", "keys", "expected"),
+    [
+        (PATIENT, "STUDY", {"StudyDescription": ""}, 11),  # Patient Root, no PatientID
+        (STUDY, "SERIES", {"Modality": "CT"}, None),  # no StudyInstanceUID
+        (STUDY, "IMAGE", {"SOPInstanceUID": ""}, None),  # an IMAGE query with no upper keys
+        (PATIENT, "SERIES", {"PatientID": "FIND_2", "SeriesInstanceUID": ""}, None),
+    ],
+)
+def test_relational_queries_are_answered(engine: Engine, model, level, keys, expected) -> None:
+    hierarchical_error = None
+    try:
+        prepare_find(identifier(level, **keys), model, relational=False)
+    except IdentifierMismatchError as exc:
+        hierarchical_error = exc
+    assert hierarchical_error is not None  # the strict model refuses each of these
+    matches = list(find(engine, identifier(level, **keys), model, AE_TITLE))
+    assert matches
+    if expected is not None:
+        assert len(matches) == expected
+    for match in matches:
+        assert match.QueryRetrieveLevel == level
 
 
 def test_uid_list_is_allowed_above_the_level(engine: Engine) -> None:

@@ -275,14 +275,14 @@ def test_findscu_ranges_and_uid_list(synthetic_node: NodeProcess, tmp_path: Path
     assert study_ids("ModalitiesInStudy=CT\\MR") == ["S2", "S3"]
 
 
-def test_findscu_hierarchy_failure_then_next_query_works(
+def test_findscu_relational_query_then_failure_then_next_query_works(
     synthetic_node: NodeProcess, tmp_path: Path
 ) -> None:
     responses, log = findscu(
         synthetic_node, "-P", ["QueryRetrieveLevel=STUDY", "StudyInstanceUID"], tmp_path
     )
-    assert responses == []
-    assert final_status(log) == "Error: DataSetDoesNotMatchSOPClass"  # dcmtk's name for 0xA900
+    assert final_status(log) == "Success"  # Patient Root without PatientID: relational
+    assert len(responses) >= 6
     responses, log = findscu(
         synthetic_node, "-S", ["QueryRetrieveLevel=STUDY", "StudyDate=2020"], tmp_path
     )
@@ -569,7 +569,6 @@ def test_malformed_identifier_fails_and_node_keeps_serving(
 def test_failure_statuses_carry_a_comment(synthetic_node: NodeProcess) -> None:
     for model, identifier, status in [
         (STUDY_ROOT, query("PATIENT", PatientID=""), 0xA900),
-        (PATIENT_ROOT, query("SERIES", PatientID="FIND_2"), 0xA900),
         (STUDY_ROOT, query("STUDY", StudyTime="25"), 0xC000),
         (STUDY_ROOT, query("WRONG"), 0xA900),
     ]:
@@ -589,3 +588,33 @@ def test_one_info_line_per_find_without_patient_data(synthetic_node: NodeProcess
     log = wait_for_log(synthetic_node, line, since=before)
     assert log.count("C-FIND ") == 1, log
     assert "DOE^JANE" not in log and "FIND_2" not in log
+
+
+def test_a_strict_node_refuses_queries_without_the_upper_keys(node_factory, tmp_path) -> None:
+    node = node_factory({"node": {"relational_queries": False}}, name="hierarchical")
+    matches, final = pyfind(node, PATIENT_ROOT, query("SERIES", PatientID="FIND_2"))
+    assert matches == [] and final.Status == 0xA900
+    assert "needs a StudyInstanceUID" in final.ErrorComment
+    responses, log = findscu(node, "-P", ["QueryRetrieveLevel=STUDY", "StudyInstanceUID"], tmp_path)
+    assert responses == []
+    assert final_status(log) == "Error: DataSetDoesNotMatchSOPClass"  # dcmtk's name for 0xA900
+
+
+def test_relational_query_negotiation_is_answered_truthfully(synthetic_node, node_factory):
+    from pynetdicom.pdu_primitives import SOPClassExtendedNegotiation
+
+    def negotiated(node) -> bytes | None:
+        ae = AE(ae_title="NEGOTIATE")
+        ae.add_requested_context(STUDY_ROOT)
+        item = SOPClassExtendedNegotiation()
+        item.sop_class_uid = STUDY_ROOT
+        item.service_class_application_information = b"\x01\x01\x00\x00"
+        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title, ext_neg=[item])
+        assert assoc.is_established
+        answer = assoc.acceptor.sop_class_extended
+        assoc.release()
+        return answer.get(STUDY_ROOT)
+
+    assert negotiated(synthetic_node) == b"\x01\x00\x00\x00"
+    strict = node_factory({"node": {"relational_queries": False}}, name="strict_negotiation")
+    assert negotiated(strict) == b"\x00\x00\x00\x00"
