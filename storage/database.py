@@ -14,6 +14,7 @@ from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
+from storage.indexer import backfill_folded_names
 from storage.models import Base
 
 
@@ -37,6 +38,8 @@ def create_index_engine(url: str) -> Engine:
         event.listen(engine, "connect", _configure_sqlite)
     Base.metadata.create_all(engine)
     _add_missing_columns(engine)
+    with engine.begin() as conn:
+        backfill_folded_names(conn)
     return engine
 
 
@@ -52,6 +55,8 @@ def _add_missing_columns(engine: Engine) -> None:
                     continue
                 kind = column.type.compile(dialect=engine.dialect)
                 conn.execute(text(f'ALTER TABLE {table.name} ADD COLUMN "{column.name}" {kind}'))
+            for index in table.indexes:
+                index.create(conn, checkfirst=True)
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:

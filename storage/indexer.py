@@ -16,6 +16,7 @@ from sqlalchemy import Connection, Select, Table, Update, bindparam, insert, sel
 
 from storage.errors import IdentityConflictError
 from storage.models import Instance, Patient, Series, Study
+from storage.text import fold_case
 
 
 def _text(ds: Dataset, keyword: str) -> str:
@@ -50,6 +51,7 @@ class HeaderRecord:
 
     patient_id: str
     patient_name: str
+    patient_name_folded: str
     patient_birth_date: str
     patient_sex: str
     study_instance_uid: str
@@ -59,6 +61,7 @@ class HeaderRecord:
     study_id: str
     study_description: str
     referring_physician_name: str
+    referring_physician_name_folded: str
     series_instance_uid: str
     modality: str
     series_number: int | None
@@ -78,9 +81,12 @@ class HeaderRecord:
 
     @classmethod
     def from_dataset(cls, ds: Dataset, transfer_syntax_uid: str) -> HeaderRecord:
+        patient_name = _person_name(ds, "PatientName")
+        referring = _person_name(ds, "ReferringPhysicianName")
         return cls(
             patient_id=_text(ds, "PatientID"),
-            patient_name=_person_name(ds, "PatientName"),
+            patient_name=patient_name,
+            patient_name_folded=fold_case(patient_name),
             patient_birth_date=_text(ds, "PatientBirthDate"),
             patient_sex=_text(ds, "PatientSex"),
             study_instance_uid=_text(ds, "StudyInstanceUID"),
@@ -89,7 +95,8 @@ class HeaderRecord:
             accession_number=_text(ds, "AccessionNumber"),
             study_id=_text(ds, "StudyID"),
             study_description=_text(ds, "StudyDescription"),
-            referring_physician_name=_person_name(ds, "ReferringPhysicianName"),
+            referring_physician_name=referring,
+            referring_physician_name_folded=fold_case(referring),
             series_instance_uid=_text(ds, "SeriesInstanceUID"),
             modality=_text(ds, "Modality"),
             series_number=_number(ds, "SeriesNumber"),
@@ -109,7 +116,7 @@ class HeaderRecord:
         )
 
 
-_PATIENT_FIELDS = ("patient_name", "patient_birth_date", "patient_sex")
+_PATIENT_FIELDS = ("patient_name", "patient_name_folded", "patient_birth_date", "patient_sex")
 _STUDY_FIELDS = (
     "study_date",
     "study_time",
@@ -117,6 +124,7 @@ _STUDY_FIELDS = (
     "study_id",
     "study_description",
     "referring_physician_name",
+    "referring_physician_name_folded",
 )
 _SERIES_FIELDS = ("modality", "series_number", "series_description", "body_part_examined")
 _INSTANCE_FIELDS = (
@@ -276,3 +284,18 @@ class IndexWriter:
             return None
         conn.execute(_update_by_pk(instances), {"pk_": previous.id, **values})
         return previous.file_path
+
+
+def backfill_folded_names(conn: Connection) -> int:
+    """Fill the folded-name columns of rows indexed before they existed; returns how many."""
+    filled = 0
+    for table, name, folded in (
+        (Patient.__table__, "patient_name", "patient_name_folded"),
+        (Study.__table__, "referring_physician_name", "referring_physician_name_folded"),
+    ):
+        rows = conn.execute(select(table.c.id, table.c[name]).where(table.c[folded].is_(None)))
+        updates = [{"pk_": pk, folded: fold_case(value or "")} for pk, value in rows]
+        if updates:
+            conn.execute(_update_by_pk(table), updates)
+            filled += len(updates)
+    return filled

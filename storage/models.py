@@ -42,6 +42,8 @@ class Patient(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     patient_id: Mapped[str] = mapped_column(String(64), unique=True)
     patient_name: Mapped[str] = mapped_column(String(324), default="", index=True)
+    # storage.text.fold_case(patient_name): case-insensitive matching that uses an index.
+    patient_name_folded: Mapped[str | None] = mapped_column(String(324), index=True)
     patient_birth_date: Mapped[str] = mapped_column(String(8), default="", index=True)
     patient_sex: Mapped[str] = mapped_column(String(16), default="", index=True)
 
@@ -60,6 +62,7 @@ class Study(Base):
     study_id: Mapped[str] = mapped_column(String(16), default="", index=True)
     study_description: Mapped[str] = mapped_column(String(64), default="", index=True)
     referring_physician_name: Mapped[str] = mapped_column(String(324), default="", index=True)
+    referring_physician_name_folded: Mapped[str | None] = mapped_column(String(324), index=True)
 
     patient: Mapped[Patient] = relationship(back_populates="studies")
     series: Mapped[list[Series]] = relationship(back_populates="study")

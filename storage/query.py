@@ -11,8 +11,9 @@ response identifiers from it. The rules, from PS3.4 C.2.2 and C.4.1:
 - Matching: universal (empty, or only `*`), single value, wildcard `*`/`?` (not for UI,
   DA, TM, DT and numeric keys), list of UIDs for UI keys, ranges `a-b`, `a-`, `-b` for DA,
   TM and DT; several values of a non-UID key match if any value matches (PS3.4 C.2.2.2.8).
-  Text is case-sensitive; person names (PN) are matched without regard to case, and a
-  query without `=` is matched against the alphabetic group of a stored name.
+  Text is case-sensitive; person names (PN) are matched without regard to case in every
+  script (Unicode case folding, on an indexed folded column), and a query without `=` is
+  matched against the alphabetic group of a stored name.
 - TM and DT values match to the precision they are written in: `0930` as a single value
   or an upper bound covers 09:30:00 to 09:30:59.999999, and stored times written with
   fewer digits (`09`, `0930`) compare as if padded with zeros.
@@ -63,6 +64,7 @@ from sqlalchemy import (
 from sqlalchemy.ext.compiler import compiles
 
 from storage.models import Instance, Patient, Series, Study
+from storage.text import fold_case
 
 # --- errors ------------------------------------------------------------------------------
 
@@ -145,10 +147,20 @@ class KeySpec:
     level: Level
     kind: MatchKind
     column: str | None = None  # column of the level's table; None for computed keys
+    match_column: str | None = None  # the column matched on, when not `column`
 
 
 def _keys(level: Level, *specs: tuple[str, MatchKind, str | None]) -> list[KeySpec]:
-    return [KeySpec(keyword, level, kind, column) for keyword, kind, column in specs]
+    return [
+        KeySpec(
+            keyword,
+            level,
+            kind,
+            column,
+            f"{column}_folded" if kind is MatchKind.PERSON_NAME else None,
+        )
+        for keyword, kind, column in specs
+    ]
 
 
 _KEY_SPECS: dict[str, KeySpec] = {
@@ -231,6 +243,7 @@ class _CaseSensitiveLike(ColumnElement[bool]):
 
     type = Boolean()
     inherit_cache = False
+    _is_implicitly_boolean = True  # a condition already: no "= 1" in OR (it hides the index)
 
     def __init__(self, column: ColumnElement, dicom_pattern: str) -> None:
         self.column = column
@@ -463,12 +476,14 @@ def _text_condition(spec: KeySpec, column, values: list[str]) -> ColumnElement:
 
 
 def _person_name_condition(column, value: str) -> ColumnElement:
-    """Case-insensitive; a query without '=' matches the alphabetic group of a stored name."""
-    groups = [group.rstrip("^ ") for group in value.split("=")]
-    pattern = like_pattern("=".join(groups).rstrip("="))
-    condition = column.ilike(pattern, escape=LIKE_ESCAPE)
-    if "=" not in value:
-        condition = or_(condition, column.ilike(pattern + "=%", escape=LIKE_ESCAPE))
+    """Case-insensitive for every script: the value, folded as storage.text folds, against
+    the folded column (so `SMITH^A*` is a prefix match on an index). A query without '='
+    matches the alphabetic group of a stored name."""
+    groups = [group.rstrip("^ ") for group in fold_case(value).split("=")]
+    pattern = "=".join(groups).rstrip("=")
+    condition = _CaseSensitiveLike(column, pattern) if _has_wildcard(pattern) else column == pattern
+    if "=" not in value and not pattern.endswith("*"):  # `...*` covers the groups too
+        condition = or_(condition, _CaseSensitiveLike(column, pattern + "=*"))
     return condition
 
 
@@ -514,7 +529,7 @@ def _condition(spec: KeySpec, values: list[str]) -> ColumnElement | None:
         return _study_sop_class_condition(values)
     if spec.column is None:
         return None
-    column = _LEVEL_TABLE[spec.level].c[spec.column]
+    column = _LEVEL_TABLE[spec.level].c[spec.match_column or spec.column]
     if spec.kind in (MatchKind.TEXT, MatchKind.PERSON_NAME):
         return _text_condition(spec, column, values)
     if spec.kind is MatchKind.UID:

@@ -517,3 +517,47 @@ def test_synthetic_fixture_is_complete(engine: Engine) -> None:
         ),
     )
     assert len(images) == SYNTHETIC_INSTANCE_COUNT
+
+
+@pytest.fixture(scope="module")
+def names_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
+    from dicom_data import small_image
+
+    folder: Path = tmp_path_factory.mktemp("names_index")
+    engine = create_index_engine(f"sqlite:///{folder / 'index.sqlite'}")
+    archive = Archive(FileStore(folder / "files", fsync=False), engine)
+    for number, name in enumerate(
+        ["MÜLLER^HANS", "STRASSE^ANNA", "ΣΩΚΡΆΤΗΣ^ΝΊΚΟΣ", "ИВАНОВ^ИВАН", "Smith^Adam", "SMITH^Bob"]
+    ):
+        ds = small_image(patient_id=f"NAME-{number}", patient_name=name)
+        ds.SpecificCharacterSet = "ISO_IR 192"
+        archive.store_dataset(ds, is_result=False)
+    yield engine
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("müller^hans", ["MÜLLER^HANS"]),
+        ("Müller*", ["MÜLLER^HANS"]),
+        ("straße^anna", ["STRASSE^ANNA"]),  # case folding: ß is ss
+        ("σωκράτης*", ["ΣΩΚΡΆΤΗΣ^ΝΊΚΟΣ"]),
+        ("иванов^иван", ["ИВАНОВ^ИВАН"]),
+        ("SMITH^A*", ["Smith^Adam"]),
+        ("smith*", ["SMITH^Bob", "Smith^Adam"]),
+    ],
+)
+def test_person_names_match_without_regard_to_case_in_any_script(
+    names_engine: Engine, query: str, expected: list[str]
+) -> None:
+    matches = run(names_engine, PATIENT, "PATIENT", PatientName=query, PatientID="")
+    assert sorted(str(m.PatientName) for m in matches) == sorted(expected)
+
+
+def test_a_name_prefix_query_uses_the_folded_index(names_engine: Engine) -> None:
+    prepared = prepare_find(identifier("PATIENT", PatientName="SMITH^A*"), PATIENT)
+    with names_engine.connect() as conn:
+        compiled = prepared.statement.compile(names_engine, compile_kwargs={"literal_binds": True})
+        plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}").all()
+    assert any("ix_patient_patient_name_folded" in str(row) for row in plan), plan
