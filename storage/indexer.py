@@ -12,10 +12,21 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from pydicom.dataset import Dataset
-from sqlalchemy import Connection, Select, Table, Update, bindparam, insert, select, update
+from pydicom.multival import MultiValue
+from sqlalchemy import (
+    Connection,
+    Select,
+    Table,
+    Update,
+    bindparam,
+    delete,
+    insert,
+    select,
+    update,
+)
 
 from storage.errors import IdentityConflictError
-from storage.models import Instance, Patient, Series, Study
+from storage.models import Instance, InstanceAttribute, Patient, Series, Study
 from storage.text import fold_case
 
 
@@ -78,6 +89,8 @@ class HeaderRecord:
     photometric_interpretation: str
     acquisition_date_time: str
     specific_character_set: str
+    # (tag, VR, position, value, folded) of the other top-level attributes (instance_attribute)
+    attributes: tuple[tuple[int, str, int, str, str | None], ...] = ()
 
     @classmethod
     def from_dataset(cls, ds: Dataset, transfer_syntax_uid: str) -> HeaderRecord:
@@ -113,7 +126,63 @@ class HeaderRecord:
             photometric_interpretation=_text(ds, "PhotometricInterpretation"),
             acquisition_date_time=_text(ds, "AcquisitionDateTime"),
             specific_character_set=_text(ds, "SpecificCharacterSet"),
+            attributes=attribute_values(ds),
         )
+
+
+# The keywords the patient/study/series/instance columns hold; every other top-level
+# attribute with a value goes to instance_attribute.
+COLUMN_KEYWORDS = frozenset(
+    {
+        "PatientID", "PatientName", "PatientBirthDate", "PatientSex", "StudyInstanceUID",
+        "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
+        "ReferringPhysicianName", "SeriesInstanceUID", "Modality", "SeriesNumber",
+        "SeriesDescription", "BodyPartExamined", "SOPInstanceUID", "SOPClassUID",
+        "InstanceNumber", "Rows", "Columns", "NumberOfFrames", "SamplesPerPixel",
+        "PhotometricInterpretation", "AcquisitionDateTime", "SpecificCharacterSet",
+    }
+)  # fmt: skip
+# Not kept as attributes: sequences and bulk data (the file has them).
+_NOT_ATTRIBUTE_VRS = frozenset({"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"})
+MAX_ATTRIBUTE_VALUE = 1024
+_INSERT_ATTRIBUTE = insert(InstanceAttribute)
+_DELETE_ATTRIBUTES = delete(InstanceAttribute).where(
+    InstanceAttribute.instance_pk == bindparam("pk")
+)
+
+
+def _as_text(item: object) -> str:
+    """A value as the sender wrote it (a DS keeps its digits, not a float's repr)."""
+    if item is None:
+        return ""
+    original = getattr(item, "original_string", None)
+    return str(original if original is not None else item).strip()
+
+
+def attribute_values(ds: Dataset) -> tuple[tuple[int, str, int, str, str | None], ...]:
+    """(tag, VR, position, value, folded) for each value of each top-level attribute the
+    columns do not hold; values as DICOM text, person names also case-folded."""
+    rows = []
+    for element in ds:
+        tag = int(element.tag)
+        if tag >> 16 in (0x0002, 0x7FE0) or tag & 0xFFFF == 0:
+            continue
+        vr = str(element.VR)
+        if vr in _NOT_ATTRIBUTE_VRS or element.keyword in COLUMN_KEYWORDS:
+            continue
+        try:
+            value = element.value
+        except Exception:  # a value pydicom cannot decode stays in the file only
+            continue
+        if value is None or value == "":
+            continue
+        items = list(value) if isinstance(value, list | tuple | MultiValue) else [value]
+        for position, item in enumerate(items):
+            text = _as_text(item)
+            if not text or len(text) > MAX_ATTRIBUTE_VALUE:
+                continue
+            rows.append((tag, vr, position, text, fold_case(text) if vr == "PN" else None))
+    return tuple(rows)
 
 
 _PATIENT_FIELDS = ("patient_name", "patient_name_folded", "patient_birth_date", "patient_sex")
@@ -280,10 +349,36 @@ class IndexWriter:
         }
         previous = conn.execute(_select_instance_path(), {"key": record.sop_instance_uid}).first()
         if previous is None:
-            conn.execute(insert(instances), {"sop_instance_uid": record.sop_instance_uid, **values})
+            inserted = conn.execute(
+                insert(instances), {"sop_instance_uid": record.sop_instance_uid, **values}
+            )
+            self._write_attributes(conn, inserted.inserted_primary_key[0], record, replace=False)
             return None
         conn.execute(_update_by_pk(instances), {"pk_": previous.id, **values})
+        self._write_attributes(conn, previous.id, record, replace=True)
         return previous.file_path
+
+    @staticmethod
+    def _write_attributes(
+        conn: Connection, instance_pk: int, record: HeaderRecord, replace: bool
+    ) -> None:
+        if replace:
+            conn.execute(_DELETE_ATTRIBUTES, {"pk": instance_pk})
+        if record.attributes:
+            conn.execute(
+                _INSERT_ATTRIBUTE,
+                [
+                    {
+                        "instance_pk": instance_pk,
+                        "tag": tag,
+                        "vr": vr,
+                        "position": position,
+                        "value": value,
+                        "folded": folded,
+                    }
+                    for tag, vr, position, value, folded in record.attributes
+                ],
+            )
 
 
 def backfill_folded_names(conn: Connection) -> int:

@@ -113,6 +113,30 @@ class Instance(Base):
     series: Mapped[Series] = relationship(back_populates="instances")
 
 
+class InstanceAttribute(Base):
+    """One value of a top-level attribute of an instance that the columns above do not hold
+    (PatientAge, ViewPosition, Laterality, ...): C-FIND matches on it and returns it.
+
+    A row per value (position in a multi-valued attribute), its text as DICOM writes it;
+    person names also folded for case-insensitive matching. Sequences and bulk data (OB, OW,
+    UN, ...) are not kept; the file has them.
+    """
+
+    __tablename__ = "instance_attribute"
+    __table_args__ = (
+        Index("ix_instance_attribute_tag_value", "tag", "value"),
+        Index("ix_instance_attribute_tag_folded", "tag", "folded"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instance.id"), index=True)
+    tag: Mapped[int] = mapped_column(BigInteger)
+    vr: Mapped[str] = mapped_column(String(2))
+    position: Mapped[int] = mapped_column(Integer, default=0)
+    value: Mapped[str] = mapped_column(Text)
+    folded: Mapped[str | None] = mapped_column(Text)
+
+
 class IdentityConflict(Base):
     """An instance that named another parent for a study or series the index holds.
 

@@ -19,12 +19,14 @@ response identifiers from it. The rules, from PS3.4 C.2.2 and C.4.1:
   fewer digits (`09`, `0930`) compare as if padded with zeros.
 - Keys the node can match are those of the query level and the levels above it (a
   lenient superset of the hierarchical model that most archives share: a Patient Root
-  STUDY query may ask for PatientName). Any other key — one the index does not hold, one
-  of a level below the query level, or a sequence — is returned zero-length. If such a
-  key carries a non-empty value, it is not used for matching (PS3.4 lets an SCP ignore
-  optional keys it does not support) and `PreparedFind.ignored_keys` names it, so that
-  the SCP answers with Pending 0xFF01 ("optional keys not supported") instead of 0xFF00:
-  the caller learns the filter was not applied instead of silently getting more matches.
+  STUDY query may ask for PatientName), and any other top-level attribute the stored
+  instances hold (PatientAge, ViewPosition, ...: the instance_attribute rows), matched
+  and returned at STUDY and SERIES level from the instances of that study or series, as
+  Orthanc does. A sequence, or a key of the index's own levels below the query level
+  (Modality in a STUDY query), is returned zero-length; if it carries a value, it is not
+  used for matching (PS3.4 lets an SCP ignore optional keys it does not support) and
+  `PreparedFind.ignored_keys` names it, so that the SCP answers with Pending 0xFF01
+  instead of 0xFF00: the caller learns the filter was not applied.
 - Values the node cannot understand (a malformed date, a non-numeric SeriesNumber, an
   element pydicom cannot decode) raise `UnprocessableQueryError` (0xC000).
 - Responses hold exactly the requested keys, plus QueryRetrieveLevel and RetrieveAETitle,
@@ -63,7 +65,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.compiler import compiles
 
-from storage.models import Instance, Patient, Series, Study
+from storage.models import Instance, InstanceAttribute, Patient, Series, Study
 from storage.text import fold_case
 
 # --- errors ------------------------------------------------------------------------------
@@ -131,6 +133,7 @@ _patient = Patient.__table__
 _study = Study.__table__
 _series = Series.__table__
 _instance = Instance.__table__
+_attribute = InstanceAttribute.__table__
 _LEVEL_TABLE = {
     Level.PATIENT: _patient,
     Level.STUDY: _study,
@@ -598,6 +601,92 @@ def _from_clause(level: Level):
     return joined
 
 
+# --- any other attribute: instance_attribute --------------------------------------------
+
+_TIME_KINDS = {"DA": MatchKind.DATE, "TM": MatchKind.TIME, "DT": MatchKind.DATETIME}
+_BINARY_NUMBERS = {"US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": int,
+                   "FL": float, "FD": float}  # fmt: skip
+
+
+def _attribute_vr(element: DataElement) -> str:
+    try:
+        return dictionary_VR(element.tag).split(" or ")[0]
+    except KeyError:
+        vr = str(element.VR or "")
+        return vr if vr and vr != "UN" and " or " not in vr else "LO"
+
+
+def _attribute_scope(level: Level, attribute) -> list[ColumnElement]:
+    """Clauses tying instance_attribute rows to the outer row of `level`: at STUDY and
+    SERIES level (and PATIENT) the values of any of its instances, as Orthanc does."""
+    if level is Level.IMAGE:
+        return [attribute.c.instance_pk == _instance.c.id]
+    inst = _instance.alias("attr_instance")
+    clauses = [attribute.c.instance_pk == inst.c.id]
+    if level is Level.SERIES:
+        return [*clauses, inst.c.series_pk == _series.c.id]
+    se = _series.alias("attr_series")
+    clauses += [inst.c.series_pk == se.c.id]
+    if level is Level.STUDY:
+        return [*clauses, se.c.study_pk == _study.c.id]
+    st = _study.alias("attr_study")
+    return [*clauses, se.c.study_pk == st.c.id, st.c.patient_pk == _patient.c.id]
+
+
+def _attribute_condition(element: DataElement, level: Level, values: list[str]) -> ColumnElement:
+    """Some instance of the row's level holds a value of this attribute that matches."""
+    keyword = element.keyword or str(element.tag)
+    vr = _attribute_vr(element)
+    attribute = _attribute.alias("match_attribute")
+    if vr == "PN":
+        wanted = or_(*(_person_name_condition(attribute.c.folded, v) for v in values))
+    elif vr in _TIME_KINDS:
+        wanted = or_(
+            *(_date_time_condition(_TIME_KINDS[vr], keyword, attribute.c.value, v) for v in values)
+        )
+    elif vr == "UI":
+        wanted = attribute.c.value.in_(values)
+    else:
+        spec = KeySpec(keyword, level, MatchKind.TEXT)
+        wanted = _text_condition(spec, attribute.c.value, values)
+    return exists().where(
+        attribute.c.tag == int(element.tag), *_attribute_scope(level, attribute), wanted
+    )
+
+
+def _attribute_column(element: DataElement, level: Level) -> ColumnElement:
+    """The values of the first instance (of the row's level) that holds the attribute,
+    joined with backslashes."""
+    tag = int(element.tag)
+    holder = _attribute.alias("first_holder")
+    first = (
+        select(func.min(holder.c.instance_pk))
+        .where(holder.c.tag == tag, *_attribute_scope(level, holder))
+        .correlate(_patient, _study, _series, _instance)  # the outer row, two levels up
+        .scalar_subquery()
+    )
+    value = _attribute.alias("attribute_value")
+    return (
+        select(func.aggregate_strings(value.c.value, "\\"))
+        .where(value.c.instance_pk == first, value.c.tag == tag)
+        .scalar_subquery()
+    )
+
+
+def _attribute_element(element: DataElement, raw: object) -> DataElement:
+    vr = _attribute_vr(element)
+    if raw is None or raw == "":
+        return DataElement(element.tag, vr, None)
+    values: list = str(raw).split("\\")
+    convert = _BINARY_NUMBERS.get(vr)
+    if convert is not None:
+        try:
+            values = [convert(v) for v in values]
+        except ValueError:
+            return DataElement(element.tag, vr, None)
+    return DataElement(element.tag, vr, values if len(values) > 1 else values[0])
+
+
 # --- response values ---------------------------------------------------------------------
 
 
@@ -633,7 +722,7 @@ def _needs_utf8(value: object) -> bool:
 @dataclass(frozen=True)
 class _ReturnKey:
     element: DataElement  # the requested element (tag, VR)
-    spec: KeySpec | None  # None: returned zero-length
+    spec: KeySpec | None  # None: an attribute (if labelled) or returned zero-length
     label: str | None  # column label in the statement
 
 
@@ -658,6 +747,11 @@ class PreparedFind:
         ds = Dataset()
         needs_utf8 = False
         for key in self.return_keys:
+            if key.spec is None and key.label is not None:
+                attribute = _attribute_element(key.element, row[key.label])
+                needs_utf8 = needs_utf8 or _needs_utf8(attribute.value)
+                ds.add(attribute)
+                continue
             if key.spec is None:
                 ds.add(_empty_element(key.element))
                 continue
@@ -703,6 +797,18 @@ def prepare_find(
             continue
         keyword = element.keyword or str(tag)
         spec = _KEY_SPECS.get(keyword)
+        if spec is None and element.VR != "SQ":
+            values = _values(element)
+            if not _is_universal(values):
+                try:
+                    conditions.append(_attribute_condition(element, level, values))
+                except QueryError as exc:
+                    exc.offending = exc.offending or (int(tag),)
+                    raise
+            label = f"a_{int(tag):08X}"
+            columns.append(_attribute_column(element, level).label(label))
+            return_keys.append(_ReturnKey(element, None, label))
+            continue
         if element.VR == "SQ" or spec is None or spec.level > level:
             if not _unsupported_is_universal(element):
                 ignored.append(keyword)
@@ -762,3 +868,39 @@ def find(
     prepared = prepare_find(identifier, model)
     with engine.connect() as conn:
         yield from prepared.responses(conn, retrieve_ae_title)
+
+
+# --- retrieve ----------------------------------------------------------------------------
+
+
+def retrieve_instances(
+    conn: Connection, identifier: Dataset, model: QueryModel, *, relational: bool = True
+) -> list:
+    """The instances a C-MOVE or C-GET identifier selects: what C-FIND matches at the
+    identifier's level, then every instance under each match, in study, series and instance
+    order. Rows have sop_instance_uid, sop_class_uid, transfer_syntax_uid and file_path.
+
+    The unique key of the level itself must hold a value or a list of UIDs (PS3.4 C.4.2.2.1),
+    so that a retrieve never means "everything". `relational` as for `prepare_find` (PS3.4
+    C.4.2.2.1.2 relational retrieve). Raises QueryError as `prepare_find` does.
+    """
+    prepared = prepare_find(identifier, model, relational=relational)
+    keyword = UNIQUE_KEYS[prepared.level]
+    element = _element(identifier, Tag(keyword))
+    values = _values(element) if element is not None else []
+    if _is_universal(values) or any(_has_wildcard(value) for value in values):
+        raise IdentifierMismatchError(f"a retrieve needs a {keyword} value", (int(Tag(keyword)),))
+    level_table = _LEVEL_TABLE[prepared.level]
+    matched = prepared.statement.with_only_columns(level_table.c.id).order_by(None)
+    statement = (
+        select(
+            _instance.c.sop_instance_uid,
+            _instance.c.sop_class_uid,
+            _instance.c.transfer_syntax_uid,
+            _instance.c.file_path,
+        )
+        .select_from(_from_clause(Level.IMAGE))
+        .where(level_table.c.id.in_(matched))
+        .order_by(_study.c.id, _series.c.id, _instance.c.instance_number, _instance.c.id)
+    )
+    return list(conn.execute(statement).all())

@@ -443,8 +443,7 @@ def test_unsupported_keys_are_returned_empty_and_reported(engine: Engine) -> Non
     ds = identifier(
         "STUDY",
         StudyInstanceUID=study_uid("S4"),
-        PatientAge="",  # not in the index, asked empty: returned empty, nothing ignored
-        InstitutionName="Somewhere",  # not in the index, with a value: ignored, reported
+        PatientAge="",  # an attribute its instances do not hold, asked empty: empty
         Modality="MR",  # a SERIES key in a STUDY query: ignored, reported
     )
     ds.ReferencedStudySequence = Sequence()
@@ -452,9 +451,9 @@ def test_unsupported_keys_are_returned_empty_and_reported(engine: Engine) -> Non
     ds.ProcedureCodeSequence[0].CodeValue = "X"
     prepared = prepare_find(ds, STUDY)
     assert prepared.level is Level.STUDY
-    assert sorted(prepared.ignored_keys) == ["InstitutionName", "Modality", "ProcedureCodeSequence"]
+    assert sorted(prepared.ignored_keys) == ["Modality", "ProcedureCodeSequence"]
     (match,) = find(engine, ds, STUDY, AE_TITLE)  # S4 is CR: Modality=MR did not filter
-    for keyword in ("PatientAge", "InstitutionName", "Modality"):
+    for keyword in ("PatientAge", "Modality"):
         assert keyword in match and match[keyword].value in ("", None)
     assert len(match.ReferencedStudySequence) == 0
     assert len(match.ProcedureCodeSequence) == 0
@@ -561,3 +560,51 @@ def test_a_name_prefix_query_uses_the_folded_index(names_engine: Engine) -> None
         compiled = prepared.statement.compile(names_engine, compile_kwargs={"literal_binds": True})
         plan = conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}").all()
     assert any("ix_patient_patient_name_folded" in str(row) for row in plan), plan
+
+
+def test_any_attribute_the_files_hold_is_a_key(engine: Engine) -> None:
+    """SIIM files hold PatientAge, ViewPosition and PixelSpacing, none of them an index
+    column: they match and come back filled with the files' own values, at every level."""
+    from pydicom import dcmread
+
+    holders = [dcmread(p, stop_before_pixels=True) for p in siim_files()[:SIIM_SAMPLE]]
+    first = holders[0]
+    same_age = [h for h in holders if h.PatientAge == first.PatientAge]
+    (image,) = [
+        m
+        for m in run(
+            engine,
+            STUDY,
+            "IMAGE",
+            PatientAge=first.PatientAge,
+            SOPInstanceUID=first.SOPInstanceUID,
+            PixelSpacing="",
+        )
+    ]
+    assert [float(v) for v in image.PixelSpacing] == [float(v) for v in first.PixelSpacing]
+    images = run(engine, STUDY, "IMAGE", PatientAge=first.PatientAge, SOPInstanceUID="")
+    assert {m.SOPInstanceUID for m in images} == {h.SOPInstanceUID for h in same_age}
+    series = run(
+        engine,
+        STUDY,
+        "SERIES",
+        ViewPosition=first.ViewPosition,
+        SeriesInstanceUID=first.SeriesInstanceUID,
+    )
+    assert len(series) == 1 and series[0].ViewPosition == first.ViewPosition
+    studies = run(
+        engine, STUDY, "STUDY", PatientAge=first.PatientAge[:1] + "*", StudyInstanceUID=""
+    )
+    assert first.StudyInstanceUID in {m.StudyInstanceUID for m in studies}
+    assert all(m.PatientAge.startswith(first.PatientAge[:1]) for m in studies)
+    returned = {
+        m.SOPInstanceUID: m.PixelSpacing
+        for m in run(engine, STUDY, "IMAGE", ConversionType="", PixelSpacing="", SOPInstanceUID="")
+        if m.PixelSpacing
+    }
+    for h in holders:
+        assert [float(v) for v in returned[h.SOPInstanceUID]] == [float(v) for v in h.PixelSpacing]
+
+
+def test_an_attribute_value_filters(engine: Engine) -> None:
+    assert run(engine, STUDY, "IMAGE", PatientAge="999", SOPInstanceUID="") == []
