@@ -118,12 +118,18 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+FILE_MODE = 0o644  # readable by the node's service account, like any installed file
+
+
 def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file (mode 0600 from mkstemp) that is given the model's
+    file mode before it replaces `path`."""
     handle, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(handle)
     tmp = Path(tmp_name)
     try:
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -151,8 +157,9 @@ def save_artifact(
         raise ArtifactError(f"{len(classes)} classes but the architecture has {arch.n_out} outputs")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {key: value.detach().to("cpu").contiguous() for key, value in
-             model.state_dict().items()}
+    state = {
+        key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()
+    }
     weights = out / WEIGHTS_FILE
     _atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
     sha = _sha256(weights)
@@ -165,8 +172,13 @@ def save_artifact(
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "architecture": arch.to_json(),
         "cam_layer": default_cam_layer(model),
-        "input": {"size": int(input_size), "channels": arch.n_in, "mean": float(mean),
-                  "std": float(std), "preprocessing": "ai.preprocess read_grey8 + resize_grey8"},
+        "input": {
+            "size": int(input_size),
+            "channels": arch.n_in,
+            "mean": float(mean),
+            "std": float(std),
+            "preprocessing": "ai.preprocess read_grey8 + resize_grey8",
+        },
         "classes": list(classes),
         "positive_class": positive_class,
         "threshold": float(threshold),
@@ -175,8 +187,9 @@ def save_artifact(
         "versions": versions,
         "weights": {"file": WEIGHTS_FILE, "sha256": sha},
     }
-    _atomic_write(out / META_FILE,
-                  lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n"))
+    _atomic_write(
+        out / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    )
     log.info("saved model artifact %s version %s", out, meta["version"])
     return out
 
@@ -193,10 +206,21 @@ def read_meta(model_dir: str | Path) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise ArtifactError(f"{meta_path}: not a {FORMAT} description")
     if meta.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{meta_path}: format version {meta.get('format_version')} "
-                            f"is not supported (expected {FORMAT_VERSION})")
-    required = ("name", "version", "architecture", "input", "classes", "positive_class",
-                "threshold", "weights", "cam_layer")
+        raise ArtifactError(
+            f"{meta_path}: format version {meta.get('format_version')} "
+            f"is not supported (expected {FORMAT_VERSION})"
+        )
+    required = (
+        "name",
+        "version",
+        "architecture",
+        "input",
+        "classes",
+        "positive_class",
+        "threshold",
+        "weights",
+        "cam_layer",
+    )
     missing = [key for key in required if key not in meta]
     if missing:
         raise ArtifactError(f"{meta_path}: missing fields {missing}")

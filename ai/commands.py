@@ -7,8 +7,10 @@ parsed arguments and returns an exit code (0 ok, 1 some inputs failed, 2 usage/d
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -21,6 +23,19 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
+def _console(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """Run a handler with library warnings sent to the log (see `ai.console`)."""
+
+    @functools.wraps(handler)
+    def run(args: argparse.Namespace) -> int:
+        from ai.console import route_library_warnings
+
+        route_library_warnings()
+        return handler(args)
+
+    return run
+
+
 def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -> None:
     """Add the classifier's subcommands to an argparse `add_subparsers()` object.
 
@@ -31,31 +46,49 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
     from ai.configs import CONFIGS
 
     stats = subparsers.add_parser(
-        "stats", parents=parents, help="cohort table (all tags + pixel statistics) and plots",
+        "stats",
+        parents=parents,
+        help="cohort table (all tags + pixel statistics) and plots",
         description="One row per DICOM file (every top-level tag plus img_min, img_max, "
-                    "img_mean, img_std, img_pct_window) as CSV (and Parquet with pyarrow), "
-                    "plus age, sex, view position and label plots.")
+        "img_mean, img_std, img_pct_window) as CSV (and Parquet when pyarrow is "
+        "installed), plus age, sex, view position and label plots.",
+    )
     stats.add_argument("sources", nargs="+", help="DICOM files or folders (searched for *.dcm)")
     stats.add_argument("--out", required=True, help="folder for cohort.csv and the PNGs")
     stats.add_argument("--workers", type=int, default=0, help="parallel readers (default 0)")
-    stats.set_defaults(func=run_stats)
+    stats.set_defaults(func=_console(run_stats))
 
     train = subparsers.add_parser(
-        "train", parents=parents,
+        "train",
+        parents=parents,
         help="train the pneumothorax classifier and write the model artifact",
         description="Train with fastai and write model.safetensors, model.json and reports/ "
-                    "into --out. Options override the chosen --recipe.")
-    train.add_argument("--data", default=None,
-                       help="folder with labels.csv or the Kaggle SIIM layout (train-rle.csv); "
-                            "default: download fastai's SIIM_SMALL")
+        "into --out. Options override the chosen --recipe.",
+    )
+    train.add_argument(
+        "--data",
+        default=None,
+        help="folder with labels.csv or the Kaggle SIIM layout (train-rle.csv); "
+        "default: download fastai's SIIM_SMALL",
+    )
     train.add_argument("--out", required=True, help="model directory to write")
-    train.add_argument("--recipe", default="seed", choices=sorted(CONFIGS),
-                       help="named training configuration (default seed: the source's recipe)")
+    train.add_argument(
+        "--recipe",
+        default="seed",
+        choices=sorted(CONFIGS),
+        help="named training configuration (default seed: the source's recipe)",
+    )
     train.add_argument("--arch", default=None, help="xresnet18/34/50/101/152")
-    train.add_argument("--act", default=None, choices=["mish", "relu", "silu"],
-                       help="activation function")
-    train.add_argument("--self-attention", dest="sa", default=None,
-                       action=argparse.BooleanOptionalAction, help="self-attention layer")
+    train.add_argument(
+        "--act", default=None, choices=["mish", "relu", "silu"], help="activation function"
+    )
+    train.add_argument(
+        "--self-attention",
+        dest="sa",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="self-attention layer",
+    )
     train.add_argument("--widen", type=float, default=None, help="width multiplier")
     train.add_argument("--size", type=int, default=None, help="input size in pixels")
     train.add_argument("--epochs", type=int, default=None)
@@ -66,59 +99,100 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
     train.add_argument("--optimizer", default=None, choices=["ranger", "adam"])
     train.add_argument("--loss", default=None, choices=["label_smoothing", "cross_entropy"])
     train.add_argument("--schedule", default=None, choices=["flat_cos", "one_cycle"])
-    train.add_argument("--lr-find", dest="lr_find", default=None,
-                       action=argparse.BooleanOptionalAction, help="run lr_find first")
-    train.add_argument("--augment", default=None, action=argparse.BooleanOptionalAction,
-                       help="fastai aug_transforms during training")
-    train.add_argument("--threshold", type=float, default=None,
-                       help="probability threshold for the positive label")
-    train.add_argument("--max-items", type=int, default=None,
-                       help="use at most this many files (balanced by label)")
+    train.add_argument(
+        "--lr-find",
+        dest="lr_find",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="run lr_find first",
+    )
+    train.add_argument(
+        "--augment",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="fastai aug_transforms during training",
+    )
+    train.add_argument(
+        "--threshold", type=float, default=None, help="probability threshold for the positive label"
+    )
+    train.add_argument(
+        "--max-items",
+        type=int,
+        default=None,
+        help="use at most this many files (balanced by label)",
+    )
     _add_device(train)
-    train.set_defaults(func=run_train)
+    train.set_defaults(func=_console(run_train))
 
     predict = subparsers.add_parser(
-        "predict", parents=parents, help="probability of pneumothorax for DICOM files",
-        description="Batched inference; prints file, SOP Instance UID, probability, label.")
+        "predict",
+        parents=parents,
+        help="probability of pneumothorax for DICOM files",
+        description="Batched inference; prints file, SOP Instance UID, probability (4 "
+        "decimals), label and, for a file that cannot be read, the error. The CSV "
+        "has the same columns with the probability at full precision.",
+    )
     predict.add_argument("model", help="model directory (model.json + model.safetensors)")
     predict.add_argument("files", nargs="+", help="DICOM files")
-    predict.add_argument("--csv", default=None, help="also write the table to this CSV file")
+    predict.add_argument(
+        "--csv", default=None, help="also write the table to this CSV file (full precision)"
+    )
     predict.add_argument("--batch-size", type=int, default=32)
-    predict.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                         help="auto: bf16 autocast on a GPU, fp32 on the CPU")
+    predict.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16"],
+        help="auto: bf16 autocast on a GPU, fp32 on the CPU",
+    )
     _add_device(predict)
-    predict.set_defaults(func=run_predict)
+    predict.set_defaults(func=_console(run_predict))
 
     cam = subparsers.add_parser(
-        "cam", parents=parents, help="heatmap picture (CAM or GradCAM) for DICOM files",
+        "cam",
+        parents=parents,
+        help="heatmap picture (CAM or GradCAM) for DICOM files",
         description="Writes the X-ray and the X-ray with the map (magma, alpha 0.6) side by "
-                    "side. With several files --out is a folder (<name>_cam.png each).")
+        "side. With several files --out is a folder (<name>_cam.png each).",
+    )
     cam.add_argument("model", help="model directory")
     cam.add_argument("files", nargs="+", help="DICOM files")
     cam.add_argument("--method", default="gradcam", choices=CAM_METHODS)
-    cam.add_argument("--target", default=None,
-                     help="class name to explain (default: the model's positive class)")
-    cam.add_argument("--layer", default=None,
-                     help="GradCAM layer by module name, e.g. 7 or 7.2 (default: last stage)")
+    cam.add_argument(
+        "--target", default=None, help="class name to explain (default: the model's positive class)"
+    )
+    cam.add_argument(
+        "--layer",
+        default=None,
+        help="GradCAM layer by module name, e.g. 7 or 7.2 (default: last stage)",
+    )
     cam.add_argument("--out", default="cam.png", help="PNG file, or folder for several files")
     _add_device(cam)
-    cam.set_defaults(func=run_cam)
+    cam.set_defaults(func=_console(run_cam))
 
     localise = subparsers.add_parser(
-        "localise", parents=parents, help="check heatmaps against the SIIM pneumothorax masks",
+        "localise",
+        parents=parents,
+        help="check heatmaps against the SIIM pneumothorax masks",
         description="For positive images with masks in train-rle.csv(.gz): share of GradCAM "
-                    "peaks inside the mask and share of map energy inside it.")
+        "peaks inside the mask and share of map energy inside it.",
+    )
     localise.add_argument("model", help="model directory")
-    localise.add_argument("--data", required=True,
-                          help="folder with labels.csv / DICOMs and train-rle.csv(.gz)")
-    localise.add_argument("--scope", default="validation", choices=["validation", "all"],
-                          help="positive images of the model's validation split, or all")
+    localise.add_argument(
+        "--data", required=True, help="folder with labels.csv / DICOMs and train-rle.csv(.gz)"
+    )
+    localise.add_argument(
+        "--scope",
+        default="validation",
+        choices=["validation", "all"],
+        help="positive images of the model's validation split, or all",
+    )
     localise.add_argument("--method", default="gradcam", choices=CAM_METHODS)
-    localise.add_argument("--out", default=None,
-                          help="folder for localisation.json/.csv (default: <model>/reports)")
+    localise.add_argument(
+        "--out", default=None, help="folder for localisation.json/.csv (default: <model>/reports)"
+    )
     localise.add_argument("--batch-size", type=int, default=8)
     _add_device(localise)
-    localise.set_defaults(func=run_localise)
+    localise.set_defaults(func=_console(run_localise))
 
 
 def run_stats(args: argparse.Namespace) -> int:
@@ -129,8 +203,10 @@ def run_stats(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    for path in written["tables"] + written["plots"]:
+    for path in written.tables + written.plots:
         print(path)
+    for note in written.notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
@@ -139,11 +215,23 @@ def run_train(args: argparse.Namespace) -> int:
     from ai.training import train
 
     config = get_config(args.recipe).with_overrides(
-        arch_name=args.arch, arch_act=args.act, arch_sa=args.sa, arch_widen=args.widen,
-        size=args.size, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-        seed=args.seed, valid_pct=args.valid_pct, optimizer=args.optimizer, loss=args.loss,
-        schedule=args.schedule, lr_find=args.lr_find, augment=args.augment,
-        threshold=args.threshold, max_items=args.max_items,
+        arch_name=args.arch,
+        arch_act=args.act,
+        arch_sa=args.sa,
+        arch_widen=args.widen,
+        size=args.size,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        valid_pct=args.valid_pct,
+        optimizer=args.optimizer,
+        loss=args.loss,
+        schedule=args.schedule,
+        lr_find=args.lr_find,
+        augment=args.augment,
+        threshold=args.threshold,
+        max_items=args.max_items,
     )
     try:
         result = train(config, args.data, args.out, device=args.device)
@@ -177,38 +265,71 @@ def _load_analyzer(args: argparse.Namespace, batch_size: int, precision: str = "
     from ai.infer import Analyzer
 
     try:
-        return Analyzer(args.model, device=args.device, batch_size=batch_size,
-                        precision=precision)
+        return Analyzer(args.model, device=args.device, batch_size=batch_size, precision=precision)
     except ArtifactError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return None
 
 
+PREDICT_COLUMNS = ["file", "sop_instance_uid", "probability", "label", "error"]
+
+
+def _four_decimals(value: float) -> str:
+    return "" if value != value else f"{value:.4f}"  # NaN: no probability
+
+
+def _console_table(table) -> str:
+    """The table for a person: text left-aligned, the probability to 4 decimals."""
+    formatters = {"probability": _four_decimals}
+    for column in table.columns.drop("probability"):
+        width = max([len(column), *(len(str(v)) for v in table[column])])
+        formatters[column] = lambda value, width=width: f"{value:<{width}}"
+    return table.to_string(index=False, justify="left", na_rep="", formatters=formatters)
+
+
+def _without_prefix(message: str, name: str) -> str:
+    """An input error names its file first; the table has the file in its own column."""
+    return message.removeprefix(f"{name}: ")
+
+
 def run_predict(args: argparse.Namespace) -> int:
     import pandas as pd
-    from tqdm import tqdm
+
+    from ai.console import progress
 
     analyzer = _load_analyzer(args, args.batch_size, args.precision)
     if analyzer is None:
         return 2
-    rows: list[tuple[str, str, str, str]] = []
-    failed = 0
+    rows: dict[str, dict] = {}
     starts = range(0, len(args.files), args.batch_size)
-    for start in tqdm(starts, desc="predict", unit="batch", disable=len(starts) < 2,
-                      file=sys.stderr):
-        good, bad = _read_inputs(args.files[start:start + args.batch_size])
+    for start in progress(starts, desc="predict", unit="batch") if len(starts) > 1 else starts:
+        names = args.files[start : start + args.batch_size]
+        good, bad = _read_inputs(names)
         probabilities = analyzer.predict([image for _, _, image in good]) if good else []
         for (name, ds, _), probability in zip(good, probabilities, strict=True):
-            rows.append((name, str(ds.get("SOPInstanceUID", "")), f"{probability:.4f}",
-                         analyzer.label_for(probability)))
+            rows[name] = {
+                "file": name,
+                "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
+                "probability": float(probability),
+                "label": analyzer.label_for(probability),
+                "error": "",
+            }
         for name, message in bad:
-            failed += 1
-            rows.append((name, "", "", f"error: {message}"))
-    table = pd.DataFrame(rows, columns=["file", "sop_instance_uid", "probability", "label"])
-    print(table.to_string(index=False, justify="left"))
+            rows[name] = {
+                "file": name,
+                "sop_instance_uid": "",
+                "probability": float("nan"),
+                "label": "",
+                "error": _without_prefix(message, name),
+            }
+    table = pd.DataFrame(
+        [rows[name] for name in dict.fromkeys(args.files)], columns=PREDICT_COLUMNS
+    )
+    shown = table if table["error"].any() else table.drop(columns="error")
+    print(_console_table(shown))
     if args.csv:
-        table.to_csv(args.csv, index=False)
-    return 1 if failed else 0
+        table.to_csv(args.csv, index=False)  # every digit: repr of the float64
+    return 1 if table["error"].any() else 0
 
 
 def run_cam(args: argparse.Namespace) -> int:
@@ -223,17 +344,26 @@ def run_cam(args: argparse.Namespace) -> int:
     if not good:
         return 2 if bad else 0
     try:
-        predictions = analyzer.explain([image for _, _, image in good], target=args.target,
-                                       layer=args.layer, method=args.method)
+        predictions = analyzer.explain(
+            [image for _, _, image in good],
+            target=args.target,
+            layer=args.layer,
+            method=args.method,
+        )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    from ai.console import progress
+
     out = Path(args.out)
-    for (name, _ds, image), prediction in zip(good, predictions, strict=True):
+    pairs = list(zip(good, predictions, strict=True))
+    for (name, _ds, image), prediction in progress(pairs, desc="cam") if len(pairs) > 1 else pairs:
         target = out if len(args.files) == 1 else out / f"{Path(name).stem}_cam.png"
-        title = (f"{Path(name).name}: P({analyzer.loaded.positive_class}) = "
-                 f"{prediction.probability:.3f} -> {prediction.label}; "
-                 f"{args.method} for {prediction.target_class}")
+        title = (
+            f"{Path(name).name}: P({analyzer.loaded.positive_class}) = "
+            f"{prediction.probability:.3f} -> {prediction.label}; "
+            f"{args.method} for {prediction.target_class}"
+        )
         save_cam_figure(target, image, prediction.heatmap, title)
         print(target)
     return 1 if bad else 0
@@ -245,8 +375,15 @@ def run_localise(args: argparse.Namespace) -> int:
 
     out = args.out or str(Path(args.model) / "reports")
     try:
-        summary = localise(args.model, args.data, out, scope=args.scope, method=args.method,
-                           batch_size=args.batch_size, device=args.device)
+        summary = localise(
+            args.model,
+            args.data,
+            out,
+            scope=args.scope,
+            method=args.method,
+            batch_size=args.batch_size,
+            device=args.device,
+        )
     except (ArtifactError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ai.console import progress
 from ai.data import POSITIVE, find_rle_table, load_items, mask_for, read_rle_table
 from ai.infer import Analyzer
 from ai.preprocess import read_dataset, read_grey8
@@ -53,9 +54,15 @@ def select_files(model_meta: dict, items: pd.DataFrame, scope: str) -> pd.DataFr
     return positives[positives["file"].isin(validation)]
 
 
-def localise(model_dir: str | Path, data_root: str | Path, out: str | Path | None = None,
-             scope: str = "validation", method: str = "gradcam", batch_size: int = 8,
-             device: str = "auto") -> dict:
+def localise(
+    model_dir: str | Path,
+    data_root: str | Path,
+    out: str | Path | None = None,
+    scope: str = "validation",
+    method: str = "gradcam",
+    batch_size: int = 8,
+    device: str = "auto",
+) -> dict:
     """Score the model's heatmaps against the masks; write JSON + CSV into `out` if given."""
     root = Path(data_root)
     rle_path = find_rle_table(root)
@@ -65,35 +72,46 @@ def localise(model_dir: str | Path, data_root: str | Path, out: str | Path | Non
     analyzer = Analyzer(model_dir, device=device, batch_size=batch_size)
     chosen = select_files(analyzer.loaded.meta, load_items(root), scope)
     results: list[LocalisationResult] = []
-    for start in range(0, len(chosen), batch_size):
-        rows = chosen.iloc[start:start + batch_size]
+    for start in progress(range(0, len(chosen), batch_size), desc="localise", unit="batch"):
+        rows = chosen.iloc[start : start + batch_size]
         datasets = [read_dataset(path) for path in rows["path"]]
         images = [read_grey8(ds) for ds in datasets]
         predictions = analyzer.explain(images, method=method)
-        for (name, ds, image, prediction) in zip(rows["file"], datasets, images, predictions,
-                                                 strict=True):
+        for name, ds, image, prediction in zip(
+            rows["file"], datasets, images, predictions, strict=True
+        ):
             uid = str(ds.SOPInstanceUID)
             mask = mask_for(masks, uid, image.shape)
             if not mask.any():
                 log.warning("no mask for positive image %s; skipped", uid)
                 continue
             peak, energy, area = score_heatmap(prediction.heatmap, mask)
-            results.append(LocalisationResult(name, uid, prediction.probability, peak, energy,
-                                              area))
+            results.append(
+                LocalisationResult(name, uid, prediction.probability, peak, energy, area)
+            )
     summary = {
-        "model": analyzer.loaded.name, "model_version": analyzer.loaded.version,
-        "method": method, "scope": scope, "n_images": len(results),
+        "model": analyzer.loaded.name,
+        "model_version": analyzer.loaded.version,
+        "method": method,
+        "scope": scope,
+        "n_images": len(results),
         "peak_in_mask_rate": float(np.mean([r.peak_in_mask for r in results])) if results else None,
         "mean_energy_in_mask": float(np.mean([r.energy_in_mask for r in results]))
-        if results else None,
+        if results
+        else None,
         "mean_mask_area_share": float(np.mean([r.mask_area_share for r in results]))
-        if results else None,
+        if results
+        else None,
     }
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "localisation.json").write_text(json.dumps(summary, indent=2) + "\n")
         pd.DataFrame([asdict(r) for r in results]).to_csv(out / "localisation.csv", index=False)
-    log.info("localisation over %d images: peak in mask %.3f, energy in mask %.3f",
-             len(results), summary["peak_in_mask_rate"] or 0, summary["mean_energy_in_mask"] or 0)
+    log.info(
+        "localisation over %d images: peak in mask %.3f, energy in mask %.3f",
+        len(results),
+        summary["peak_in_mask_rate"] or 0,
+        summary["mean_energy_in_mask"] or 0,
+    )
     return summary

@@ -38,6 +38,7 @@ from fasttransform import Transform
 from ai.architectures import build_model
 from ai.artifact import resolve_device, save_artifact
 from ai.configs import TrainConfig
+from ai.console import interactive
 from ai.data import POSITIVE, fingerprint, load_items, subsample
 from ai.infer import Analyzer
 from ai.preprocess import read_grey8, resize_grey8
@@ -82,8 +83,17 @@ def _preload(paths: list[str], size: int) -> dict[str, np.ndarray]:
     children, and the decoders and torch's resize release the GIL anyway.
     """
     n_workers = max(1, min(8, torch.get_num_threads(), len(paths)))
-    arrays = parallel(partial(load_resized, size=size), paths, n_workers=n_workers,
-                      progress=True, threadpool=True)
+    started = time.perf_counter()
+    arrays = parallel(
+        partial(load_resized, size=size),
+        paths,
+        n_workers=n_workers,
+        progress=interactive(),
+        threadpool=True,
+    )
+    log.info(
+        "decoded %d images at %d px in %.1f s", len(paths), size, time.perf_counter() - started
+    )
     return dict(zip(paths, arrays, strict=True))
 
 
@@ -99,18 +109,49 @@ def build_dataloaders(items: pd.DataFrame, config: TrainConfig, device: torch.de
         batch_tfms.append(Normalize.from_stats([config.mean], [config.std], cuda=False))
     block = DataBlock(
         blocks=(TransformBlock(type_tfms=GreyDicom(config.size, cache)), CategoryBlock),
-        get_x=ColReader("path"), get_y=ColReader("label"),
+        get_x=ColReader("path"),
+        get_y=ColReader("label"),
         splitter=RandomSplitter(valid_pct=config.valid_pct, seed=config.seed),
         batch_tfms=batch_tfms,
     )
-    return block.dataloaders(items, bs=config.batch_size, device=device,
-                             num_workers=0 if cache else None)
+    return block.dataloaders(
+        items, bs=config.batch_size, device=device, num_workers=0 if cache else None
+    )
+
+
+class EpochLog:
+    """The learner's logger off a terminal: one readable line per epoch instead of fastai's
+    progress bars, whose redraws fill a log file with fragments."""
+
+    def __init__(self, learn: Learner) -> None:
+        self.learn = learn
+
+    def __call__(self, values: list) -> None:
+        names = list(self.learn.recorder.metric_names)
+        fields = dict(zip(names, values, strict=False))
+        epoch = int(fields.pop("epoch", 0)) + 1
+        elapsed = fields.pop("time", "")
+        text = ", ".join(
+            f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}"
+            for name, value in fields.items()
+        )
+        log.info("epoch %d/%d: %s (%s)", epoch, self.learn.n_epoch, text, elapsed)
 
 
 def build_learner(dls, config: TrainConfig, work_dir: Path) -> Learner:
     model = build_model(config.arch)
-    learn = Learner(dls, model, loss_func=LOSSES[config.loss](),
-                    opt_func=OPTIMIZERS[config.optimizer], metrics=accuracy, path=work_dir)
+    learn = Learner(
+        dls,
+        model,
+        loss_func=LOSSES[config.loss](),
+        opt_func=OPTIMIZERS[config.optimizer],
+        metrics=accuracy,
+        path=work_dir,
+    )
+    if not interactive():
+        if hasattr(learn, "progress"):
+            learn.remove_cb(learn.progress)
+        learn.logger = EpochLog(learn)
     if dls.device.type == "cuda":
         learn = learn.to_channelslast()
         learn = learn.to_bf16() if torch.cuda.is_bf16_supported() else learn.to_fp16()
@@ -126,8 +167,9 @@ def _fit(learn: Learner, config: TrainConfig) -> None:
         raise ValueError(f"unknown schedule {config.schedule!r}; use flat_cos or one_cycle")
 
 
-def train(config: TrainConfig, data_root: str | Path | None, out_dir: str | Path,
-          device: str = "auto") -> TrainResult:
+def train(
+    config: TrainConfig, data_root: str | Path | None, out_dir: str | Path, device: str = "auto"
+) -> TrainResult:
     """Train `config` on the labelled DICOMs in `data_root`; write artifact + reports."""
     from ai.reports import lr_find_figure, write_training_reports
 
@@ -142,8 +184,9 @@ def train(config: TrainConfig, data_root: str | Path | None, out_dir: str | Path
         data_root = default_data_root()
     items = subsample(load_items(data_root), config.max_items, config.seed)
     target_device = resolve_device(device)
-    log.info("training %s on %d files from %s on %s", config.name, len(items), data_root,
-             target_device)
+    log.info(
+        "training %s on %d files from %s on %s", config.name, len(items), data_root, target_device
+    )
     set_seed(config.seed, reproducible=True)
     dls = build_dataloaders(items, config, target_device)
     classes = list(dls.vocab)
@@ -155,10 +198,20 @@ def train(config: TrainConfig, data_root: str | Path | None, out_dir: str | Path
         learn = build_learner(dls, config, Path(work))
         suggestion = None
         if config.lr_find:
+            log.info("lr_find: a short run over rising learning rates")
             suggestion = learn.lr_find(show_plot=False)
+            log.info(
+                "lr_find suggests %s; the recipe trains at %g (reports/lr_find.png)",
+                ", ".join(f"{k} {float(v):.2e}" for k, v in suggestion._asdict().items()),
+                config.lr,
+            )
             lr_find_figure(out, learn)
+        log.info("fitting %d epochs (%s schedule)", config.epochs, config.schedule)
         _fit(learn, config)
     seconds = time.perf_counter() - started
+    from ai.reports import history_from
+
+    history = history_from(learn.recorder)  # before get_preds, which records nothing useful
 
     probs, targets = learn.get_preds(ds_idx=1)
     valid_files = list(dls.valid.items["file"])
@@ -178,17 +231,44 @@ def train(config: TrainConfig, data_root: str | Path | None, out_dir: str | Path
 
     positive_index = classes.index(POSITIVE)
     positive_probs = probs[:, positive_index].float().numpy()
-    metrics = classification_metrics(positive_probs, targets.numpy() == positive_index,
-                                     config.threshold, classes, positive_index)
-    save_artifact(out, learn.model, arch=config.arch, input_size=config.size, classes=classes,
-                  positive_class=POSITIVE, threshold=config.threshold, mean=config.mean,
-                  std=config.std, name=f"pneumonode pneumothorax {config.name} {config.arch.name}",
-                  training=training_meta, metrics=metrics)
+    metrics = classification_metrics(
+        positive_probs, targets.numpy() == positive_index, config.threshold, classes, positive_index
+    )
+    model_name = f"pneumonode pneumothorax {config.name} {config.arch.name}"
+    save_artifact(
+        out,
+        learn.model,
+        arch=config.arch,
+        input_size=config.size,
+        classes=classes,
+        positive_class=POSITIVE,
+        threshold=config.threshold,
+        mean=config.mean,
+        std=config.std,
+        name=model_name,
+        training=training_meta,
+        metrics=metrics,
+    )
     metrics["export_check_max_abs_diff"] = _export_check(out, dls, positive_probs, target_device)
-    write_training_reports(out, learn, metrics, positive_probs, targets.numpy(), valid_files,
-                           classes, positive_index)
-    log.info("trained %s in %.1f s: accuracy %.3f, ROC AUC %s", config.name, seconds,
-             metrics["accuracy"], metrics.get("roc_auc"))
+    write_training_reports(
+        out,
+        learn,
+        metrics,
+        positive_probs,
+        targets.numpy(),
+        valid_files,
+        classes,
+        positive_index,
+        model_name,
+        history,
+    )
+    log.info(
+        "trained %s in %.1f s: accuracy %.3f, ROC AUC %s",
+        config.name,
+        seconds,
+        metrics["accuracy"],
+        metrics.get("roc_auc"),
+    )
     return TrainResult(model_dir=out, metrics=metrics, learner=learn)
 
 

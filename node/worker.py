@@ -89,6 +89,9 @@ class AnalysisWorker:
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
+        from ai.console import route_library_warnings
+
+        route_library_warnings()  # torch's deprecation notices are not the node's to show
         requeued = self.jobs.requeue_abandoned()
         if requeued:
             log.info("requeued %d analysis jobs left claimed by a stopped worker", requeued)
@@ -219,93 +222,139 @@ class AnalysisWorker:
                 self.jobs.fail(ids, f"{type(exc).__name__}: {exc}")
 
     def analyse(self, batch: list[DecodedJob]) -> None:
-        """One batched forward + GradCAM, then the result objects of every image."""
+        """One batched forward + GradCAM, then the result objects of every image.
+
+        An image whose results cannot be built or stored fails its own job, once, with the
+        reason `pneumonode status` shows; nothing requeues it but `pneumonode retry`.
+        """
+        from ai.results.errors import ResultBuildError
+
         analyzer = self._analyzer  # the model that made the predictions names the results
         started = time.perf_counter()
         predictions = analyzer.explain([d.grey8 for d in batch])
         model_seconds = time.perf_counter() - started
         for decoded, prediction in zip(batch, predictions, strict=True):
+            uid = decoded.job.sop_instance_uid
             try:
-                self._store_results(analyzer.loaded, decoded, prediction)
+                sc, sr = self._build_results(analyzer.loaded, decoded, prediction)
+            except ResultBuildError as exc:
+                log.warning("results of SOP %s not built: %s", uid, exc)
+                self.jobs.fail([decoded.job.job_id], f"results: {exc}")
+                continue
+            try:
+                self._store_results(decoded, prediction, sc, sr)
             except Exception as exc:
-                log.exception("results of SOP %s failed", decoded.job.sop_instance_uid)
-                self.jobs.fail([decoded.job.job_id], f"results: {type(exc).__name__}: {exc}")
+                log.exception("results of SOP %s not stored", uid)
+                self.jobs.fail(
+                    [decoded.job.job_id], f"results not stored: {type(exc).__name__}: {exc}"
+                )
         log.debug("batch of %d analysed, model %.3f s", len(batch), model_seconds)
 
-    def _store_results(self, loaded: Any, decoded: DecodedJob, prediction: Any) -> None:
+    def _build_results(
+        self, loaded: Any, decoded: DecodedJob, prediction: Any
+    ) -> tuple[Dataset, Dataset]:
+        """The SC and the SR of one image, both built before either is stored."""
+        from ai.results.errors import building
         from ai.results.finding_sr import build_finding_sr
         from ai.results.heatmap_sc import build_heatmap_sc
-        from ai.results.overlay import render_overlay
+        from ai.results.overlay import render_picture
 
         source = decoded.dataset
         uids = result_uids(source, loaded.version)
-        instance_number = int(source.get("InstanceNumber") or 1)
-        instance_number = instance_number if instance_number > 0 else 1
-        present = prediction.label == loaded.positive_class
-        rgb = render_overlay(
-            decoded.grey8, prediction.heatmap, prediction.probability, prediction.label
-        )
-        sc = build_heatmap_sc(
-            source,
-            rgb,
-            series_instance_uid=uids["sc_series"],
-            sop_instance_uid=uids["sc"],
-            series_number=SC_SERIES_NUMBER,
-            instance_number=instance_number,
-            manufacturer=MANUFACTURER,
-            model_name=loaded.name,
-            software_version=loaded.version,
-            transfer_syntax=self.settings.sc_transfer_syntax,
-        )
-        sr = build_finding_sr(
-            source,
-            probability=prediction.probability,
-            present=present,
-            threshold=loaded.threshold,
-            algorithm_name=loaded.name,
-            algorithm_version=loaded.version,
-            device_observer_name=self.context.config.node.ae_title,
-            device_observer_uid=self.device_uid,
-            device_observer_manufacturer=MANUFACTURER,
-            series_instance_uid=uids["sr_series"],
-            sop_instance_uid=uids["sr"],
-            series_number=SR_SERIES_NUMBER,
-            instance_number=instance_number,
-        )
+        instance_number = _instance_number(source)
+        with building("heatmap picture"):
+            picture = render_picture(
+                decoded.grey8,
+                prediction.heatmap,
+                prediction.probability,
+                prediction.label,
+                model=f"{loaded.name} ({loaded.version})",
+            )
+        with building("heatmap Secondary Capture"):
+            sc = build_heatmap_sc(
+                source,
+                picture.rgb,
+                pixel_scale=picture.scale,
+                series_instance_uid=uids["sc_series"],
+                sop_instance_uid=uids["sc"],
+                series_number=SC_SERIES_NUMBER,
+                instance_number=instance_number,
+                manufacturer=MANUFACTURER,
+                model_name=loaded.name,
+                software_version=loaded.version,
+                transfer_syntax=self.settings.sc_transfer_syntax,
+            )
+        with building("finding Structured Report"):
+            sr = build_finding_sr(
+                source,
+                probability=prediction.probability,
+                present=prediction.label == loaded.positive_class,
+                threshold=loaded.threshold,
+                algorithm_name=loaded.name,
+                algorithm_version=loaded.version,
+                device_observer_name=self.context.config.node.ae_title,
+                device_observer_uid=self.device_uid,
+                device_observer_manufacturer=MANUFACTURER,
+                series_instance_uid=uids["sr_series"],
+                sop_instance_uid=uids["sr"],
+                series_number=SR_SERIES_NUMBER,
+                instance_number=instance_number,
+            )
+        return sc, sr
+
+    def _store_results(
+        self, decoded: DecodedJob, prediction: Any, sc: Dataset, sr: Dataset
+    ) -> None:
+        """Store both results, then mark the job done and queue the deliveries together."""
         archive = self.context.archive
         archive.store_dataset(sc, is_result=True)
         archive.store_dataset(sr, is_result=True)
-        destination = self._destination(decoded.job)
+        destination, kept_because = self._destination(decoded.job)
         with self.context.engine.begin() as conn:
             self.jobs.finish(
                 decoded.job.job_id,
                 probability=prediction.probability,
                 label=prediction.label,
-                sc_uid=uids["sc"],
-                sr_uid=uids["sr"],
+                sc_uid=str(sc.SOPInstanceUID),
+                sr_uid=str(sr.SOPInstanceUID),
+                note=kept_because,
                 conn=conn,
             )
             if destination is not None:
-                deliveries.enqueue(conn, [uids["sc"], uids["sr"]], destination)
+                deliveries.enqueue(
+                    conn, [str(sc.SOPInstanceUID), str(sr.SOPInstanceUID)], destination
+                )
         log.info(
             "analysed SOP %s: p=%.4f %s; SC %s SR %s -> %s",
             decoded.job.sop_instance_uid,
             prediction.probability,
             prediction.label,
-            uids["sc"],
-            uids["sr"],
+            sc.SOPInstanceUID,
+            sr.SOPInstanceUID,
             destination or "kept on node",
         )
 
-    def _destination(self, job: ClaimedJob) -> str | None:
-        """The configured destination, else the sender if it is a known peer."""
+    def _destination(self, job: ClaimedJob) -> tuple[str | None, str]:
+        """(the configured destination, else the sender if it is a known peer; and, when
+        there is none, why the results stay on the node)."""
         config = self.context.config
         title = config.delivery.destination or job.calling_ae.strip()
         if title and config.peer(title) is not None:
-            return title
-        log.info(
-            "results of SOP %s stay on the node: caller %r is not in [[peers]]",
-            job.sop_instance_uid,
-            job.calling_ae,
-        )
-        return None
+            return title, ""
+        if config.delivery.destination:
+            reason = f"destination {title!r} is not in [[peers]]"
+        elif title:
+            reason = f"caller {title!r} is not in [[peers]] and no delivery.destination is set"
+        else:
+            reason = "no calling AE title (imported) and no delivery.destination is set"
+        log.info("results of SOP %s stay on the node: %s", job.sop_instance_uid, reason)
+        return None, reason
+
+
+def _instance_number(source: Dataset) -> int:
+    """The source's Instance Number for its results, 1 when it has none usable."""
+    try:
+        number = int(source.get("InstanceNumber") or 1)
+    except (TypeError, ValueError):
+        return 1
+    return number if 0 < number < 2**31 else 1

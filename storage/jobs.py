@@ -110,9 +110,13 @@ class JobQueue:
         label: str,
         sc_uid: str,
         sr_uid: str,
+        note: str = "",
         conn=None,
     ) -> None:
-        """Mark a job done; pass `conn` to do it in the caller's transaction."""
+        """Mark a job done; pass `conn` to do it in the caller's transaction.
+
+        `note` says why its results are not sent anywhere (kept on the node), if they are not.
+        """
         statement = (
             update(AnalysisJob)
             .where(AnalysisJob.id == job_id)
@@ -123,7 +127,7 @@ class JobQueue:
                 sc_sop_instance_uid=sc_uid,
                 sr_sop_instance_uid=sr_uid,
                 finished_at=utcnow(),
-                reason="",
+                reason=note[:2000],
             )
         )
         if conn is not None:

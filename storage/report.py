@@ -19,6 +19,7 @@ class QueueReport:
     delivery_errors: list[tuple[str, str, str]]
     skip_reasons: list[tuple[str, int]]
     conflicts: dict[str, int]  # identity conflicts by action ("refused", "accepted")
+    kept_reasons: list[tuple[str, int]]  # analysed images whose results are not sent, by why
 
 
 def queue_report(engine: Engine, last: int = 5) -> QueueReport:
@@ -55,6 +56,12 @@ def queue_report(engine: Engine, last: int = 5) -> QueueReport:
             .order_by(func.count().desc())
             .limit(last)
         ).all()
+        kept_reasons = conn.execute(
+            select(AnalysisJob.reason, func.count())
+            .where(AnalysisJob.state == JobState.DONE, AnalysisJob.reason != "")
+            .group_by(AnalysisJob.reason)
+            .order_by(func.count().desc())
+        ).all()
         conflicts = dict(
             conn.execute(
                 select(IdentityConflict.action, func.count()).group_by(IdentityConflict.action)
@@ -69,6 +76,7 @@ def queue_report(engine: Engine, last: int = 5) -> QueueReport:
         delivery_errors=[tuple(r) for r in delivery_errors],
         skip_reasons=[tuple(r) for r in skip_reasons],
         conflicts=conflicts,
+        kept_reasons=[tuple(r) for r in kept_reasons],
     )
 
 
@@ -82,6 +90,12 @@ def format_report(report: QueueReport) -> str:
         "identity conflicts (study under another patient, series under another study): "
         + (", ".join(f"{k} {v}" for k, v in sorted(report.conflicts.items())) or "none"),
     ]
+    if report.kept_reasons:
+        images = sum(count for _, count in report.kept_reasons)
+        lines.append(
+            f"results kept on the node, not sent: {2 * images} (SC and SR of {images} images)"
+        )
+        lines += [f"  {count:6d}  {reason}" for reason, count in report.kept_reasons]
     if report.skip_reasons:
         lines.append("skipped, by reason:")
         lines += [f"  {count:6d}  {reason}" for reason, count in report.skip_reasons]

@@ -1,17 +1,21 @@
 """The tiny configuration end to end through the commands: train 1 epoch on 16 files at
-64 px, export, reload, predict the same numbers; then predict, cam, localise and stats."""
+64 px (as a user would, with its output going to a log file), export, reload, predict the
+same numbers; then predict, cam, localise and stats."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import stat
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-import torch
+from support import node_command, node_env
 
 from ai.artifact import load_artifact
 from ai.commands import register
@@ -36,13 +40,38 @@ def run(*argv: str) -> int:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    """`pneumonode train` with stdout and stderr in a log file, not a terminal."""
     out = tmp_path_factory.mktemp("train") / "model"
-    assert (
-        run("train", "--data", str(SIIM), "--out", str(out), "--recipe", "tiny", "--device", "cpu")
-        == 0
-    )
+    log_path = out.parent / "train.log"
+    with log_path.open("wb") as log:
+        result = subprocess.run(
+            node_command(
+                Path("unused.toml"),
+                "train",
+                "--data",
+                str(SIIM),
+                "--out",
+                str(out),
+                "--recipe",
+                "tiny",
+                "--device",
+                "cpu",
+            ),
+            env={**node_env(), "OMP_NUM_THREADS": "2"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            timeout=600,
+        )
+    assert result.returncode == 0, log_path.read_text()[-3000:]
     return out
+
+
+def test_training_log_is_readable_when_not_on_a_terminal(trained):
+    text = (trained.parent / "train.log").read_text()
+    assert "\r" not in text, "progress-bar fragments in the log"
+    assert "Warning" not in text, "library warnings on the console"
+    assert "epoch 1/1: train_loss " in text and "valid_loss " in text and "accuracy " in text
+    assert len(text) < 8000, text
 
 
 def test_training_writes_artifact_and_reports(trained):
@@ -67,6 +96,8 @@ def test_training_writes_artifact_and_reports(trained):
     assert metrics["export_check_max_abs_diff"] < 1e-5
     for name in ("loss.png", "confusion_matrix.png", "roc.png", "top_losses.png", "results.png"):
         assert (trained / "reports" / name).stat().st_size > 1000, name
+    for name in ("model.json", "model.safetensors"):
+        assert stat.S_IMODE((trained / name).stat().st_mode) == 0o644, name
 
 
 def test_reloaded_model_predicts_the_learners_numbers(trained):
@@ -95,16 +126,31 @@ def test_predict_command_prints_table_and_csv(trained, tmp_path, capsys):
     )
     printed = capsys.readouterr().out
     assert "sop_instance_uid" in printed and "1.2.276.0.7230010" in printed
-    table = pd.read_csv(csv_path)
-    assert list(table.columns) == ["file", "sop_instance_uid", "probability", "label"]
+    assert "error" not in printed  # the column shows only when a file failed
+    table = pd.read_csv(csv_path, keep_default_na=False)
+    assert list(table.columns) == ["file", "sop_instance_uid", "probability", "label", "error"]
     assert len(table) == 3 and table["probability"].between(0, 1).all()
+    # Every digit the model gave, as the SR carries it (not rounded to 4 decimals).
+    analyzer = Analyzer(load_artifact(trained, device="cpu"), precision="fp32")
+    expected = analyzer.predict([read_grey8(path) for path in files])
+    assert list(table["probability"]) == expected
+    assert table["error"].eq("").all()
 
 
-def test_predict_reports_unreadable_files(trained, tmp_path, capsys):
+def test_predict_reports_unreadable_files_in_an_error_column(trained, tmp_path, capsys):
     bad = tmp_path / "bad.dcm"
     bad.write_bytes(b"nope")
-    assert run("predict", str(trained), str(bad), "--device", "cpu") == 1
-    assert "error" in capsys.readouterr().out
+    good = sorted((SIIM / "train" / "Pneumothorax").glob("*.dcm"))[0]
+    csv_path = tmp_path / "predictions.csv"
+    argv = ["predict", str(trained), str(bad), str(good), "--csv", str(csv_path)]
+    assert run(*argv, "--device", "cpu") == 1
+    assert "not a readable DICOM file" in capsys.readouterr().out
+    table = pd.read_csv(csv_path, keep_default_na=False)
+    assert list(table["file"]) == [str(bad), str(good)]  # the order given
+    failed, read = table.iloc[0], table.iloc[1]
+    assert (failed["probability"], failed["label"]) == ("", "")
+    assert failed["error"].startswith("not a readable DICOM file")
+    assert read["error"] == "" and read["label"] in ("Pneumothorax", "No Pneumothorax")
 
 
 def test_cam_command_writes_picture(trained, tmp_path):
@@ -156,9 +202,16 @@ def test_localise_command(trained, tmp_path):
     assert 0.0 <= summary["mean_energy_in_mask"] <= 1.0
 
 
-def test_stats_command(tmp_path):
+def test_stats_command(tmp_path, capsys, caplog, monkeypatch):
+    import ai.stats
+
+    monkeypatch.setattr(ai.stats, "parquet_available", lambda: False)
     files = sorted((SIIM / "train" / "No Pneumothorax").glob("*.dcm"))[:3]
-    assert run("stats", *map(str, files), "--out", str(tmp_path)) == 0
+    with caplog.at_level(logging.INFO, logger="ai.console"):
+        assert run("stats", *map(str, files), "--out", str(tmp_path)) == 0
+    assert "stats: 3/3 files done" in caplog.text  # progress, as log lines off a terminal
+    assert "pyarrow" in capsys.readouterr().err  # says why there is no Parquet file
+    assert not (tmp_path / "cohort.parquet").exists()
     table = pd.read_csv(tmp_path / "cohort.csv")
     assert len(table) == 3
     for column in (

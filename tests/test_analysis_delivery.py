@@ -117,6 +117,12 @@ def test_results_stay_on_the_node_for_a_caller_not_in_peers(
     assert "instances: 9 (6 results made by this node)" in lines
     assert "analysis jobs: done 3" in lines
     assert "deliveries: none" in lines
+    # ... and the status says that the results stay here, and why.
+    assert "results kept on the node, not sent: 6 (SC and SR of 3 images)" in lines
+    assert (
+        "       3  caller 'STORESCU' is not in [[peers]] and no delivery.destination is set"
+        in lines
+    )
 
 
 def test_analysis_waits_for_a_model_then_catches_up(

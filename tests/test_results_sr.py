@@ -202,3 +202,16 @@ def test_sr_refuses_a_source_without_identity() -> None:
 def test_read_finding_refuses_what_is_not_a_measurement_report() -> None:
     with pytest.raises(ValueError, match="sr is not a TID 1500 Measurement Report"):
         read_finding(read_source(CASES[0][0]))
+
+
+@pytest.mark.parametrize("modality", ["CR", "DX"])
+def test_sr_image_library_gives_the_sources_own_modality(modality: str) -> None:
+    # SIIM's chest X-rays are Secondary Capture objects with Modality CR: the SOP class alone
+    # would make the image library say OT.
+    source = pydicom.Dataset(read_source(CASES[0][0]))
+    assert source.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+    source.Modality = modality
+    (library,) = find_items(build(source), "CONTAINER", ("111028", "DCM"))
+    (entry_modality,) = find_items(library, "CODE", ("121139", "DCM"))
+    assert coded(entry_modality.ConceptCodeSequence) == (modality, "DCM")
+    assert source.Modality == modality  # the source is not changed

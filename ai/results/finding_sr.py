@@ -6,8 +6,8 @@ evaluation and the classifier's probability as a numeric measurement, made by th
 named in it and observed by this node as a device.
 """
 
+import copy
 import logging
-import re
 from dataclasses import dataclass
 
 import highdicom as hd
@@ -16,6 +16,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
+from ai.results.attributes import copy_patient_and_study, source_header, values_of
 from ai.results.codes import (
     ABSENT,
     DEVICE_OBSERVER,
@@ -38,7 +39,9 @@ logger = logging.getLogger(__name__)
 FINDING_SERIES_DESCRIPTION = "Pneumothorax AI finding (not for diagnostic use)"
 TRACKING_IDENTIFIER = "Pneumothorax classification"
 _THRESHOLD_PARAMETER = "decision threshold="
-_AGE_STRING = re.compile(r"^\d{3}[DWMY]$")
+# CID 29 Acquisition Modality, by the code value a Modality attribute holds (CR, DX, ...).
+_ACQUISITION_MODALITIES = {code.value: code for code in codes.cid29.concepts.values()}
+_MODALITY = codes.DCM.Modality  # DCM 121139, the concept of the image library's entry
 
 
 @dataclass(frozen=True)
@@ -95,34 +98,61 @@ def _measurement_group(
     )
 
 
-def _drop_invalid_patient_age(sr: Dataset) -> None:
-    """highdicom copies Patient's Age from the source; a malformed AS value there (SIIM has
-    "23") would make the report invalid. It is Type 3, so it is left out rather than guessed."""
-    age = sr.get("PatientAge")
-    if age is not None and not _AGE_STRING.match(str(age)):
-        del sr.PatientAge
+class _FindingSR(hd.sr.ComprehensiveSR):
+    """highdicom's Comprehensive SR, with patient and study copied from the checked header:
+    highdicom's own copy looks the source's SOP class up in its table of IODs, fails for a
+    class it does not know, and copies values whatever their validity."""
+
+    def copy_patient_and_study_information(self, dataset: Dataset) -> None:
+        copy_patient_and_study(self, dataset)
 
 
-def _image_library_header(source: Dataset) -> Dataset:
-    """The source's header as the Image Library (TID 1600) should describe it.
+def _image_library_header(header: Dataset) -> Dataset:
+    """The source as the Image Library (TID 1600) should describe it.
 
     For CR/DX highdicom adds the projection radiography descriptors (TID 1603), which need
     Patient Orientation and Imager Pixel Spacing; many chest X-rays (all of SIIM) lack them.
-    Then the entry keeps only the generic descriptors (modality from the SOP class, rows,
-    columns), by describing a copy of the header whose Modality is left empty.
+    Then the entry keeps only the generic descriptors (modality, rows, columns), by
+    describing a copy of the header whose Modality is left empty; the modality itself is
+    set from the source afterwards (`_set_library_modality`).
     """
-    header = Dataset()
+    entry = Dataset()
     for keyword in (
-        "SOPClassUID", "SOPInstanceUID", "Rows", "Columns", "FrameOfReferenceUID",
-        "Modality", "PatientOrientation", "ImagerPixelSpacing",
+        "SOPClassUID",
+        "SOPInstanceUID",
+        "Rows",
+        "Columns",
+        "FrameOfReferenceUID",
+        "Modality",
+        "PatientOrientation",
+        "ImagerPixelSpacing",
     ):
-        if keyword in source:
-            setattr(header, keyword, source[keyword].value)
-    orientation = source.get("PatientOrientation") or []
-    spacing = source.get("ImagerPixelSpacing") or []
-    if not (len(orientation) == 2 and all(orientation) and len(spacing) == 2):
-        header.Modality = ""
-    return header
+        if keyword in header:
+            entry.add(copy.deepcopy(header[keyword]))
+    orientation = values_of(header, "PatientOrientation")
+    spacing = [float(v) for v in values_of(header, "ImagerPixelSpacing")]
+    if not (len(orientation) == 2 and len(spacing) == 2 and min(spacing) > 0):
+        entry.Modality = ""
+    return entry
+
+
+def _content_items(dataset: Dataset):
+    for item in dataset.get("ContentSequence", []):
+        yield item
+        yield from _content_items(item)
+
+
+def _set_library_modality(sr: Dataset, header: Dataset) -> None:
+    """highdicom codes an entry's modality from the SOP class (a Secondary Capture chest X-ray
+    becomes OT); the entry should give the source's own Modality when CID 29 has it."""
+    modality = values_of(header, "Modality")
+    code = _ACQUISITION_MODALITIES.get(str(modality[0])) if modality else None
+    if code is None:
+        return
+    for item in _content_items(sr):
+        name = item.get("ConceptNameCodeSequence")
+        if item.get("ValueType") == "CODE" and name and name[0].CodeValue == _MODALITY.value:
+            item.ConceptCodeSequence = [hd.sr.CodedConcept.from_code(code)]
 
 
 def build_finding_sr(
@@ -172,6 +202,7 @@ def build_finding_sr(
     if software_version is not None:
         require_text("software_version", software_version)
 
+    header = source_header(source)
     observer = hd.sr.ObserverContext(
         observer_type=DEVICE_OBSERVER,
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
@@ -189,12 +220,12 @@ def build_finding_sr(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PLAIN_CHEST_XRAY,
         imaging_measurements=[
-            _measurement_group(source, probability, present, algorithm, sop_instance_uid)
+            _measurement_group(header, probability, present, algorithm, sop_instance_uid)
         ],
-        referenced_images=[_image_library_header(source)],
+        referenced_images=[_image_library_header(header)],
     )
-    sr = hd.sr.ComprehensiveSR(
-        evidence=[source],
+    sr = _FindingSR(
+        evidence=[header],
         content=report[0],
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -209,10 +240,12 @@ def build_finding_sr(
         manufacturer_model_name=device_observer_name,
         software_versions=software_version,
     )
-    _drop_invalid_patient_age(sr)
+    _set_library_modality(sr, header)
     logger.info(
         "built finding SR %s for source %s (probability %.4f, %s)",
-        sop_instance_uid, source.SOPInstanceUID, probability,
+        sop_instance_uid,
+        source.SOPInstanceUID,
+        probability,
         "present" if present else "absent",
     )
     return sr

@@ -8,13 +8,14 @@ import logging
 from typing import Literal
 
 import numpy as np
-from highdicom import CoordinateSystemNames
+from highdicom import ContributingEquipment, CoordinateSystemNames
 from highdicom.sc import SCImage
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.encaps import generate_frames
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
+from ai.results.attributes import copy_patient_and_study, source_header, values_of
 from ai.results.codes import SOURCE_FOR_PROCESSING
 from ai.results.validation import (
     require_new_instance,
@@ -28,8 +29,10 @@ TransferSyntax = Literal["uncompressed", "jpeg-baseline"]
 
 HEATMAP_SERIES_DESCRIPTION = "Pneumothorax AI heatmap (not for diagnostic use)"
 DERIVATION_DESCRIPTION = (
-    "Class activation map (GradCAM) of a pneumothorax classifier, magma colormap at alpha 0.6 "
-    "over the VOI-windowed source image; result text burned in. Not for diagnostic use."
+    "Class activation map (GradCAM) of a pneumothorax classifier over the VOI-windowed "
+    "source image: magma colours with an opacity rising from 0 (heat 0.2 and below, where "
+    "the source pixels are unchanged) to 0.6; result, model and colour scale in a band "
+    "above the image. Not for diagnostic use."
 )
 
 # Photometric interpretation each transfer syntax needs for 8-bit colour (PS3.5 8.2.1).
@@ -38,10 +41,82 @@ _ENCODINGS: dict[str, tuple[str, str]] = {
     "jpeg-baseline": (JPEGBaseline8Bit, "YBR_FULL_422"),
 }
 
-# highdicom insists on a Patient Orientation when the coordinate system is PATIENT; when the
-# source has none, the value is built with this one and then replaced by the source's empty
-# Type 2 value, so that no orientation is invented.
+# highdicom insists on a Patient Orientation when the coordinate system is PATIENT and
+# accepts single letters only; the value is built with this one and then replaced by the
+# source's own (which may say "PF"), or by an empty Type 2 value, so none is invented.
 _PLACEHOLDER_ORIENTATION = ("L", "F")
+
+# Body Part Examined defined terms of unpaired structures (PS3.16 Annex L), for which
+# Laterality must be absent; for any other body part it is required.
+UNPAIRED_BODY_PARTS = frozenset(
+    [
+        "ABDOMEN",
+        "ABDOMENPELVIS",
+        "AORTA",
+        "BACK",
+        "BLADDER",
+        "BRAIN",
+        "CEREBELLUM",
+        "CSPINE",
+        "CTSPINE",
+        "CERVIX",
+        "CHEST",
+        "CHESTABDOMEN",
+        "CHESTABDPELVIS",
+        "CIRCLEOFWILLIS",
+        "COCCYX",
+        "COLON",
+        "CORONARYARTERY",
+        "DUODENUM",
+        "WHOLEBODY",
+        "ESOPHAGUS",
+        "FACE",
+        "GALLBLADDER",
+        "HEAD",
+        "HEADNECK",
+        "HEART",
+        "ILEUM",
+        "ILIUM",
+        "JAW",
+        "JEJUNUM",
+        "LARYNX",
+        "LIVER",
+        "LSPINE",
+        "LSSPINE",
+        "MAXILLA",
+        "MEDIASTINUM",
+        "MOUTH",
+        "NECK",
+        "NECKCHEST",
+        "NECKCHESTABDOMEN",
+        "NECKCHESTABDPELV",
+        "NOSE",
+        "PANCREAS",
+        "PELVIS",
+        "PENIS",
+        "PHARYNX",
+        "PROSTATE",
+        "RECTUM",
+        "SSPINE",
+        "SCALP",
+        "SKULL",
+        "SPINE",
+        "SPLEEN",
+        "STERNUM",
+        "STOMACH",
+        "TSPINE",
+        "TLSPINE",
+        "THYMUS",
+        "THYROID",
+        "TONGUE",
+        "TRACHEA",
+        "URETER",
+        "URETHRA",
+        "UTERUS",
+        "VAGINA",
+        "VULVA",
+    ]
+)
 
 
 def _check_rgb(rgb: np.ndarray) -> None:
@@ -54,34 +129,63 @@ def _check_rgb(rgb: np.ndarray) -> None:
         raise ValueError(f"rgb is empty: {rgb.shape}")
 
 
-def _source_orientation(source: Dataset) -> tuple[str, str] | None:
-    orientation = source.get("PatientOrientation")
-    if orientation is not None and len(orientation) == 2 and all(orientation):
-        return str(orientation[0]), str(orientation[1])
-    return None
-
-
-def _source_image_reference(source: Dataset) -> Dataset:
+def _source_image_reference(header: Dataset) -> Dataset:
     item = Dataset()
-    item.ReferencedSOPClassUID = source.SOPClassUID
-    item.ReferencedSOPInstanceUID = source.SOPInstanceUID
+    item.ReferencedSOPClassUID = header.SOPClassUID
+    item.ReferencedSOPInstanceUID = header.SOPInstanceUID
     item.PurposeOfReferenceCodeSequence = [CodedConcept.from_code(SOURCE_FOR_PROCESSING)]
     return item
 
 
-def _as_list(value: object) -> list[str]:
-    if value is None or value == "":
+def _pixel_spacing(header: Dataset, pixel_scale: int | None) -> tuple[float, float] | None:
+    """The source's Pixel Spacing for the picture's pixels (each source pixel a block of
+    `pixel_scale`), or None when the scale or the spacing is unknown."""
+    spacing = [float(v) for v in values_of(header, "PixelSpacing")]
+    if pixel_scale is None or len(spacing) != 2 or min(spacing) <= 0:
+        return None
+    return spacing[0] / pixel_scale, spacing[1] / pixel_scale
+
+
+def _acquisition_equipment(header: Dataset) -> list[ContributingEquipment]:
+    """The source's equipment as contributing equipment, when the source names it (as
+    highdicom's `SCImage.from_ref_dataset` does)."""
+    try:
+        return [ContributingEquipment.for_image_acquisition(header)]
+    except Exception:  # highdicom raises several types for a source without equipment
         return []
-    if isinstance(value, str):
-        return [value]
-    return [str(v) for v in value]
 
 
-def _set_lossy_compression(sc: Dataset, source: Dataset, compressed_size: int | None) -> None:
+def _set_series_attributes(sc: Dataset, header: Dataset) -> None:
+    """Body part and laterality as the source gives them.
+
+    Laterality is Type 2C, required unless the body part is unpaired: the source's R or L
+    is kept; for a named unpaired body part (CHEST) it is left out; otherwise (no body
+    part, or a paired or unknown one) it is sent empty, which says "unknown".
+    """
+    if "BodyPartExamined" in header:
+        sc.BodyPartExamined = header.BodyPartExamined
+    side = [
+        value
+        for keyword in ("Laterality", "ImageLaterality")
+        for value in values_of(header, keyword)
+        if value in ("R", "L")
+    ]
+    body_part = [str(v).strip().upper() for v in values_of(header, "BodyPartExamined")]
+    if side:
+        sc.Laterality = side[0]
+    elif not (body_part and body_part[0] in UNPAIRED_BODY_PARTS):
+        sc.Laterality = ""
+    orientation = values_of(header, "PatientOrientation")
+    sc.PatientOrientation = orientation if len(orientation) == 2 else ""
+
+
+def _set_lossy_compression(sc: Dataset, header: Dataset, compressed_size: int | None) -> None:
     """Once lossy, always lossy (PS3.3 C.7.6.1.1.5): keep the source's history and add ours."""
-    source_is_lossy = source.get("LossyImageCompression") == "01"
-    methods = _as_list(source.get("LossyImageCompressionMethod")) if source_is_lossy else []
-    ratios = _as_list(source.get("LossyImageCompressionRatio")) if source_is_lossy else []
+    source_is_lossy = values_of(header, "LossyImageCompression") == ["01"]
+    methods = [str(v) for v in values_of(header, "LossyImageCompressionMethod")]
+    ratios = [str(v) for v in values_of(header, "LossyImageCompressionRatio")]
+    if not source_is_lossy:
+        methods, ratios = [], []
     if compressed_size is not None:
         uncompressed_size = int(sc.Rows) * int(sc.Columns) * 3
         methods.append("ISO_10918_1")
@@ -105,14 +209,17 @@ def build_heatmap_sc(
     manufacturer: str,
     model_name: str,
     software_version: str,
+    pixel_scale: int | None = None,
     transfer_syntax: TransferSyntax = "uncompressed",
     series_description: str = HEATMAP_SERIES_DESCRIPTION,
     institution_name: str | None = None,
 ) -> Dataset:
     """Build the heatmap Secondary Capture for `source` from the rendered `rgb` picture.
 
-    Same patient and study as the source (highdicom `SCImage.from_ref_dataset`), a new series,
-    RGB 8-bit, Burned In Annotation YES, the source referenced in Source Image Sequence.
+    Same patient and study as the source (its attributes copied as `ai.results.attributes`
+    checks them), a new series, RGB 8-bit, Burned In Annotation YES, the source referenced
+    in Source Image Sequence. `pixel_scale` says how many picture pixels one source pixel
+    spans, so the source's Pixel Spacing can be carried over; None leaves it out.
     `transfer_syntax` is "uncompressed" (Explicit VR Little Endian, RGB) or "jpeg-baseline"
     (JPEG Baseline, YBR_FULL_422).
     """
@@ -134,18 +241,17 @@ def build_heatmap_sc(
         raise ValueError(
             f"transfer_syntax must be one of {sorted(_ENCODINGS)}, got {transfer_syntax!r}"
         )
+    if pixel_scale is not None and (isinstance(pixel_scale, bool) or pixel_scale < 1):
+        raise ValueError(f"pixel_scale must be a positive integer, got {pixel_scale!r}")
 
+    header = source_header(source)
     transfer_syntax_uid, photometric = _ENCODINGS[transfer_syntax]
-    orientation = _source_orientation(source)
-    same_size = (rgb.shape[0], rgb.shape[1]) == (source.get("Rows"), source.get("Columns"))
-    spacing = source.get("PixelSpacing") if same_size else None
-
-    sc = SCImage.from_ref_dataset(
-        ref_dataset=source,
+    sc = SCImage(
         pixel_array=np.ascontiguousarray(rgb),
         photometric_interpretation=photometric,
         bits_allocated=8,
         coordinate_system=CoordinateSystemNames.PATIENT,
+        study_instance_uid=header.StudyInstanceUID,
         series_instance_uid=series_instance_uid,
         series_number=series_number,
         sop_instance_uid=sop_instance_uid,
@@ -155,12 +261,15 @@ def build_heatmap_sc(
         software_versions=software_version,
         institution_name=institution_name,
         series_description=series_description,
-        pixel_spacing=tuple(float(v) for v in spacing) if spacing else None,
-        patient_orientation=orientation or _PLACEHOLDER_ORIENTATION,
+        pixel_spacing=_pixel_spacing(header, pixel_scale),
+        patient_orientation=_PLACEHOLDER_ORIENTATION,
         transfer_syntax_uid=transfer_syntax_uid,
+        contributing_equipment=_acquisition_equipment(header),
     )
-    if orientation is None:
-        sc.PatientOrientation = ""  # Type 2: unknown, as in the source
+    if "SpecificCharacterSet" in header:
+        sc.SpecificCharacterSet = header.SpecificCharacterSet
+    copy_patient_and_study(sc, header)
+    _set_series_attributes(sc, header)
 
     # SC Equipment: made by a workstation from another image. Modality stays highdicom's OT:
     # a result image must not look like a CR/DX acquisition to routing rules, or a PACS that
@@ -168,19 +277,17 @@ def build_heatmap_sc(
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
     sc.DerivationDescription = DERIVATION_DESCRIPTION
-    sc.SourceImageSequence = [_source_image_reference(source)]
-    for keyword in ("BodyPartExamined", "Laterality"):
-        if source.get(keyword):
-            setattr(sc, keyword, source.get(keyword))
+    sc.SourceImageSequence = [_source_image_reference(header)]
 
     compressed_size = None
     if sc.file_meta.TransferSyntaxUID.is_encapsulated:
         compressed_size = sum(len(f) for f in generate_frames(sc.PixelData, number_of_frames=1))
-    _set_lossy_compression(sc, source, compressed_size)
+    _set_lossy_compression(sc, header, compressed_size)
 
     logger.info(
         "built heatmap SC %s for source %s (%s)",
-        sop_instance_uid, source.SOPInstanceUID, transfer_syntax,
+        sop_instance_uid,
+        header.SOPInstanceUID,
+        transfer_syntax,
     )
     return sc
-

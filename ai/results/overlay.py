@@ -1,27 +1,55 @@
-"""The picture of the Secondary Capture: the X-ray in grey, the class-activation map over it,
-and the result written on it.
+"""The picture of the Secondary Capture: the X-ray at its own brightness, the class-activation
+map over it where it is hot, and a caption band above it.
 
-It reproduces the source's display (imshow of the X-ray, then imshow of the map with the
-`magma` colormap at alpha 0.6, bilinear) in numpy and Pillow instead of a matplotlib figure,
-so that it is fast, headless and pixel exact at the image's own size.
+The reader must see the anatomy: where the map is cold (under `HEAT_FLOOR`) the X-ray's
+pixels are exactly the windowed source; above it the `magma` colour is blended in with an
+opacity that grows with the heat, up to `DEFAULT_ALPHA` at the hottest point. The text and
+the colour scale live in a band added above the image (see `ai.results.caption`), never
+over it. A source narrower than `MIN_PICTURE_WIDTH` is enlarged by a whole factor (each pixel
+a square block, values unchanged) so that the caption has room to be legible.
+
+It is done in numpy and Pillow rather than a matplotlib figure, so that it is fast, headless
+and pixel exact; the colours are matplotlib's own colormap table.
 """
 
+import math
+from dataclasses import dataclass
 from functools import lru_cache
 
 import matplotlib
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from ai.results.caption import (
+    DETAIL_COLOUR,
+    TEXT_COLOUR,
+    WARNING_COLOUR,
+    Band,
+    ColourScale,
+    caption_band,
+)
 from ai.results.validation import require_probability, require_text
 
-DEFAULT_ALPHA = 0.6
+DEFAULT_ALPHA = 0.6  # opacity at the hottest point
+HEAT_FLOOR = 0.2  # heat at or below this is not drawn
 DEFAULT_COLORMAP = "magma"
 DEFAULT_PROBABILITY_CAPTION = "Pneumothorax probability"
+DEFAULT_METHOD = "GradCAM"
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+MIN_PICTURE_WIDTH = 512
+MAX_ENLARGED_ROWS = 8192
+SCALE_BACKGROUND = 128  # the colour scale shows the heat as it looks over a mid-grey
 
-_TEXT_COLOUR = (255, 255, 255, 255)
-_WARNING_COLOUR = (255, 210, 0, 255)
-_BOX_COLOUR = (0, 0, 0, 190)
+
+@dataclass(frozen=True)
+class Picture:
+    """The rendered picture and where its parts are."""
+
+    rgb: np.ndarray  # (rows, columns, 3) uint8
+    scale: int  # each source pixel is a scale x scale block
+    image_top: int  # first row of the X-ray; the band is rows [0, image_top)
+    image_size: tuple[int, int]  # rows, columns of the X-ray in the picture
+    band: Band
 
 
 @lru_cache(maxsize=8)
@@ -31,26 +59,38 @@ def _colormap_lut(name: str) -> np.ndarray:
     return (cmap(np.arange(256))[:, :3] * 255.0).astype(np.float32)
 
 
-@lru_cache(maxsize=16)
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    """Pillow's bundled scalable font (Pillow >= 10.1), loaded once per size."""
-    return ImageFont.load_default(size=size)
+def heat_opacity(
+    values: np.ndarray, alpha: float = DEFAULT_ALPHA, floor: float = HEAT_FLOOR
+) -> np.ndarray:
+    """Opacity of the colour at heat `values`: 0 up to `floor`, rising linearly to `alpha`."""
+    ramp = (np.asarray(values, dtype=np.float64) - floor) / (1.0 - floor)
+    return alpha * np.clip(ramp, 0.0, 1.0)
 
 
 @lru_cache(maxsize=8)
-def _blend_lut(name: str, alpha: float) -> np.ndarray:
+def _blend_lut(name: str, alpha: float, floor: float) -> np.ndarray:
     """(grey, map index) -> blended RGB, 256x256x3 uint8: the blend of a 1024x1024 picture
-    becomes one table look-up instead of float arithmetic on three million values."""
-    grey = np.arange(256, dtype=np.float32)[:, None, None]
-    blended = (1.0 - alpha) * grey + alpha * _colormap_lut(name)[None, :, :]
+    becomes one table look-up instead of float arithmetic on three million values.
+
+    Index i stands for the heat values matplotlib maps to colour i, [i/256, (i+1)/256); its
+    opacity is that of their centre. Where it is 0 the result is the grey value exactly.
+    """
+    opacity = heat_opacity((np.arange(256) + 0.5) / 256.0, alpha, floor)[None, :, None]
+    grey = np.arange(256, dtype=np.float64)[:, None, None]
+    blended = (1.0 - opacity) * grey + opacity * _colormap_lut(name)[None, :, :]
     return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def _heat_indices(values: np.ndarray) -> np.ndarray:
+    """matplotlib's own quantisation of [0, 1] onto its 256 colours: floor(v * 256)."""
+    return np.minimum(np.asarray(values) * 256.0, 255.0).astype(np.uint16)
 
 
 def _check_grey(grey8: np.ndarray) -> None:
     if not isinstance(grey8, np.ndarray) or grey8.ndim != 2 or grey8.dtype != np.uint8:
         raise ValueError("grey8 must be a 2-D uint8 array (rows, columns)")
-    if min(grey8.shape) < 16:
-        raise ValueError(f"grey8 is too small to annotate: {grey8.shape}")
+    if grey8.size == 0:
+        raise ValueError(f"grey8 is empty: {grey8.shape}")
 
 
 def _check_heatmap(heatmap: np.ndarray) -> None:
@@ -79,79 +119,105 @@ def blend_heatmap(
     *,
     alpha: float = DEFAULT_ALPHA,
     colormap: str = DEFAULT_COLORMAP,
+    floor: float = HEAT_FLOOR,
 ) -> np.ndarray:
-    """Colour the map (values 0..1 mapped to the colormap's ends, not stretched to the map's own
-    range, so a weak map looks weak) and alpha-blend it over the grey X-ray."""
+    """Colour the map over the grey X-ray at its size (values 0..1 mapped to the colormap's
+    ends, not stretched to the map's own range, so a weak map looks weak)."""
     rows, columns = grey8.shape
-    upsampled = upsample_bilinear(heatmap, rows, columns)
-    # matplotlib's own quantisation of [0, 1] onto its 256 colours: floor(v * 256).
-    indices = np.minimum(upsampled * 256.0, 255.0).astype(np.uint16)
-    table = _blend_lut(colormap, float(alpha)).reshape(-1, 3)
+    indices = _heat_indices(upsample_bilinear(heatmap, rows, columns))
+    table = _blend_lut(colormap, float(alpha), float(floor)).reshape(-1, 3)
     return np.take(table, (grey8.astype(np.uint16) << 8) | indices, axis=0)
 
 
-def _caption_lines(probability: float, label: str, probability_caption: str) -> list[str]:
-    return [
-        f"AI result: {label}",
-        f"{probability_caption}: {probability:.1%}",
-        NOT_FOR_DIAGNOSTIC_USE,
+def picture_scale(rows: int, columns: int) -> int:
+    """The whole factor that makes a narrow source at least `MIN_PICTURE_WIDTH` wide, unless
+    that would make it taller than `MAX_ENLARGED_ROWS`."""
+    if columns >= MIN_PICTURE_WIDTH:
+        return 1
+    wanted = math.ceil(MIN_PICTURE_WIDTH / columns)
+    return max(1, min(wanted, MAX_ENLARGED_ROWS // rows))
+
+
+def colour_scale(
+    alpha: float = DEFAULT_ALPHA,
+    colormap: str = DEFAULT_COLORMAP,
+    floor: float = HEAT_FLOOR,
+    method: str = DEFAULT_METHOD,
+) -> ColourScale:
+    """The key to the colours: heat 0..1 rendered exactly as over a mid-grey X-ray pixel."""
+    table = _blend_lut(colormap, float(alpha), float(floor))[SCALE_BACKGROUND]
+
+    def colours(values: np.ndarray) -> np.ndarray:
+        return table[_heat_indices(values)]
+
+    title = f"{method} heat, relative to this image's maximum; not drawn below {floor:g}"
+    return ColourScale(title=title, colours=colours)
+
+
+def caption_texts(
+    probability: float, label: str, probability_caption: str, model: str | None
+) -> list[tuple[str, tuple[int, int, int]]]:
+    texts = [
+        (f"AI result: {label}", TEXT_COLOUR),
+        (f"{probability_caption}: {probability:.1%}", TEXT_COLOUR),
     ]
+    if model:
+        texts.append((f"Model: {model}", DETAIL_COLOUR))
+    texts.append((NOT_FOR_DIAGNOSTIC_USE, WARNING_COLOUR))
+    return texts
 
 
-def burn_in_text(rgb: np.ndarray, lines: list[str]) -> np.ndarray:
-    """Write the lines in the top-left corner on a dark translucent box, the last line (the
-    warning) in amber. The font scales with the image so it stays legible at any size."""
-    rows, columns = rgb.shape[:2]
-    font_size = max(12, round(min(rows, columns) / 30))
-    font = _font(font_size)
-    margin = max(4, font_size // 2)
-    line_gap = max(2, font_size // 4)
-
-    base = Image.fromarray(rgb).convert("RGBA")
-    layer = Image.new("RGBA", base.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-
-    boxes = [draw.textbbox((0, 0), line, font=font) for line in lines]
-    line_height = max(box[3] for box in boxes)
-    text_width = max(box[2] for box in boxes)
-    box_right = min(columns - 1, 2 * margin + text_width)
-    box_bottom = min(rows - 1, 2 * margin + len(lines) * line_height + (len(lines) - 1) * line_gap)
-    draw.rectangle((0, 0, box_right, box_bottom), fill=_BOX_COLOUR)
-
-    y = margin
-    for index, line in enumerate(lines):
-        colour = _WARNING_COLOUR if index == len(lines) - 1 else _TEXT_COLOUR
-        draw.text((margin, y), line, font=font, fill=colour)
-        y += line_height + line_gap
-
-    return np.asarray(Image.alpha_composite(base, layer).convert("RGB"))
-
-
-def render_overlay(
+def render_picture(
     grey8: np.ndarray,
     heatmap: np.ndarray,
     probability: float,
     label: str,
     *,
+    model: str | None = None,
+    method: str = DEFAULT_METHOD,
     alpha: float = DEFAULT_ALPHA,
     colormap: str = DEFAULT_COLORMAP,
+    floor: float = HEAT_FLOOR,
     probability_caption: str = DEFAULT_PROBABILITY_CAPTION,
-) -> np.ndarray:
+) -> Picture:
     """Render the Secondary Capture picture.
 
     grey8: the X-ray as displayed (VOI window applied, MONOCHROME1 already inverted), HxW uint8.
     heatmap: the class-activation map, any resolution, float values in [0, 1].
-    Returns an HxWx3 uint8 RGB array of the X-ray's size.
     """
     _check_grey(grey8)
     _check_heatmap(heatmap)
     probability = require_probability("probability", probability)
     label = require_text("label", label)
     probability_caption = require_text("probability_caption", probability_caption)
+    if model is not None:
+        model = require_text("model", model, max_length=256)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
+    if not 0.0 <= floor < 1.0:
+        raise ValueError(f"floor must be in [0, 1), got {floor!r}")
     if colormap not in matplotlib.colormaps:
         raise ValueError(f"colormap {colormap!r} is not a matplotlib colormap")
 
-    blended = blend_heatmap(grey8, heatmap, alpha=alpha, colormap=colormap)
-    return burn_in_text(blended, _caption_lines(probability, label, probability_caption))
+    scale = picture_scale(*grey8.shape)
+    enlarged = np.repeat(np.repeat(grey8, scale, axis=0), scale, axis=1) if scale > 1 else grey8
+    image = blend_heatmap(enlarged, heatmap, alpha=alpha, colormap=colormap, floor=floor)
+    rows, columns = image.shape[:2]
+    width = max(columns, MIN_PICTURE_WIDTH)
+    band = caption_band(
+        width,
+        caption_texts(probability, label, probability_caption, model),
+        colour_scale(alpha, colormap, floor, method),
+    )
+    top = band.pixels.shape[0]
+    rgb = np.zeros((top + rows, width, 3), dtype=np.uint8)
+    rgb[:top] = band.pixels
+    rgb[top:, :columns] = image
+    return Picture(rgb=rgb, scale=scale, image_top=top, image_size=(rows, columns), band=band)
+
+
+def render_overlay(
+    grey8: np.ndarray, heatmap: np.ndarray, probability: float, label: str, **options
+) -> np.ndarray:
+    """The picture's pixels only (see `render_picture` for the options)."""
+    return render_picture(grey8, heatmap, probability, label, **options).rgb

@@ -50,10 +50,11 @@ def require_positive_int(name: str, value: int) -> int:
 
 
 def require_source_image(name: str, source: Dataset) -> Dataset:
-    """The source must identify itself and its study, or the result cannot point back at it."""
+    """The source must identify itself, its series and its study, or a result cannot point
+    back at it (the SR's evidence names all four)."""
     if not isinstance(source, Dataset):
         raise ValueError(f"{name} must be a pydicom Dataset, got {type(source).__name__}")
-    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID"):
+    for keyword in ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
         value = source.get(keyword)
         if not _is_valid_uid(str(value) if value else ""):
             raise ValueError(f"{name} lacks a valid {keyword}")
