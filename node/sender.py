@@ -1,9 +1,12 @@
 """The result sender: C-STORE of queued deliveries to their destination AE, with retries.
 
 Deliveries are read from the index, grouped by destination, and sent over one association
-per destination and round. A delivery is marked delivered only after the destination
-answered Success or a warning; a refused association, a network error or a failure status
-schedules the next attempt with exponential backoff. Because the queue is in the database,
+per destination and round, by node.send_instances as C-MOVE sends: as stored when the
+destination accepts the stored transfer syntax, converted to an uncompressed one when it
+does not. A delivery is marked delivered only after the destination answered Success or a
+warning; a refused association, a network error or a failure status schedules the next
+attempt with exponential backoff; an instance that can go neither as stored nor converted
+fails at once (`pneumonode retry` queues it again). Because the queue is in the database,
 deliveries pending at a crash or stop resume at the next start.
 """
 
@@ -13,11 +16,17 @@ import logging
 import threading
 from collections import defaultdict
 
-from pynetdicom import AE
-
+from node.config import Peer
 from node.context import NodeContext
-from node.tls import client_context
+from node.send_instances import (
+    connection_arguments,
+    prepare,
+    requestor_ae,
+    send,
+    send_without_delay,
+)
 from storage.deliveries import DeliveryQueue, DueDelivery
+from storage.models import DeliveryState
 
 log = logging.getLogger(__name__)
 
@@ -90,24 +99,15 @@ class DeliverySender:
             for item in items:
                 self.queue.retry_later(item, f"{destination} is not in [[peers]]")
             return
-        ae = AE(ae_title=config.node.ae_title)
-        ae.network_timeout = config.node.network_timeout
-        ae.acse_timeout = config.node.network_timeout
-        ae.dimse_timeout = config.node.network_timeout
         # The index knows each result's SOP class and transfer syntax: no file is read
-        # before the association is up, and each is sent as stored.
-        contexts = {(item.sop_class_uid, item.transfer_syntax_uid) for item in items}
-        for sop_class, syntax in sorted(contexts):
-            ae.add_requested_context(sop_class, [syntax])
-        tls_args = (client_context(config.tls), peer.host) if peer.tls else None
-        assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
+        # before the association is up.
+        assoc = requestor_ae(config).associate(
+            peer.host, peer.port, **connection_arguments(config, peer, items)
+        )
         if not assoc.is_established:
-            reason = "association rejected" if assoc.is_rejected else "cannot connect"
-            error = f"{reason} by {peer.ae_title} at {peer.host}:{peer.port}"
-            log.warning("delivery to %s failed: %s; will retry", destination, error)
-            for item in items:
-                self.queue.retry_later(item, error)
+            self._not_associated(assoc, peer, items)
             return
+        send_without_delay(assoc)
         try:
             for item in items:
                 if self._stop.is_set() or not assoc.is_established:
@@ -117,13 +117,38 @@ class DeliverySender:
             if assoc.is_established:
                 assoc.release()
 
+    def _not_associated(self, assoc, peer: Peer, items: list[DueDelivery]) -> None:
+        if assoc.rejected_contexts and not assoc.accepted_contexts:
+            # It answered, and takes none of these SOP classes even uncompressed.
+            error = f"{peer.ae_title} accepted none of the contexts proposed"
+            log.warning("delivery to %s failed: %s (failed)", peer.ae_title, error)
+            for item in items:
+                self.queue.give_up(item, error)
+            return
+        reason = "association rejected" if assoc.is_rejected else "cannot connect"
+        error = f"{reason} by {peer.ae_title} at {peer.host}:{peer.port}"
+        log.warning("delivery to %s failed: %s; will retry", peer.ae_title, error)
+        for item in items:
+            self.queue.retry_later(item, error)
+
     def _send_one(self, assoc, item: DueDelivery, destination: str) -> None:
+        outgoing = prepare(self.context.archive, item, assoc.accepted_contexts, destination)
+        if outgoing.dataset is None:
+            # Neither as stored nor converted: another attempt would meet the same answer.
+            self.queue.give_up(item, outgoing.refusal)
+            log.warning(
+                "delivery of SOP %s to %s failed: %s (%s)",
+                item.sop_instance_uid,
+                destination,
+                outgoing.refusal,
+                DeliveryState.FAILED.value,
+            )
+            return
         try:
-            status = assoc.send_c_store(self.context.archive.path_of(item.file_path))
+            code = send(assoc, outgoing)
         except Exception as exc:
             self.queue.retry_later(item, f"C-STORE error: {exc}")
             return
-        code = getattr(status, "Status", None)
         if code is None:
             self.queue.retry_later(item, "no C-STORE response (timeout or abort)")
             log.warning("delivery of SOP %s to %s: no response", item.sop_instance_uid, destination)
@@ -131,7 +156,11 @@ class DeliverySender:
         if code in SUCCESS_OR_WARNING:
             self.queue.delivered(item.delivery_id)
             log.info(
-                "delivered SOP %s to %s (status 0x%04X)", item.sop_instance_uid, destination, code
+                "delivered SOP %s to %s%s (status 0x%04X)",
+                item.sop_instance_uid,
+                destination,
+                outgoing.describe(),
+                code,
             )
             return
         state = self.queue.retry_later(item, f"C-STORE status 0x{code:04X}")

@@ -1,10 +1,10 @@
 """The DICOM application entity: what the node accepts, and the serve loop.
 
 `DicomNode` builds the pynetdicom AE from the configuration (AE title, limits, timeouts,
-the presentation contexts of Verification, Storage and Query/Retrieve FIND), binds the
-service handlers to a shared `NodeContext` and runs the server with any background
-services (the analysis worker, the result sender) beside it. `serve` runs one until
-SIGINT or SIGTERM.
+the presentation contexts of Verification, Storage and Query/Retrieve FIND, MOVE and GET),
+binds the service handlers to a shared `NodeContext` and runs the server with any
+background services (the analysis worker, the result sender) beside it. `serve` runs one
+until SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -29,7 +29,10 @@ from node.admission import Admission
 from node.config import Config
 from node.context import NodeContext, build_context
 from node.find_scp import handle_find, handle_sop_extended
+from node.get_scp import handle_get
 from node.guarded_transport import GuardedRequestHandler, GuardedServer, GuardLimits
+from node.move_scp import handle_move
+from node.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES
 from node.storage_scp import handle_store
 from node.tls import server_context
 from storage.consistency import log_recovery, recover
@@ -125,9 +128,13 @@ def build_ae(config: Config) -> AE:
     # Calling AE titles are checked by node.admission, before pynetdicom negotiates.
     ae.require_called_aet = config.node.require_called_ae_title
     ae.add_supported_context(Verification, UNCOMPRESSED_TRANSFER_SYNTAXES)
+    # Both roles: a C-GET requester proposes to be the Storage SCP on its own association
+    # (SCP/SCU role selection); a sender proposes nothing and keeps the default roles.
     for context in AllStoragePresentationContexts:
-        ae.add_supported_context(context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES)
-    for sop_class in QUERY_SOP_CLASSES:
+        ae.add_supported_context(
+            context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
+        )
+    for sop_class in QUERY_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES:
         ae.add_supported_context(sop_class, UNCOMPRESSED_TRANSFER_SYNTAXES)
     return ae
 
@@ -154,6 +161,8 @@ def event_handlers(context: NodeContext) -> list[tuple]:
         (evt.EVT_C_ECHO, _handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),
         (evt.EVT_C_FIND, handle_find, [context]),
+        (evt.EVT_C_MOVE, handle_move, [context]),
+        (evt.EVT_C_GET, handle_get, [context]),
         (evt.EVT_SOP_EXTENDED, handle_sop_extended, [context]),
         (evt.EVT_ACCEPTED, _log_association("accepted")),
         (evt.EVT_REJECTED, _log_association("rejected")),

@@ -131,6 +131,19 @@ class DeliveryQueue:
             )
         return state
 
+    def give_up(self, delivery: DueDelivery, error: str) -> None:
+        """Record an attempt that no retry can change (nothing the destination accepts)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(Delivery)
+                .where(Delivery.id == delivery.delivery_id)
+                .values(
+                    state=DeliveryState.FAILED,
+                    attempts=delivery.attempts + 1,
+                    last_error=error[:2000],
+                )
+            )
+
     def requeue_failed(self) -> int:
         with self.engine.begin() as conn:
             result = conn.execute(

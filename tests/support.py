@@ -335,11 +335,15 @@ def wait_for_log(node: NodeProcess, text: str, timeout: float = 5, since: int = 
 class StoreSCP:
     """dcmtk storescp on a fixed port, stoppable and restartable; one file per instance
     received (`+uf` unique names), so a duplicate delivery shows up as a second file; it
-    accepts every transfer syntax (`+xa`), as a PACS would."""
+    accepts every transfer syntax (`+xa`), as a PACS would, unless `options` say otherwise
+    (`+xi`: Implicit VR Little Endian only; `+B`: write the received dataset bit for bit)."""
 
-    def __init__(self, folder: Path, ae_title: str = "STORESCP") -> None:
+    def __init__(
+        self, folder: Path, ae_title: str = "STORESCP", options: tuple[str, ...] = ("+xa",)
+    ) -> None:
         self.folder = folder
         self.ae_title = ae_title
+        self.options = options
         self.port = free_port()
         self.process: subprocess.Popen | None = None
         folder.mkdir(parents=True, exist_ok=True)
@@ -348,7 +352,7 @@ class StoreSCP:
         self.process = subprocess.Popen(
             [
                 dcmtk("storescp"),
-                "+xa",
+                *self.options,
                 "-aet",
                 self.ae_title,
                 "+uf",

@@ -1,0 +1,225 @@
+"""What the C-MOVE and C-GET SCPs share: the models, the selection, the sub-operations.
+
+pynetdicom runs the C-STORE sub-operations (PS3.4 C.4.2.3, C.4.3.3): a handler yields one
+(Pending, dataset) per instance, pynetdicom sends it, answers the requester with a Pending
+response that carries the remaining, completed, failed and warning counts, and ends with
+0x0000, 0xB000 and the Failed SOP Instance UID List, 0xA702 when every sub-operation
+failed, or 0xFE00 (with the counts so far) when the handler yields Cancel after a C-CANCEL.
+
+The instances are those C-FIND matches (storage.query.retrieve_instances); each goes as
+node.send_instances prepares it for the association. Two behaviours of pynetdicom this
+relies on, pinned by tests/test_retrieve_pynetdicom.py:
+- An instance that cannot go (no context for it, no conversion) is yielded as
+  `unsendable(...)`, a dataset with its UIDs and no file meta: pynetdicom's `send_c_store`
+  refuses it before anything is sent, and the sub-operation is counted failed with its
+  SOP Instance UID in the Failed SOP Instance UID List. The reason is in the node's log.
+- pynetdicom asks for the number of sub-operations before it takes a status: an identifier
+  the node cannot process is answered as one failed sub-operation with 0xA900 or 0xC000
+  and an ErrorComment.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pynetdicom import evt
+from pynetdicom.presentation import PresentationContext
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelGet,
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
+from sqlalchemy.exc import SQLAlchemyError
+
+from node.context import NodeContext
+from node.dimse import status_dataset
+from node.send_instances import Outgoing, StoredInstance, prepare
+from storage.query import (
+    IdentifierMismatchError,
+    QueryError,
+    QueryModel,
+    UnprocessableQueryError,
+    retrieve_instances,
+)
+
+log = logging.getLogger(__name__)
+
+MOVE_SOP_CLASSES = (
+    PatientRootQueryRetrieveInformationModelMove,
+    StudyRootQueryRetrieveInformationModelMove,
+)
+GET_SOP_CLASSES = (
+    PatientRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelGet,
+)
+_MODELS = {
+    PatientRootQueryRetrieveInformationModelMove: QueryModel.PATIENT_ROOT,
+    PatientRootQueryRetrieveInformationModelGet: QueryModel.PATIENT_ROOT,
+    StudyRootQueryRetrieveInformationModelMove: QueryModel.STUDY_ROOT,
+    StudyRootQueryRetrieveInformationModelGet: QueryModel.STUDY_ROOT,
+}
+
+_LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
+
+STATUS_PENDING = 0xFF00
+STATUS_CANCEL = 0xFE00
+STATUS_OUT_OF_RESOURCES = 0xA701  # unable to calculate the number of matches
+STATUS_IDENTIFIER_MISMATCH = 0xA900
+STATUS_UNABLE_TO_PROCESS = 0xC000
+C_STORE_RSP = 0x8001
+
+
+class Retrieve:
+    """One C-MOVE or C-GET as its log lines tell it: UIDs, counts and statuses only."""
+
+    def __init__(self, service: str, event: evt.Event, destination: str) -> None:
+        self.service = service
+        self.destination = destination
+        self.calling_ae = event.assoc.requestor.ae_title
+        self.model = "?"
+        self.level = "?"
+        self.instances = 0
+        self.counts = {"completed": 0, "warning": 0, "failed": 0}
+        self.status: int | None = None  # a status the handler answered itself
+        self._notes: dict[str, str] = {}
+
+    def sending(self, outgoing: Outgoing) -> None:
+        self._notes[outgoing.instance.sop_instance_uid] = outgoing.describe()
+
+    def refused(self, outgoing: Outgoing) -> None:
+        self.counts["failed"] += 1
+        log.warning(
+            "%s SOP %s to %s failed: %s",
+            self.service,
+            outgoing.instance.sop_instance_uid,
+            self.destination,
+            outgoing.refusal,
+        )
+
+    def on_store_response(self, event: evt.Event) -> None:
+        """EVT_DIMSE_RECV of the association the sub-operations run on: one line per
+        instance sent, with the receiver's status."""
+        command = event.message.command_set
+        if command.get("CommandField") != C_STORE_RSP:
+            return
+        code = int(command.Status)
+        uid = str(command.get("AffectedSOPInstanceUID", ""))
+        category = STORAGE_SERVICE_CLASS_STATUS.get(code, ("Failure",))[0]
+        key = {"Success": "completed", "Warning": "warning"}.get(category, "failed")
+        self.counts[key] += 1
+        log.info(
+            "%s sent SOP %s to %s%s: 0x%04X",
+            self.service,
+            uid,
+            self.destination,
+            self._notes.pop(uid, ""),
+            code,
+        )
+
+    def summary(self) -> None:
+        status = "" if self.status is None else f" status=0x{self.status:04X}"
+        log.info(
+            "%s %s level=%s to %s: instances=%d completed=%d warning=%d failed=%d%s calling AE %r",
+            self.service,
+            self.model,
+            self.level,
+            self.destination,
+            self.instances,
+            self.counts["completed"],
+            self.counts["warning"],
+            self.counts["failed"],
+            status,
+            self.calling_ae,
+        )
+
+
+def select_instances(
+    event: evt.Event, context: NodeContext, retrieve: Retrieve
+) -> list[StoredInstance] | Dataset:
+    """The instances the request's identifier selects, or the failure status to answer."""
+    model = _MODELS.get(str(event.request.AffectedSOPClassUID))
+    if model is None:
+        return _failure(retrieve, STATUS_IDENTIFIER_MISMATCH, "not a MOVE or GET SOP class")
+    retrieve.model = model.value
+    try:
+        identifier = _identifier(event)
+        level = str(identifier.get("QueryRetrieveLevel", "")).strip()
+        retrieve.level = level if level in _LEVELS else "?"  # logged: no free text
+        with context.engine.connect() as conn:
+            instances = retrieve_instances(
+                conn, identifier, model, relational=context.config.node.relational_queries
+            )
+    except QueryError as exc:
+        code = (
+            STATUS_IDENTIFIER_MISMATCH
+            if isinstance(exc, IdentifierMismatchError)
+            else STATUS_UNABLE_TO_PROCESS
+        )
+        return _failure(retrieve, code, exc.comment, exc.offending)
+    except SQLAlchemyError as exc:
+        log.error("%s index query failed: %s", retrieve.service, type(exc).__name__)
+        return _failure(retrieve, STATUS_OUT_OF_RESOURCES, "index unavailable, try again")
+    except Exception:
+        log.exception("%s identifier could not be processed", retrieve.service)
+        return _failure(retrieve, STATUS_UNABLE_TO_PROCESS, "identifier could not be processed")
+    retrieve.instances = len(instances)
+    return instances
+
+
+def _identifier(event: evt.Event) -> Dataset:
+    # pydicom decodes lazily: an identifier that does not decode is "unable to process".
+    try:
+        return event.identifier
+    except Exception as exc:
+        raise UnprocessableQueryError(f"cannot decode identifier: {type(exc).__name__}") from exc
+
+
+def _failure(
+    retrieve: Retrieve, code: int, comment: str, offending: tuple[int, ...] = ()
+) -> Dataset:
+    retrieve.status = code
+    # The comment may quote a value of the identifier: the log says only the status.
+    log.warning("%s refused with 0x%04X", retrieve.service, code)
+    return status_dataset(code, comment, offending)
+
+
+def refuse(failure: Dataset) -> Iterator[Any]:
+    """The yields that answer a failure status (see the module docstring)."""
+    yield 1
+    yield failure, None
+
+
+def unsendable(instance: StoredInstance) -> Dataset:
+    """A stand-in that pynetdicom counts as a failed sub-operation without sending it."""
+    stand_in = Dataset()
+    stand_in.SOPClassUID = instance.sop_class_uid
+    stand_in.SOPInstanceUID = instance.sop_instance_uid
+    return stand_in
+
+
+def sub_operations(
+    event: evt.Event,
+    context: NodeContext,
+    retrieve: Retrieve,
+    instances: Sequence[StoredInstance],
+    accepted: Callable[[], Sequence[PresentationContext]],
+) -> Iterator[tuple[int, Dataset | None]]:
+    """(Pending, dataset) per instance, prepared for the contexts `accepted()` returns;
+    Cancel as soon as the requester sent C-CANCEL."""
+    for instance in instances:
+        if event.is_cancelled:
+            retrieve.status = STATUS_CANCEL
+            yield STATUS_CANCEL, None
+            return
+        outgoing = prepare(context.archive, instance, accepted(), retrieve.destination)
+        if outgoing.dataset is None:
+            retrieve.refused(outgoing)
+            yield STATUS_PENDING, unsendable(instance)
+            continue
+        retrieve.sending(outgoing)
+        yield STATUS_PENDING, outgoing.dataset

@@ -1,0 +1,178 @@
+"""Sending stored instances to an AE: the one path for C-MOVE, C-GET and the result sender.
+
+Three steps, each shared:
+- `connection_arguments`: how to reach a peer (its AE title, DICOM TLS when it has
+  `tls = true`) and the presentation contexts a set of stored instances needs. Each SOP
+  class is proposed once per stored transfer syntax, and once more with the uncompressed
+  Little Endian syntaxes, so a receiver that refuses the stored syntax can still take a
+  converted copy (dcmtk's storescu proposes in the same way).
+- `prepare`: once the receiver has answered, the dataset to send for one instance: read as
+  stored when its syntax was accepted, else converted (storage.conversion) to an accepted
+  uncompressed one, else the reason it cannot go, for the caller to report as a failure.
+- `send`: the C-STORE itself, for callers that drive the association (the result sender);
+  C-MOVE and C-GET hand the prepared dataset to pynetdicom's sub-operation loop instead.
+
+Every association that carries instances or retrieve responses sends without Nagle's
+algorithm (`send_without_delay`), as dcmtk does with TCP_NODELAY=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, build_context
+from pynetdicom.association import Association
+from pynetdicom.presentation import PresentationContext
+
+from node.config import Config, Peer
+from node.tls import client_context
+from storage.archive import Archive
+from storage.conversion import CONVERSION_TARGETS, ConversionError, choose_syntax, convert
+
+# An A-ASSOCIATE-RQ holds at most 128 presentation contexts (odd IDs 1-255).
+MAX_CONTEXTS = 128
+
+
+class StoredInstance(Protocol):
+    """What the index says about an instance to send (a query row, a due delivery)."""
+
+    @property
+    def sop_instance_uid(self) -> str: ...
+
+    @property
+    def sop_class_uid(self) -> str: ...
+
+    @property
+    def transfer_syntax_uid(self) -> str: ...
+
+    @property
+    def file_path(self) -> str: ...
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """One instance made ready for a given association, or the reason it cannot be sent."""
+
+    instance: StoredInstance
+    dataset: Dataset | None
+    syntax: str = ""  # the transfer syntax it goes in
+    refusal: str = ""
+
+    @property
+    def converted(self) -> bool:
+        return self.dataset is not None and self.syntax != self.instance.transfer_syntax_uid
+
+    def describe(self) -> str:
+        """' as <syntax>, converted from <syntax>' for a log line; '' when sent as stored."""
+        if not self.converted:
+            return ""
+        stored = UID(self.instance.transfer_syntax_uid)
+        return f" as {UID(self.syntax).name}, converted from {stored.name}"
+
+
+def requested_contexts(instances: Iterable[StoredInstance]) -> list[PresentationContext]:
+    """The contexts to propose for `instances`: per SOP class one for each stored syntax,
+    and one with the uncompressed Little Endian syntaxes for converted copies.
+
+    Past 128 contexts the uncompressed ones come first (any instance can go converted),
+    then the stored syntaxes of the most instances.
+    """
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    for instance in instances:
+        counts[(instance.sop_class_uid, instance.transfer_syntax_uid)] += 1
+    sop_classes = dict.fromkeys(sop_class for sop_class, _ in counts)
+    fallback = [build_context(sop_class, list(CONVERSION_TARGETS)) for sop_class in sop_classes]
+    by_use = sorted(counts, key=lambda pair: -counts[pair])
+    own = [build_context(sop_class, [syntax]) for sop_class, syntax in by_use]
+    return (fallback + own)[:MAX_CONTEXTS]
+
+
+def connection_arguments(
+    config: Config, peer: Peer, instances: Sequence[StoredInstance]
+) -> dict[str, Any]:
+    """Keyword arguments of `AE.associate` for sending `instances` to `peer`."""
+    tls_args = (client_context(config.tls), peer.host) if peer.tls else None
+    return {
+        "ae_title": peer.ae_title,
+        "contexts": requested_contexts(instances),
+        "tls_args": tls_args,
+    }
+
+
+def send_without_delay(assoc: Association) -> None:
+    """Turn Nagle's algorithm off on the association's socket (pynetdicom leaves it on).
+
+    With it on, a small PDU (a Pending C-MOVE response, the last fragment of a dataset)
+    that follows another waits for the peer's delayed ACK, about 40 ms: that was most of
+    the time of a C-MOVE of small images.
+    """
+    transport = assoc.dul.socket
+    sock = transport.socket if transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def requestor_ae(config: Config) -> AE:
+    """An AE calling out as the node, with the node's timeouts."""
+    ae = AE(ae_title=config.node.ae_title)
+    ae.network_timeout = config.node.network_timeout
+    ae.acse_timeout = config.node.network_timeout
+    ae.dimse_timeout = config.node.network_timeout
+    return ae
+
+
+def _accepted_syntaxes(contexts: Iterable[PresentationContext], sop_class: str) -> list[str]:
+    """Transfer syntaxes accepted for `sop_class` in which the node may send (SCU role)."""
+    return [
+        str(cx.transfer_syntax[0])
+        for cx in contexts
+        if cx.abstract_syntax == sop_class and cx.as_scu
+    ]
+
+
+def prepare(
+    archive: Archive,
+    instance: StoredInstance,
+    accepted: Iterable[PresentationContext],
+    receiver: str,
+) -> Outgoing:
+    """The dataset to send `instance` in over an association that accepted `accepted`."""
+    sop_class = UID(instance.sop_class_uid)
+    offered = _accepted_syntaxes(accepted, sop_class)
+    if not offered:
+        return Outgoing(instance, None, refusal=f"{receiver} took no context for {sop_class.name}")
+    syntax = choose_syntax(instance.transfer_syntax_uid, offered)
+    if syntax is None:
+        names = ", ".join(sorted({UID(s).name for s in offered}))
+        stored = UID(instance.transfer_syntax_uid).name
+        return Outgoing(
+            instance, None, refusal=f"{receiver} takes only {names}; {stored} does not convert"
+        )
+    try:
+        dataset = dcmread(archive.path_of(instance.file_path))
+    except Exception as exc:  # OSError, or a file changed behind the index's back
+        return Outgoing(instance, None, refusal=f"stored file unreadable: {type(exc).__name__}")
+    if syntax != instance.transfer_syntax_uid:
+        try:
+            dataset = convert(dataset, syntax)
+        except ConversionError as exc:
+            return Outgoing(instance, None, refusal=f"not convertible for {receiver}: {exc}")
+    return Outgoing(instance, dataset, syntax=str(syntax))
+
+
+def send(assoc: Association, outgoing: Outgoing) -> int | None:
+    """C-STORE a prepared instance; its response status, or None if none came (timeout,
+    abort). Raises ValueError for an instance that was refused."""
+    if outgoing.dataset is None:
+        raise ValueError(f"SOP {outgoing.instance.sop_instance_uid}: {outgoing.refusal}")
+    status = assoc.send_c_store(outgoing.dataset)
+    return getattr(status, "Status", None)
