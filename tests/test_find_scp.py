@@ -424,9 +424,7 @@ def test_unsupported_key_with_a_value_gives_pending_warning(synthetic_node: Node
     )
     try:
         responses = list(
-            assoc.send_c_find(
-                query("STUDY", StudyInstanceUID=S1, Modality="XA"), STUDY_ROOT
-            )
+            assoc.send_c_find(query("STUDY", StudyInstanceUID=S1, Modality="XA"), STUDY_ROOT)
         )
     finally:
         assoc.release()
