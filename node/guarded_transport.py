@@ -207,6 +207,9 @@ def guard_socket(assoc_socket: AssociationSocket, limits: GuardLimits) -> None:
     guarded._first_pdu = True
     if guarded.socket is not None:
         guarded.socket.settimeout(limits.read_timeout)
+        # Streams of small responses (C-FIND Pendings) must not wait for delayed ACKs.
+        with contextlib.suppress(OSError):
+            guarded.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 class GuardedRequestHandler(RequestHandler):
