@@ -1,6 +1,6 @@
 """Why an instance was refused: one exception class per reason a sender must be told apart.
 
-The Storage SCP maps each class to its own DIMSE status (node/storage_scp.py); import
+The Storage SCP maps each class to its own DIMSE status (node/dicom/storage_scp.py); import
 counts them by message. Whatever the class, nothing of the instance was written or indexed.
 """
 

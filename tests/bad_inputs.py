@@ -36,7 +36,7 @@ from pydicom.uid import (
 )
 from support import siim_files
 
-# Statuses (node/storage_scp.py): the test spells out the codes it expects.
+# Statuses (node/dicom/storage_scp.py): the test spells out the codes it expects.
 UNREADABLE = 0xC210
 ENCODING_MISMATCH = 0xC212
 BROKEN_DEFLATE = 0xC213

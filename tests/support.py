@@ -142,7 +142,15 @@ def write_config(path: Path, overrides: Mapping[str, Any] | None = None) -> Path
 
 
 def node_command(config_path: Path, subcommand: str = "serve", *extra: str) -> list[str]:
-    return [sys.executable, "-m", "node.cli", subcommand, "--config", str(config_path), *extra]
+    return [
+        sys.executable,
+        "-m",
+        "node.process.cli",
+        subcommand,
+        "--config",
+        str(config_path),
+        *extra,
+    ]
 
 
 def node_env() -> dict[str, str]:

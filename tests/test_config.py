@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from support import DEFAULTS_TOML, REPO_ROOT, node_command, node_env, write_config
 
-from node.cli import EXIT_CONFIG_ERROR, main
+from node.process.cli import EXIT_CONFIG_ERROR, main
 
 
 def test_shipped_config_is_the_embedded_default() -> None:

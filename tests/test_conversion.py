@@ -1,5 +1,5 @@
 """Transfer syntax conversion (storage.conversion) and the contexts and choices of the one
-send path (node.send_instances), in one process on SIIM and pydicom's own test files."""
+send path (node.dicom.send_instances), in one process on SIIM and pydicom's own test files."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ from pydicom.uid import (
 )
 from pynetdicom.presentation import PresentationContext
 
-from node.send_instances import Outgoing, prepare, requested_contexts
+from node.dicom.send_instances import Outgoing, prepare, requested_contexts
 from storage.conversion import ConversionError, choose_syntax, convert
 
 NATIVE = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]

@@ -1,4 +1,4 @@
-"""What node/guarded_transport.py relies on in pynetdicom, pinned: if an upgrade changes
+"""What node/dicom/guarded_transport.py relies on in pynetdicom, pinned: if an upgrade changes
 how pynetdicom reads PDUs or builds acceptor sockets, these fail before the node does."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pynetdicom.transport import (
     RequestHandler,
 )
 
-from node.guarded_transport import (
+from node.dicom.guarded_transport import (
     A_ABORT_INVALID_PARAMETER,
     GuardedAssociationSocket,
     GuardLimits,

@@ -202,7 +202,7 @@ def test_worker_analyses_odd_sources_and_fails_an_unbuildable_result_once(
 ) -> None:
     from node.config import load_config
     from node.context import build_context
-    from node.worker import AnalysisWorker
+    from node.process.worker import AnalysisWorker
     from storage.models import AnalysisJob, Instance, JobState
     from storage.report import format_report, queue_report
 

@@ -1,5 +1,5 @@
-"""The behaviours of pynetdicom that the C-MOVE and C-GET handlers rely on (node.retrieve,
-node.move_scp), pinned in one process so that an upgrade that changes them fails here.
+"""The behaviours of pynetdicom that the C-MOVE and C-GET handlers rely on (node.dicom.retrieve,
+node.dicom.move_scp), pinned in one process so that an upgrade that changes them fails here.
 
 - A yielded dataset without file meta (`unsendable`) is a failed sub-operation: nothing
   is sent, and its SOP Instance UID is in the Failed SOP Instance UID List.
@@ -23,9 +23,9 @@ from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, Verification
 from support import free_port
 
-from node.dimse import status_dataset
-from node.retrieve import refuse, unsendable
-from node.send_instances import send_without_delay
+from node.dicom.dimse import status_dataset
+from node.dicom.retrieve import refuse, unsendable
+from node.dicom.send_instances import send_without_delay
 
 UID_ROOT = "1.2.826.0.1.3680043.8.498.90418."
 

@@ -33,7 +33,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from node.config import Config, Peer
-from node.tls import client_context
+from node.dicom.tls import client_context
 from storage.archive import Archive
 from storage.conversion import CONVERSION_TARGETS, ConversionError, choose_syntax, convert
 

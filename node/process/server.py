@@ -25,16 +25,16 @@ from pynetdicom.sop_class import (
     Verification,
 )
 
-from node.admission import Admission
 from node.config import Config
 from node.context import NodeContext, build_context
-from node.find_scp import handle_find, handle_sop_extended
-from node.get_scp import handle_get
-from node.guarded_transport import GuardedRequestHandler, GuardedServer, GuardLimits
-from node.move_scp import handle_move
-from node.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES
-from node.storage_scp import handle_store
-from node.tls import server_context
+from node.dicom.admission import Admission
+from node.dicom.find_scp import handle_find, handle_sop_extended
+from node.dicom.get_scp import handle_get
+from node.dicom.guarded_transport import GuardedRequestHandler, GuardedServer, GuardLimits
+from node.dicom.move_scp import handle_move
+from node.dicom.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES
+from node.dicom.storage_scp import handle_store
+from node.dicom.tls import server_context
 from storage.consistency import log_recovery, recover
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def build_ae(config: Config) -> AE:
     # As acceptor, the ACSE timeout is the ARTIM timer: a connection that sends nothing.
     ae.acse_timeout = config.node.association_request_timeout
     ae.dimse_timeout = config.node.network_timeout
-    # Calling AE titles are checked by node.admission, before pynetdicom negotiates.
+    # Calling AE titles are checked by node.dicom.admission, before pynetdicom negotiates.
     ae.require_called_aet = config.node.require_called_ae_title
     ae.add_supported_context(Verification, UNCOMPRESSED_TRANSFER_SYNTAXES)
     # Both roles: a C-GET requester proposes to be the Storage SCP on its own association

@@ -1,7 +1,7 @@
 """The result sender: C-STORE of queued deliveries to their destination AE, with retries.
 
 Deliveries are read from the index, grouped by destination, and sent over one association
-per destination and round, by node.send_instances as C-MOVE sends: as stored when the
+per destination and round, by node.dicom.send_instances as C-MOVE sends: as stored when the
 destination accepts the stored transfer syntax, converted to an uncompressed one when it
 does not. A delivery is marked delivered only after the destination answered Success or a
 warning; a refused association, a network error or a failure status schedules the next
@@ -18,7 +18,7 @@ from collections import defaultdict
 
 from node.config import Peer
 from node.context import NodeContext
-from node.send_instances import (
+from node.dicom.send_instances import (
     connection_arguments,
     prepare,
     requestor_ae,

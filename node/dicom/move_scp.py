@@ -3,8 +3,8 @@
 The move destination is an AE title looked up in `[[peers]]` (the calling AE title says
 who asks, not where anything listens): unknown is 0xA801. The instances the identifier
 selects go over one association to the destination, opened by pynetdicom with the
-contexts, AE title and TLS that node.send_instances gives for them; each is sent as stored
-when the destination accepted its syntax, converted otherwise (node.retrieve).
+contexts, AE title and TLS that node.dicom.send_instances gives for them; each is sent as stored
+when the destination accepted its syntax, converted otherwise (node.dicom.retrieve).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from pynetdicom.sop_class import Verification
 
 from node.config import Config, Peer
 from node.context import NodeContext
-from node.retrieve import Retrieve, refuse, select_instances, sub_operations
-from node.send_instances import connection_arguments, send_without_delay
+from node.dicom.retrieve import Retrieve, refuse, select_instances, sub_operations
+from node.dicom.send_instances import connection_arguments, send_without_delay
 
 log = logging.getLogger(__name__)
 

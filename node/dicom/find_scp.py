@@ -16,7 +16,7 @@ from pynetdicom import evt
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.context import NodeContext
-from node.dimse import status_dataset
+from node.dicom.dimse import status_dataset
 from storage.query import (
     IdentifierMismatchError,
     PreparedFind,

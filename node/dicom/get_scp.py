@@ -2,7 +2,7 @@
 
 The instances go back on the requester's own association, over the storage contexts it
 proposed with SCP/SCU role selection (the node accepts the SCU role for every storage SOP
-class, node.server). An instance whose SOP class the requester did not offer, or whose
+class, node.process.server). An instance whose SOP class the requester did not offer, or whose
 stored syntax it did not offer and that cannot be converted to one it did, is a failed
 sub-operation; the node's log says why.
 """
@@ -15,8 +15,8 @@ from typing import Any
 from pynetdicom import evt
 
 from node.context import NodeContext
-from node.retrieve import Retrieve, refuse, select_instances, sub_operations
-from node.send_instances import send_without_delay
+from node.dicom.retrieve import Retrieve, refuse, select_instances, sub_operations
+from node.dicom.send_instances import send_without_delay
 
 
 def handle_get(event: evt.Event, context: NodeContext) -> Iterator[Any]:

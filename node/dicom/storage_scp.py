@@ -15,7 +15,7 @@ from pynetdicom import evt
 from sqlalchemy.exc import OperationalError
 
 from node.context import NodeContext
-from node.dimse import ERROR_COMMENT_LENGTH, status_dataset
+from node.dicom.dimse import ERROR_COMMENT_LENGTH, status_dataset
 from storage.archive import envelope_mismatch
 from storage.errors import (
     DeflateError,

@@ -7,7 +7,7 @@ response that carries the remaining, completed, failed and warning counts, and e
 failed, or 0xFE00 (with the counts so far) when the handler yields Cancel after a C-CANCEL.
 
 The instances are those C-FIND matches (storage.query.retrieve_instances); each goes as
-node.send_instances prepares it for the association. Two behaviours of pynetdicom this
+node.dicom.send_instances prepares it for the association. Two behaviours of pynetdicom this
 relies on, pinned by tests/test_retrieve_pynetdicom.py:
 - An instance that cannot go (no context for it, no conversion) is yielded as
   `unsendable(...)`, a dataset with its UIDs and no file meta: pynetdicom's `send_c_store`
@@ -37,8 +37,8 @@ from pynetdicom.status import STORAGE_SERVICE_CLASS_STATUS
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.context import NodeContext
-from node.dimse import status_dataset
-from node.send_instances import Outgoing, StoredInstance, prepare
+from node.dicom.dimse import status_dataset
+from node.dicom.send_instances import Outgoing, StoredInstance, prepare
 from storage.query import (
     IdentifierMismatchError,
     QueryError,

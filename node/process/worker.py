@@ -1,6 +1,6 @@
 """The analysis worker: queued images in, stored and queued-for-delivery results out.
 
-It runs in its own process: under `pneumonode serve` (see node.services) or alone as
+It runs in its own process: under `pneumonode serve` (see node.process.services) or alone as
 `pneumonode worker` (for example on a GPU machine sharing the index database and the
 storage folder). A loader thread claims a batch and decodes its pixels while the model
 works on the previous batch, so decoding stays off the accelerator's critical path.

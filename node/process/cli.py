@@ -66,15 +66,15 @@ def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from node.server import serve
-    from node.services import node_services
+    from node.process.server import serve
+    from node.process.services import node_services
 
     config = _with_overrides(_load(args), args)
     return serve(config, node_services(config))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from node.services import run_worker
+    from node.process.services import run_worker
 
     return run_worker(_load(args))
 
