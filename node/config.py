@@ -325,14 +325,11 @@ def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
     return Config(
         node=NodeSettings(**sections["node"]),
         storage=StorageSettings(
-            folder=folder,
-            database_url=storage["database_url"] or f"sqlite:///{folder / 'index.sqlite'}",
-            duplicate_policy=storage["duplicate_policy"],
-            fsync=storage["fsync"],
-            max_instance_mib=storage["max_instance_mib"],
-            verify_pixels=storage["verify_pixels"],
-            identity_conflicts=storage["identity_conflicts"],
-            quarantine_orphans=storage["quarantine_orphans"],
+            **{
+                **storage,
+                "folder": folder,
+                "database_url": storage["database_url"] or f"sqlite:///{folder / 'index.sqlite'}",
+            }
         ),
         analysis=AnalysisSettings(**{**analysis, "model": (base_dir / analysis["model"])}),
         delivery=DeliverySettings(**delivery),
@@ -357,16 +354,7 @@ def _tls_settings(tls: dict[str, Any], base_dir: Path, peers: tuple[Peer, ...]) 
         raise ConfigError("tls.ca_bundle: verify_clients needs the CA bundle to verify against")
     if any(peer.tls for peer in peers) and files["ca_bundle"] is None:
         raise ConfigError("tls.ca_bundle: a [[peers]] entry with tls = true needs a CA bundle")
-    return TlsSettings(
-        enabled=tls["enabled"],
-        port=tls["port"],
-        plain_listener=tls["plain_listener"],
-        certificate=files["certificate"],
-        private_key=files["private_key"],
-        ca_bundle=files["ca_bundle"],
-        verify_clients=tls["verify_clients"],
-        check_hostname=tls["check_hostname"],
-    )
+    return TlsSettings(**{**tls, **files})
 
 
 def default_config_text() -> str:

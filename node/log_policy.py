@@ -35,6 +35,9 @@ def keep_phi_out_of_logs() -> None:
     logging.getLogger("pydicom").setLevel(logging.CRITICAL + 1)
     # pynetdicom's own copy of each invalid value; the DIMSE layer logs the same text.
     logging.getLogger("pynetdicom.utils").setLevel(logging.CRITICAL)
+    # Its transport layer logs a traceback for every connection a sender breaks off; the
+    # guarded transport (node.dicom.guarded_transport) logs one line for those.
+    logging.getLogger("pynetdicom.dul").setLevel(logging.CRITICAL)
     one_line = _OneLinePerPynetdicomError()
     for handler in logging.getLogger().handlers:
         if not any(isinstance(f, _OneLinePerPynetdicomError) for f in handler.filters):

@@ -16,7 +16,7 @@ import zlib
 from dataclasses import dataclass
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
@@ -93,13 +93,12 @@ def _walk(body: bytes | memoryview, transfer_syntax: UID) -> DatasetStructure:
 
 
 def _parse_header(
-    data: bytes | memoryview, meta_end: int, body: bytes | memoryview, deflated: bool
+    data: bytes | memoryview, meta: FileMetaDataset, body: bytes | memoryview, deflated: bool
 ) -> Dataset:
     """pydicom's reading of everything before the pixel data (public API only)."""
     if not deflated:
         return dcmread(io.BytesIO(data), stop_before_pixels=True)
     # Already inflated within bounds: read it as the Explicit VR LE it is, not a second time.
-    meta = dcmread(io.BytesIO(bytes(data[:meta_end])), stop_before_pixels=True).file_meta
     plain = copy.deepcopy(meta)
     plain.TransferSyntaxUID = ExplicitVRLittleEndian
     buffer = io.BytesIO()
@@ -134,7 +133,7 @@ def inspect_instance(data: bytes | memoryview, checks: IntakeChecks = IntakeChec
         body = inflate_bounded(body, checks.max_instance_bytes)
     structure = _walk(body, transfer_syntax)
     try:
-        header = _parse_header(data, meta_end, body, transfer_syntax.is_deflated)
+        header = _parse_header(data, meta, body, transfer_syntax.is_deflated)
     except Exception as exc:  # the structure is sound, so this is a value pydicom rejects
         raise UnreadableDatasetError(f"cannot parse: {type(exc).__name__}: {exc}") from exc
     check_pixel_data(header, structure, memoryview(body), transfer_syntax)

@@ -44,6 +44,16 @@ def index_connection(db_url: str) -> Iterator[Connection]:
         engine.dispose()
 
 
+def stored_path(node: NodeProcess, sop_instance_uid: str) -> Path:
+    """Where the node keeps an instance, as its index says."""
+    with index_connection(node.db_url) as conn:
+        relative = conn.scalar(
+            select(Instance.file_path).where(Instance.sop_instance_uid == sop_instance_uid)
+        )
+    assert relative is not None, f"{sop_instance_uid} is not in the index"
+    return node.storage / "files" / relative
+
+
 def count_instances(db_url: str) -> int:
     with index_connection(db_url) as conn:
         return int(conn.scalar(select(func.count()).select_from(Instance)))

@@ -608,3 +608,12 @@ def test_any_attribute_the_files_hold_is_a_key(engine: Engine) -> None:
 
 def test_an_attribute_value_filters(engine: Engine) -> None:
     assert run(engine, STUDY, "IMAGE", PatientAge="999", SOPInstanceUID="") == []
+
+
+def test_every_index_column_is_a_query_key() -> None:
+    """An attribute the columns hold is kept out of instance_attribute: if the query code
+    did not know it as a key, it could be neither matched nor returned."""
+    from storage.indexer import COLUMN_KEYWORDS
+    from storage.query import _KEY_SPECS
+
+    assert COLUMN_KEYWORDS - {"SpecificCharacterSet"} <= set(_KEY_SPECS)

@@ -32,10 +32,7 @@ from retrieve_data import (
     run_scu,
     send_as_stored,
 )
-from sqlalchemy import select
-from support import NodeProcess, index_connection, start_node, wait_for_log
-
-from storage.models import Instance
+from support import NodeProcess, start_node, stored_path, wait_for_log
 
 
 @dataclass
@@ -67,12 +64,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory, siim_dicom_files: list[Path]
         node.stop()
 
 
-def _stored_path(node: NodeProcess, sop: str) -> Path:
-    with index_connection(node.db_url) as conn:
-        relative = conn.scalar(select(Instance.file_path).where(Instance.sop_instance_uid == sop))
-    return node.storage / "files" / relative
-
-
 CASES = [
     ("-P", "PATIENT", dict()),
     ("-P", "STUDY", dict(study=1)),
@@ -99,7 +90,7 @@ def test_getscu_at_every_level(setup: Setup, tmp_path: Path, root, level, where)
         got = dcmread(received[item.sop])
         assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
         if item.syntax == ExplicitVRLittleEndian:
-            stored = _stored_path(setup.node, item.sop)
+            stored = stored_path(setup.node, item.sop)
             assert dataset_bytes(received[item.sop]) == dataset_bytes(stored)
         else:
             assert np.array_equal(got.pixel_array, dcmread(item.path).pixel_array)
@@ -147,7 +138,7 @@ def test_what_the_requester_did_not_offer_fails_with_a_reason(setup: Setup) -> N
     jpegs = [item for item in study if item.syntax == JPEGBaseline8Bit]
     assert sorted(received) == sorted(item.sop for item in jpegs)
     for item in jpegs:
-        stored = dataset_bytes(_stored_path(setup.node, item.sop))
+        stored = dataset_bytes(stored_path(setup.node, item.sop))
         assert received[item.sop].endswith(stored)
     status, identifier = responses[-1]
     assert status.Status == 0xB000

@@ -135,10 +135,15 @@ def test_nesting_deeper_than_the_limit_is_refused() -> None:
         walk(content)
 
 
-def test_file_meta_end_without_group_length() -> None:
+def test_file_meta_end_with_and_without_group_length() -> None:
     data = file_bytes(small_image())
     meta_end = file_meta_end(data)
     assert dcmread(io.BytesIO(data)).file_meta.FileMetaInformationGroupLength == meta_end - 144
+    # The same file with its (0002,0000) element cut out: the end is found by walking.
+    assert data[132:136] == b"\x02\x00\x00\x00"
+    without = data[:132] + data[144:]
+    assert file_meta_end(without) == meta_end - 12
+    assert without[meta_end - 12 :] == data[meta_end:]
 
 
 # --- whole instances -------------------------------------------------------------------------
@@ -173,9 +178,18 @@ def test_multiframe_rle_monochrome1_and_palette_pass() -> None:
     ds.NumberOfFrames = 3
     ds.PhotometricInterpretation = "MONOCHROME1"
     ds.PixelData = np.zeros((3, 32, 32), dtype=np.uint16).tobytes()
-    inspect_instance(file_bytes(ds))
+    assert inspect_instance(file_bytes(ds)).NumberOfFrames == 3
     ds.compress(RLELossless)
-    inspect_instance(file_bytes(ds))
+    assert inspect_instance(file_bytes(ds)).file_meta.TransferSyntaxUID == RLELossless
+    palette = small_image()
+    palette.PhotometricInterpretation = "PALETTE COLOR"
+    palette.BitsAllocated = palette.BitsStored = 8
+    palette.HighBit = 7
+    palette.PixelData = bytes(32 * 32)
+    for colour in ("Red", "Green", "Blue"):
+        setattr(palette, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 8])
+        setattr(palette, f"{colour}PaletteColorLookupTableData", bytes(range(256)))
+    assert inspect_instance(file_bytes(palette)).PhotometricInterpretation == "PALETTE COLOR"
 
 
 def test_implicit_bytes_under_explicit_syntax_is_an_encoding_mismatch() -> None:

@@ -49,13 +49,14 @@ from support import (
     free_port,
     index_connection,
     start_node,
+    stored_path,
     storescu,
     wait_for_log,
 )
 from tls_support import make_pki
 
 from storage.deliveries import enqueue
-from storage.models import Delivery, DeliveryState, Instance
+from storage.models import Delivery, DeliveryState
 
 
 @dataclass
@@ -136,12 +137,6 @@ def _empty(scp: StoreSCP) -> None:
         path.unlink()
 
 
-def _stored_path(node: NodeProcess, sop: str) -> Path:
-    with index_connection(node.db_url) as conn:
-        relative = conn.scalar(select(Instance.file_path).where(Instance.sop_instance_uid == sop))
-    return node.storage / "files" / relative
-
-
 def _move(node: NodeProcess, identifier: Dataset, destination: str, model=None) -> list:
     """pynetdicom C-MOVE: every (status, identifier) response, the final one last."""
     model = model or StudyRootQueryRetrieveInformationModelMove
@@ -186,7 +181,7 @@ def test_movescu_at_every_level_gets_the_stored_bytes(setup: Setup, root, level,
     received = _received(setup.exact)
     assert sorted(received) == sorted(item.sop for item in wanted)
     for item in wanted:
-        stored = _stored_path(setup.node, item.sop)
+        stored = stored_path(setup.node, item.sop)
         assert dataset_bytes(received[item.sop]) == dataset_bytes(stored), item.syntax
 
 

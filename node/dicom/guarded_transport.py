@@ -86,6 +86,7 @@ class GuardedAssociationSocket(AssociationSocket):
     _expect_header: bool
     _pdu_type: int
     _first_pdu: bool
+    _accepted_ids: frozenset[int] | None
 
     def recv(self, nr_bytes: int) -> bytearray:
         if self._expect_header:
@@ -105,7 +106,9 @@ class GuardedAssociationSocket(AssociationSocket):
     def _check_contexts(self, body: bytearray) -> None:
         """Every PDV must name an accepted presentation context (PS3.8 9.3.5); pynetdicom
         would wait for the rest of a message that can never come."""
-        accepted = {context.context_id for context in self.assoc.accepted_contexts}
+        if self._accepted_ids is None:  # fixed once negotiated; P-DATA comes after
+            self._accepted_ids = frozenset(c.context_id for c in self.assoc.accepted_contexts)
+        accepted = self._accepted_ids
         offset = 0
         while offset + 5 <= len(body):
             item_length, context_id = struct.unpack_from(">IB", body, offset)
@@ -205,6 +208,7 @@ def guard_socket(assoc_socket: AssociationSocket, limits: GuardLimits) -> None:
     guarded._expect_header = True
     guarded._pdu_type = 0
     guarded._first_pdu = True
+    guarded._accepted_ids = None
     if guarded.socket is not None:
         guarded.socket.settimeout(limits.read_timeout)
         # Streams of small responses (C-FIND Pendings) must not wait for delayed ACKs.

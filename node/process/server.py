@@ -106,14 +106,12 @@ ServiceFactory = Callable[[NodeContext], BackgroundService]
 
 def _quiet_pynetdicom() -> None:
     """pynetdicom's own handlers log every message, identifiers included (patient names):
-    the node logs its own summary lines instead, which also saves time per instance. Its
-    transport layer logs a traceback for every connection a sender breaks off; the guarded
-    transport logs one line for those."""
+    the node logs its own summary lines instead, which also saves time per instance.
+    (What its loggers may say at all is node.log_policy's business.)"""
     _config.LOG_HANDLER_LEVEL = "none"
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-    logging.getLogger("pynetdicom.dul").setLevel(logging.CRITICAL)
 
 
 def build_ae(config: Config) -> AE:
