@@ -47,6 +47,7 @@ class NodeSettings:
     association_request_timeout: float
     max_associations_per_address: int
     relational_queries: bool
+    processes: int
 
 
 @dataclass(frozen=True)
@@ -217,6 +218,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "association_request_timeout": _positive_float,
         "max_associations_per_address": _int_range(1, 1000),
         "relational_queries": _bool,
+        "processes": _int_range(0, 256),
     },
     "storage": {
         "folder": _string,

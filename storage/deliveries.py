@@ -1,7 +1,11 @@
 """The durable delivery queue: which result goes to which AE, and when to try again.
 
 A delivery row is written in the same transaction that marks its analysis job done, so a
-result is either waiting to be sent or already sent, never forgotten. Retries back off
+result is either waiting to be sent or already sent, never forgotten. Several senders (the
+`serve` of each host sharing a PostgreSQL index) may run at once: a sender claims due rows
+by moving their next attempt a lease into the future in one guarded UPDATE, so each result
+goes out from one sender; a sender that dies mid-send leaves its rows due again once the
+lease ends. Retries back off
 exponentially up to a ceiling; a row is marked delivered only after the destination
 answered the C-STORE with Success or a warning.
 """
@@ -12,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import Connection, Engine, func, insert, select, update
+from sqlalchemy import Connection, Engine, Select, func, insert, select, update
 
 from storage.models import Delivery, DeliveryState, Instance, utcnow
 
@@ -26,6 +30,23 @@ class DueDelivery:
     file_path: str
     sop_class_uid: str
     transfer_syntax_uid: str
+
+
+# How long a claimed delivery is left to its sender before another may take it.
+CLAIM_LEASE_SECONDS = 600.0
+
+
+def _due_columns() -> Select:
+    """What a sender needs of a delivery and of the instance it sends."""
+    return select(
+        Delivery.id,
+        Delivery.sop_instance_uid,
+        Delivery.destination_ae,
+        Delivery.attempts,
+        Instance.file_path,
+        Instance.sop_class_uid,
+        Instance.transfer_syntax_uid,
+    ).join(Instance, Instance.sop_instance_uid == Delivery.sop_instance_uid)
 
 
 def enqueue(conn: Connection, sop_instance_uids: Iterable[str], destination_ae: str) -> None:
@@ -70,19 +91,48 @@ class DeliveryQueue:
         now = utcnow()
         with self.engine.connect() as conn:
             rows = conn.execute(
-                select(
-                    Delivery.id,
-                    Delivery.sop_instance_uid,
-                    Delivery.destination_ae,
-                    Delivery.attempts,
-                    Instance.file_path,
-                    Instance.sop_class_uid,
-                    Instance.transfer_syntax_uid,
-                )
-                .join(Instance, Instance.sop_instance_uid == Delivery.sop_instance_uid)
+                _due_columns()
                 .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
                 .order_by(Delivery.id)
                 .limit(limit)
+            ).all()
+        return [DueDelivery(*row) for row in rows]
+
+    def claim(
+        self, limit: int = 100, lease_seconds: float = CLAIM_LEASE_SECONDS
+    ) -> list[DueDelivery]:
+        """Take up to `limit` due deliveries for this sender, oldest first.
+
+        The rows' next attempt moves `lease_seconds` ahead (until `delivered` or
+        `retry_later` records the outcome), so no other sender takes them meanwhile.
+        """
+        now = utcnow()
+        lease_end = now + timedelta(seconds=lease_seconds)
+        due_ids = (
+            select(Delivery.id)
+            .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
+            .order_by(Delivery.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)  # PostgreSQL; SQLite ignores it
+            .scalar_subquery()
+        )
+        with self.engine.begin() as conn:
+            claimed = conn.scalars(
+                update(Delivery)
+                .where(
+                    Delivery.id.in_(due_ids),
+                    Delivery.state == DeliveryState.PENDING,
+                    Delivery.next_attempt_at <= now,
+                )
+                .values(next_attempt_at=lease_end)
+                .returning(Delivery.id)
+            ).all()
+            if not claimed:
+                return []
+            rows = conn.execute(
+                _due_columns()
+                .where(Delivery.id.in_(claimed))
+                .order_by(Delivery.id)
             ).all()
         return [DueDelivery(*row) for row in rows]
 

@@ -2,9 +2,10 @@
 
 Several workers (threads or processes, on this or another machine) may share the index:
 a claim is one UPDATE guarded by `state = queued`, tagged with a token unique to this
-claim, so two workers never take the same job. A job whose worker died stays claimed until
-its lease runs out (or, for a worker on this host, until its process is found gone), then
-goes back to the queue.
+claim, so two workers never take the same job; on PostgreSQL the rows are chosen with
+`FOR UPDATE SKIP LOCKED`, so concurrent claims take different jobs instead of waiting. A
+job whose worker died stays claimed until its lease runs out (or, for a worker on this
+host, until its process is found gone), then goes back to the queue.
 """
 
 from __future__ import annotations
@@ -76,6 +77,9 @@ class JobQueue:
                 .where(AnalysisJob.state == JobState.QUEUED)
                 .order_by(AnalysisJob.id)
                 .limit(limit)
+                # PostgreSQL: workers on other hosts take other rows instead of queueing
+                # behind this claim's row locks (SQLite has no row locks and ignores it).
+                .with_for_update(skip_locked=True)
                 .scalar_subquery()
             )
             conn.execute(

@@ -8,12 +8,16 @@ sent with `storescu -xy` over one association, for the query tests to share.
 
 from __future__ import annotations
 
+import os
 import signal
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
 from support import (
     NodeProcess,
     count_instances,
@@ -109,3 +113,22 @@ def siim_node(tmp_path_factory: pytest.TempPathFactory, siim_path: Path) -> Iter
         yield node
     finally:
         _stop_all([node])
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A fresh database on the PostgreSQL test server (PNEUMONODE_TEST_POSTGRES_URL),
+    dropped afterwards; the test is skipped without that server."""
+    server_url = os.environ.get("PNEUMONODE_TEST_POSTGRES_URL", "")
+    if not server_url:
+        pytest.skip("PNEUMONODE_TEST_POSTGRES_URL not set")
+    name = f"pneumonode_test_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(server_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()

@@ -7,8 +7,6 @@ databases (`.ci/run` starts one on loopback); each test run gets its own databas
 from __future__ import annotations
 
 import os
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,8 +18,6 @@ from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
-from sqlalchemy import create_engine, text
-from sqlalchemy.engine import make_url
 from support import NodeProcess, siim_files, storescu
 
 from ai.testing import build_tiny_artifact
@@ -78,21 +74,6 @@ QUERIES = [
         },
     ),
 ]
-
-
-@pytest.fixture
-def postgres_url() -> Iterator[str]:
-    """A fresh database on the test server, dropped afterwards."""
-    name = f"pneumonode_test_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(SERVER_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield make_url(SERVER_URL).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
 
 
 def find(node: NodeProcess, model: str, keys: dict[str, str]) -> tuple[int, list[tuple]]:

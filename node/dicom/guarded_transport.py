@@ -10,9 +10,12 @@ relies on:
   PDU header and body a deadline, answers a PDU longer than the node accepts with A-ABORT
   before reading its body, and decides on the A-ASSOCIATE-RQ's calling AE title and the
   peer's address (A-ASSOCIATE-RJ) before pynetdicom negotiates;
-- `GuardedServer` (a `ThreadedAssociationServer`) caps the associations one remote address
-  may hold, and does the TLS handshake in the connection's own thread with a deadline, not
-  in the accept loop where one silent client would stop every other.
+- `GuardedServer` (a `ThreadedAssociationServer`) counts associations node-wide
+  (`node.dicom.slots`, shared by every serve process), caps those one remote address may
+  hold, does the TLS handshake in the connection's own thread with a deadline, not in the
+  accept loop where one silent client would stop every other, and shares one copy of the
+  supported presentation contexts instead of pynetdicom's deep copy per association;
+- `node.dicom.reactor_wakeups` wakes pynetdicom's two polling reactors when there is work.
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
+
+from node.dicom.reactor_wakeups import close_wakeups, make_responsive
+from node.dicom.slots import ADDRESS_FULL, NODE_FULL, AssociationSlots
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +58,9 @@ def a_associate_rj(result: int, source: int, reason: int) -> bytes:
 
 # Rejected-permanent by the service user: calling AE title not recognised (PS3.8 9.3.4).
 REJECT_CALLING_AE = a_associate_rj(1, 1, 3)
+
+# Rejected-transient by the service provider (presentation): local limit exceeded.
+REJECT_LOCAL_LIMIT = a_associate_rj(2, 3, 2)
 
 # Decides on an association request: (calling AE title, called AE title, remote address)
 # -> None to let pynetdicom negotiate, or the reason it is rejected (logged).
@@ -87,6 +96,7 @@ class GuardedAssociationSocket(AssociationSocket):
     _pdu_type: int
     _first_pdu: bool
     _accepted_ids: frozenset[int] | None
+    _node_full: bool
 
     def recv(self, nr_bytes: int) -> bytearray:
         if self._expect_header:
@@ -180,6 +190,11 @@ class GuardedAssociationSocket(AssociationSocket):
     def _admit(self, body: bytes) -> None:
         """Apply the admission rule to the A-ASSOCIATE-RQ (PS3.8 9.3.2: protocol version,
         reserved, called AE title, calling AE title, each title 16 bytes)."""
+        if self._node_full:
+            self._refuse(
+                REJECT_LOCAL_LIMIT,
+                "association rejected: the node holds node.max_associations associations",
+            )
         if self._limits.admission is None or len(body) < 36:
             return
         called = body[4:20].decode("ascii", "replace").strip()
@@ -209,6 +224,7 @@ def guard_socket(assoc_socket: AssociationSocket, limits: GuardLimits) -> None:
     guarded._pdu_type = 0
     guarded._first_pdu = True
     guarded._accepted_ids = None
+    guarded._node_full = False
     if guarded.socket is not None:
         guarded.socket.settimeout(limits.read_timeout)
         # Streams of small responses (C-FIND Pendings) must not wait for delayed ACKs.
@@ -217,7 +233,9 @@ def guard_socket(assoc_socket: AssociationSocket, limits: GuardLimits) -> None:
 
 
 class GuardedRequestHandler(RequestHandler):
-    """pynetdicom's handler, with the TLS handshake done here and the socket guarded."""
+    """pynetdicom's handler, with the TLS handshake done here, the socket guarded, the
+    reactors woken by work, and the connection's thread alive until its association ends
+    (so the node-wide slot it holds is given back exactly then)."""
 
     server: GuardedServer
 
@@ -240,9 +258,20 @@ class GuardedRequestHandler(RequestHandler):
             raise _HandshakeFailed from None
         self.request = tls
 
+    def handle(self) -> None:
+        super().handle()
+        assoc = self._assoc
+        try:
+            assoc.join()
+        finally:
+            close_wakeups(assoc, self._wake)
+
     def _create_association(self):  # noqa: ANN202 - pynetdicom's own return type
         assoc = super()._create_association()
         guard_socket(assoc.dul.socket, self.server.limits)
+        assoc.dul.socket._node_full = self.server.is_over_limit(self.request)
+        self._wake = make_responsive(assoc)
+        self._assoc = assoc
         return assoc
 
 
@@ -250,58 +279,101 @@ class _HandshakeFailed(Exception):
     """Already logged; the connection is closed."""
 
 
-class GuardedServer(ThreadedAssociationServer):
-    """ThreadedAssociationServer with a per-address cap and TLS outside the accept loop.
+class SharedContexts(list):
+    """The supported presentation contexts, shared by every association of a server.
 
-    Made with `ae.make_server(..., server_class=GuardedServer, request_handler=
-    GuardedRequestHandler, limits=..., tls_context=...)`; pynetdicom's own `ssl_context`
-    stays None, since it would shake hands in the thread that accepts every connection.
+    pynetdicom deep-copies the server's contexts for each association (177 SOP classes x
+    34 transfer syntaxes: ~25 ms, most of an echo's time). Acceptor negotiation only reads
+    them (`negotiate_as_acceptor` builds new result contexts), so one copy serves all.
     """
 
+    def __deepcopy__(self, memo: dict) -> SharedContexts:
+        return self
+
+
+class GuardedServer(ThreadedAssociationServer):
+    """ThreadedAssociationServer with node-wide association slots and TLS outside the
+    accept loop, serving on its own socket or on one a supervising process listens on.
+
+    Made with `ae.make_server(..., server_class=GuardedServer, request_handler=
+    GuardedRequestHandler, limits=..., slots=..., tls_context=..., listening_socket=...)`;
+    pynetdicom's own `ssl_context` stays None, since it would shake hands in the thread
+    that accepts every connection.
+    """
+
+    request_queue_size = 128  # socketserver's 5 drops bursts of parallel senders
+
     def __init__(
-        self, *args, limits: GuardLimits, tls_context: ssl.SSLContext | None = None, **kwargs
+        self,
+        *args,
+        limits: GuardLimits,
+        slots: AssociationSlots | None = None,
+        tls_context: ssl.SSLContext | None = None,
+        listening_socket: socket.socket | None = None,
+        **kwargs,
     ) -> None:
         self.limits = limits
         self.tls_context = tls_context
-        self._connections: dict[str, int] = {}
-        self._connections_lock = threading.Lock()
+        self._listening_socket = listening_socket
+        self._over_limit: set[int] = set()
+        self._over_limit_lock = threading.Lock()
         super().__init__(*args, **kwargs)
+        # One process alone: slots for this server's AE only.
+        self.slots = slots or AssociationSlots(
+            self.ae.maximum_associations, limits.max_per_address, 1
+        )
+        self.contexts = SharedContexts(self.contexts)
+
+    def server_bind(self) -> None:
+        if self._listening_socket is None:
+            super().server_bind()
+            return
+        self.socket.close()
+        self.socket = self._listening_socket
+        # Every serve process wakes for a new connection and one wins it: the others must
+        # get EAGAIN from accept, not block in it (and miss a shutdown).
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        if self._listening_socket is None:
+            super().server_activate()
 
     def verify_request(self, request, client_address) -> bool:
-        """Refuse a connection from an address that already holds its share of slots.
+        """Take a node-wide slot for the connection, or refuse it.
 
-        Runs in the accept loop; a connection counts as pending until its association
-        thread is running (process_request_thread), then as an active association.
+        Runs in the accept loop. An address that holds its share is refused at once; when
+        the node is full the connection is kept just long enough to answer its
+        A-ASSOCIATE-RQ with a transient rejection (local limit exceeded).
         """
         address = str(client_address[0])
-        with self._connections_lock:
-            held = self._connections.get(address, 0) + sum(
-                1
-                for assoc in self.ae.active_associations
-                if assoc.is_acceptor and assoc.requestor.address == address
+        verdict = self.slots.take(address)
+        if verdict.outcome == ADDRESS_FULL:
+            log.warning(
+                "refused connection from %s: it holds %d associations "
+                "(node.max_associations_per_address)",
+                address,
+                verdict.held_by_address,
             )
-            if held >= self.limits.max_per_address:
-                log.warning(
-                    "refused connection from %s: it holds %d associations "
-                    "(node.max_associations_per_address)",
-                    address,
-                    held,
-                )
-                return False
-            self._connections[address] = self._connections.get(address, 0) + 1
+            return False
+        if verdict.outcome == NODE_FULL:
+            with self._over_limit_lock:
+                self._over_limit.add(id(request))
         return True
+
+    def is_over_limit(self, request) -> bool:
+        with self._over_limit_lock:
+            return id(request) in self._over_limit
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            address = str(client_address[0])
-            with self._connections_lock:
-                left = self._connections.get(address, 1) - 1
-                if left:
-                    self._connections[address] = left
-                else:
-                    self._connections.pop(address, None)
+            with self._over_limit_lock:
+                over_limit = id(request) in self._over_limit
+                self._over_limit.discard(id(request))
+            if not over_limit:
+                self.slots.give_back(str(client_address[0]))
 
     def handle_error(self, request, client_address) -> None:
         """One log line instead of socketserver's traceback on stderr."""

@@ -82,7 +82,7 @@ class DeliverySender:
 
     def send_due(self) -> int:
         """Try every due delivery once; returns how many were attempted."""
-        due = self.queue.due()
+        due = self.queue.claim()
         by_destination: dict[str, list[DueDelivery]] = defaultdict(list)
         for delivery in due:
             by_destination[delivery.destination_ae].append(delivery)

@@ -30,10 +30,12 @@ EXIT_CONFIG_ERROR = 2
 Command = Callable[[argparse.Namespace], int]
 
 
-def configure_logging(level: str) -> None:
+def configure_logging(level: str, process_tag: str = "") -> None:
+    """Log lines to stderr; `process_tag` names one of several serve processes."""
+    tag = f" [{process_tag}]" if process_tag else ""
     logging.basicConfig(
         level=level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
         stream=sys.stderr,
     )
     # highdicom logs each module it copies at INFO and names patients in its warnings:

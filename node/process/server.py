@@ -10,11 +10,13 @@ until SIGINT or SIGTERM.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
 from pydicom import uid
@@ -33,9 +35,10 @@ from node.dicom.get_scp import handle_get
 from node.dicom.guarded_transport import GuardedRequestHandler, GuardedServer, GuardLimits
 from node.dicom.move_scp import handle_move
 from node.dicom.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES
+from node.dicom.slots import AssociationSlots
 from node.dicom.storage_scp import handle_store
 from node.dicom.tls import server_context
-from storage.consistency import log_recovery, recover
+from storage.consistency import RecoveryReport, log_recovery, recover
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +180,19 @@ class DicomNode:
         config: Config,
         services: Sequence[ServiceFactory] = (),
         context: NodeContext | None = None,
+        *,
+        slots: AssociationSlots | None = None,
+        listening_sockets: Mapping[int, socket.socket] | None = None,
+        recover_at_start: bool = True,
     ) -> None:
+        """`slots` and `listening_sockets` come from a supervising `serve` when several
+        processes serve one port (node.process.serve_processes); that process has then
+        run the recovery pass, so `recover_at_start` is False."""
         _quiet_pynetdicom()
         self.config = config
+        self._slots = slots
+        self._listening_sockets = dict(listening_sockets or {})
+        self._recover_at_start = recover_at_start
         self.ae = build_ae(config)
         self.context = context or build_context(config)
         self._service_factories = tuple(services)
@@ -212,7 +225,9 @@ class DicomNode:
             server_class=GuardedServer,
             request_handler=GuardedRequestHandler,
             limits=self.limits,
+            slots=self._slots,
             tls_context=tls_context,
+            listening_socket=self._listening_sockets.get(port),
         )
         self._servers.append(server)
         threading.Thread(target=server.serve_forever, name=f"listener-{port}", daemon=True).start()
@@ -227,17 +242,10 @@ class DicomNode:
         )
 
     def start(self) -> None:
-        archive = self.context.archive
-        log_recovery(
-            recover(
-                archive.files, archive.engine, quarantine=self.config.storage.quarantine_orphans
-            )
-        )
-        tls = self.config.tls
-        if not tls.enabled or tls.plain_listener:
-            self._listen(self.config.node.port, None)
-        if tls.enabled:
-            self._listen(tls.port, server_context(tls))
+        if self._recover_at_start:
+            log_recovery(recover_storage(self.context))
+        for port, is_tls in listener_ports(self.config):
+            self._listen(port, server_context(self.config.tls) if is_tls else None)
         for factory in self._service_factories:
             service = factory(self.context)
             service.start()
@@ -270,6 +278,25 @@ class DicomNode:
             assoc.join(timeout=5)
 
 
+def recover_storage(context: NodeContext) -> RecoveryReport:
+    """The start-up recovery pass over the context's storage folder and index."""
+    archive = context.archive
+    return recover(
+        archive.files, archive.engine, quarantine=context.config.storage.quarantine_orphans
+    )
+
+
+def listener_ports(config: Config) -> list[tuple[int, bool]]:
+    """(port, is TLS) of each listener the configuration asks for."""
+    tls = config.tls
+    ports: list[tuple[int, bool]] = []
+    if not tls.enabled or tls.plain_listener:
+        ports.append((config.node.port, False))
+    if tls.enabled:
+        ports.append((tls.port, True))
+    return ports
+
+
 def run_until_signalled(
     start: Callable[[], None], stop: Callable[[], None], what: str = "node"
 ) -> int:
@@ -295,7 +322,19 @@ def run_until_signalled(
     return 0
 
 
+def serve_process_count(config: Config) -> int:
+    """node.processes, with 0 meaning one per CPU core."""
+    return config.node.processes or os.cpu_count() or 1
+
+
 def serve(config: Config, services: Iterable[ServiceFactory] = ()) -> int:
-    """Run the node (server and background services) until SIGINT or SIGTERM."""
+    """Run the node (server and background services) until SIGINT or SIGTERM: in this
+    process, or in `node.processes` serve processes on the same port(s)."""
+    processes = serve_process_count(config)
+    if processes > 1:
+        from node.process.serve_processes import ServeProcesses
+
+        supervisor = ServeProcesses(config, tuple(services), processes)
+        return run_until_signalled(supervisor.start, supervisor.stop)
     node = DicomNode(config, tuple(services))
     return run_until_signalled(node.start, node.stop)

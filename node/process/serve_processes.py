@@ -1,0 +1,227 @@
+"""`serve` as several processes accepting on one port, so parallel associations use every core.
+
+pynetdicom runs each association in a thread of one interpreter: four senders at once go no
+faster than one. Here the supervising `serve` process binds the listening socket(s), runs
+the recovery pass, and starts `node.processes` serve processes (spawned, each its own
+interpreter) that accept on those same sockets; the kernel hands each new connection to
+one of them. The supervisor keeps the background services (the result sender, the analysis
+workers) and restarts a serve process that dies. The association limits stay node-wide:
+the processes count in shared memory (`node.dicom.slots`), and a dead process's slots are
+cleared. A serve process dies with its supervisor (PR_SET_PDEATHSIG), so `kill -9` of
+`serve` leaves no process behind still holding the port or writing files.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from collections.abc import Sequence
+
+from node.config import Config
+from node.context import NodeContext, build_context
+from node.dicom.slots import AssociationSlots
+from node.process.server import (
+    SHUTDOWN_GRACE_SECONDS,
+    BackgroundService,
+    DicomNode,
+    ServiceFactory,
+    listener_ports,
+    recover_storage,
+    run_until_signalled,
+)
+from storage.consistency import RecoveryReport, log_recovery
+
+log = logging.getLogger(__name__)
+
+LISTEN_BACKLOG = 128
+READY_TIMEOUT_SECONDS = 60.0
+RESTART_DELAY_SECONDS = 1.0
+# A process killed mid-write may still hold the writer lock for a moment after a restart.
+RECOVERY_LOCK_WAIT_SECONDS = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask Linux to SIGKILL this process when its supervisor dies (no orphan listeners)."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
+        os._exit(1)
+
+
+def _serve_process_main(
+    config: Config,
+    sockets: dict[int, socket.socket],
+    slots: AssociationSlots,
+    number: int,
+    ready: threading.Event,
+    log_level: int,
+    parent_pid: int,
+) -> None:
+    """Entry point of one serve process (a fresh interpreter: spawn)."""
+    _die_with_parent(parent_pid)
+    from node.process.cli import configure_logging
+
+    configure_logging(logging.getLevelName(log_level), process_tag=f"serve {number + 1}")
+    node = DicomNode(
+        config, slots=slots.for_process(number), listening_sockets=sockets, recover_at_start=False
+    )
+
+    def start() -> None:
+        node.start()
+        # Ctrl-C reaches the whole process group: the supervisor stops this process.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ready.set()
+
+    raise SystemExit(run_until_signalled(start, node.stop, what=f"serve process {number + 1}"))
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(LISTEN_BACKLOG)
+    return sock
+
+
+def recover_when_quiet(context: NodeContext) -> RecoveryReport:
+    """The recovery pass, waiting briefly for processes of a killed node to be gone."""
+    deadline = time.monotonic() + RECOVERY_LOCK_WAIT_SECONDS
+    while True:
+        report = recover_storage(context)
+        if not report.skipped or time.monotonic() >= deadline:
+            return report
+        time.sleep(0.2)
+
+
+class ServeProcesses:
+    """The supervisor: listening sockets, serve processes, background services."""
+
+    def __init__(self, config: Config, services: Sequence[ServiceFactory], processes: int) -> None:
+        self.config = config
+        self.count = processes
+        self._service_factories = tuple(services)
+        self._services: list[BackgroundService] = []
+        self._spawn_context = multiprocessing.get_context("spawn")
+        self._processes: list[multiprocessing.process.BaseProcess | None] = [None] * processes
+        self._readies: list[threading.Event | None] = [None] * processes
+        self._sockets: dict[int, socket.socket] = {}
+        self._stopping = threading.Event()
+        self._monitor: threading.Thread | None = None
+        self.slots = AssociationSlots(
+            config.node.max_associations, config.node.max_associations_per_address, processes
+        )
+        self.context: NodeContext | None = None
+
+    def _spawn(self, number: int) -> threading.Event:
+        ready = self._spawn_context.Event()
+        process = self._spawn_context.Process(
+            target=_serve_process_main,
+            args=(
+                self.config,
+                self._sockets,
+                self.slots,
+                number,
+                ready,
+                logging.getLogger().getEffectiveLevel(),
+                os.getpid(),
+            ),
+            name=f"pneumonode-serve-{number + 1}",
+        )
+        process.start()
+        self._processes[number] = process
+        # Kept until replaced: a collected Event unlinks its semaphore before the child
+        # has opened it.
+        self._readies[number] = ready
+        return ready
+
+    def start(self) -> None:
+        self.context = build_context(self.config)
+        log_recovery(recover_when_quiet(self.context))
+        for port, _is_tls in listener_ports(self.config):
+            self._sockets[port] = _listening_socket(self.config.node.bind_address, port)
+        readies = [self._spawn(number) for number in range(self.count)]
+        self._monitor = threading.Thread(target=self._watch, name="serve-monitor", daemon=True)
+        self._monitor.start()
+        self._wait_until_ready(readies)
+        for port, is_tls in listener_ports(self.config):
+            host, real_port = self._sockets[port].getsockname()[:2]
+            log.info(
+                "listening as %s on %s:%d%s in %d serve processes (storage %s)",
+                self.config.node.ae_title,
+                host,
+                real_port,
+                " with DICOM TLS" if is_tls else "",
+                self.count,
+                self.config.storage.folder,
+            )
+        for factory in self._service_factories:
+            service = factory(self.context)
+            service.start()
+            self._services.append(service)
+
+    def _wait_until_ready(self, readies: list[threading.Event]) -> None:
+        """Wait (boundedly) for the first serve processes to accept; one that died while
+        starting is the monitor's to restart, not a reason to wait on."""
+        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+        pending = dict(enumerate(readies))
+        while pending and time.monotonic() < deadline and not self._stopping.is_set():
+            for number, ready in list(pending.items()):
+                process = self._processes[number]
+                if ready.is_set() or process is None or not process.is_alive():
+                    del pending[number]
+            time.sleep(0.05)
+        for number in pending:
+            log.error("serve process %d did not start in time", number + 1)
+
+    def _watch(self) -> None:
+        """Restart a serve process that died, after clearing the slots it held."""
+        while not self._stopping.wait(0.5):
+            for number, process in enumerate(self._processes):
+                if process is None or process.is_alive() or self._stopping.is_set():
+                    continue
+                log.error(
+                    "serve process %d exited with %s; restarting it",
+                    number + 1,
+                    process.exitcode,
+                )
+                self.slots.clear_row(number)
+                if self._stopping.wait(RESTART_DELAY_SECONDS):
+                    return
+                self._spawn(number)
+
+    def stop(self) -> None:
+        """Let each serve process finish its associations, then stop the services."""
+        self._stopping.set()
+        if self._monitor is not None:
+            self._monitor.join(5)
+        running = [p for p in self._processes if p is not None and p.is_alive()]
+        for process in running:
+            process.terminate()  # SIGTERM: it stops accepting and lets associations finish
+        deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS + 10
+        for process in running:
+            process.join(max(0.0, deadline - time.monotonic()))
+            if process.is_alive():
+                log.warning("serve process %s did not stop in time; killing it", process.name)
+                process.kill()
+                process.join(5)
+        for sock in self._sockets.values():
+            sock.close()
+        for service in reversed(self._services):
+            try:
+                service.stop()
+            except Exception:
+                log.exception("error while stopping %s", type(service).__name__)
+        self._services.clear()
+        if self.context is not None:
+            self.context.engine.dispose()
+        log.info("stopped")

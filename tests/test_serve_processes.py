@@ -1,0 +1,146 @@
+"""Several serve processes on one port: connections spread, limits node-wide, no orphans.
+
+`node.processes = 2` starts two serve processes accepting on the supervisor's socket. The
+association limits are the node's, counted across both; a serve process that dies is
+restarted with its slots freed, and `kill -9` of the supervisor takes its serve processes
+with it, so a restart finds the port free and nobody else writing.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+
+from analysis_support import wait_for
+from dicom_data import DX, small_image
+from pynetdicom import AE
+from support import echo, restart_node, start_node, wait_for_log
+
+HOSTILE_ADDRESS = "127.0.0.2"
+
+
+def _serve_pids(supervisor_pid: int) -> list[int]:
+    """PIDs of the supervisor's serve processes (children whose name says so)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        if parent == supervisor_pid and b"spawn_main" in cmdline:
+            pids.append(int(entry.name))
+    return pids
+
+
+def _start(workdir: Path, node_settings: dict):
+    node = start_node(workdir, {"node": {"processes": 2, **node_settings}})
+    wait_for_log(node, "in 2 serve processes", timeout=60)
+    return node
+
+
+def _associate(node, calling: str = "SPREAD", address: str = "127.0.0.1"):
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(DX)
+    return ae.associate(node.host, node.port, ae_title=node.ae_title, bind_address=(address, 0))
+
+
+def test_associations_spread_over_the_serve_processes(tmp_path: Path) -> None:
+    node = _start(tmp_path / "spread", {})
+    try:
+        held = [_associate(node) for _ in range(8)]
+        assert all(a.is_established for a in held)
+        for assoc in held:
+            assert assoc.send_c_store(small_image()).Status == 0x0000
+            assoc.release()
+        tags = set(re.findall(r"\[serve (\d)\]: association accepted", node.log_text()))
+        assert tags == {"1", "2"}, "both serve processes took connections"
+    finally:
+        assert node.stop() == 0
+
+
+def test_the_address_limit_holds_across_processes(tmp_path: Path) -> None:
+    node = _start(tmp_path / "share", {"max_associations": 6, "max_associations_per_address": 2})
+    try:
+        held = [_associate(node, "GREEDY", HOSTILE_ADDRESS) for _ in range(4)]
+        assert [a.is_established for a in held] == [True, True, False, False]
+        assert echo(node.host, node.port, node.ae_title)  # another address still gets in
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+        # Released slots are free again, whichever process held them.
+        time.sleep(0.5)
+        again = [_associate(node, "GREEDY", HOSTILE_ADDRESS) for _ in range(2)]
+        assert all(a.is_established for a in again)
+        for assoc in again:
+            assoc.release()
+    finally:
+        assert node.stop() == 0
+
+
+def test_the_node_limit_holds_across_processes(tmp_path: Path) -> None:
+    node = _start(tmp_path / "full", {"max_associations": 3, "max_associations_per_address": 3})
+    try:
+        held = [_associate(node, "FILLER", f"127.0.0.{n}") for n in (2, 3, 4)]
+        assert all(a.is_established for a in held)
+        extra = _associate(node, "LATE", "127.0.0.5")
+        assert not extra.is_established
+        assert extra.is_rejected
+        wait_for_log(node, "association rejected: the node holds node.max_associations")
+        held[0].release()
+        time.sleep(0.5)
+        late = _associate(node, "LATE", "127.0.0.5")
+        assert late.is_established
+        late.release()
+        for assoc in held[1:]:
+            assoc.release()
+    finally:
+        assert node.stop() == 0
+
+
+def test_a_dead_serve_process_is_replaced_and_its_slots_freed(tmp_path: Path) -> None:
+    node = _start(
+        tmp_path / "replace", {"max_associations": 4, "max_associations_per_address": 2}
+    )
+    try:
+        held = [_associate(node, "HOLDER", HOSTILE_ADDRESS) for _ in range(2)]
+        assert all(a.is_established for a in held)
+        for pid in _serve_pids(node.process.pid):
+            os.kill(pid, signal.SIGKILL)
+        wait_for(
+            lambda: node.log_text().count("restarting it") >= 2, 30, "both serve processes back"
+        )
+        wait_for(lambda: echo(node.host, node.port, node.ae_title), 30, "C-ECHO again")
+        # The killed processes' slots were cleared: the address may hold two again.
+        again = [_associate(node, "HOLDER", HOSTILE_ADDRESS) for _ in range(2)]
+        assert all(a.is_established for a in again)
+        for assoc in again:
+            assoc.release()
+    finally:
+        assert node.stop() == 0
+
+
+def test_kill_9_of_serve_leaves_no_serve_process_behind(tmp_path: Path) -> None:
+    node = _start(tmp_path / "orphans", {})
+    children = _serve_pids(node.process.pid)
+    assert len(children) == 2
+    node.kill()
+
+    def gone() -> bool:
+        return not any(Path(f"/proc/{pid}").exists() for pid in children)
+
+    wait_for(gone, 10, "the serve processes to die with their supervisor")
+    with socket.socket() as probe:  # nobody listens on the port any more
+        assert probe.connect_ex((node.host, node.port)) != 0
+    again = restart_node(node)
+    try:
+        assert echo(again.host, again.port, again.ae_title)
+    finally:
+        assert again.stop() == 0
