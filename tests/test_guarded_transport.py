@@ -3,15 +3,20 @@ how pynetdicom reads PDUs or builds acceptor sockets, these fail before the node
 
 from __future__ import annotations
 
+import copy
 import inspect
 import socket
 import struct
 import time
 
+import pynetdicom.association
+import pynetdicom.dul
 import pytest
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
 from pynetdicom.transport import (
     AddressInformation,
     AssociationServer,
@@ -19,13 +24,18 @@ from pynetdicom.transport import (
     RequestHandler,
 )
 
+from node.config import load_config
 from node.dicom.guarded_transport import (
     A_ABORT_INVALID_PARAMETER,
     GuardedAssociationSocket,
     GuardLimits,
     PduRefused,
+    SharedContexts,
     guard_socket,
 )
+from node.dicom.reactor_wakeups import ASSOCIATION_REACTOR_NAP, WakingQueue, install
+from node.dicom.slots import ADDRESS_FULL, ADMITTED, NODE_FULL, AssociationSlots
+from node.process.server import build_ae
 
 LIMITS = GuardLimits(read_timeout=0.3, request_timeout=0.3, max_pdu_length=1024, max_per_address=2)
 
@@ -79,3 +89,87 @@ def test_a_whole_pdu_passes(guarded) -> None:
     theirs.sendall(struct.pack(">BBI", 0x05, 0, 4) + b"\0\0\0\0")  # A-RELEASE-RQ
     assert assoc_socket.recv(6) == struct.pack(">BBI", 0x05, 0, 4)
     assert assoc_socket.recv(4) == b"\0\0\0\0"
+
+
+# --- what node/dicom/reactor_wakeups.py and the shared contexts rely on ------------------
+
+
+def test_pynetdicom_reactors_nap_where_the_wakeups_take_over() -> None:
+    assert "time.sleep(self._run_loop_delay)" in inspect.getsource(
+        DULServiceProvider.run_reactor
+    )
+    assert f"time.sleep({ASSOCIATION_REACTOR_NAP})" in inspect.getsource(
+        Association._run_reactor
+    )
+    assert "self.dimse.get_msg(block=False)" in inspect.getsource(Association._run_reactor)
+    assert "self.msg_queue.put(" in inspect.getsource(DIMSEServiceProvider.receive_primitive)
+    assert "self.to_provider_queue.queue[0]" in inspect.getsource(
+        DULServiceProvider._process_recv_primitive
+    )
+
+
+def test_the_wakeups_install_once_and_leave_other_sleeps_alone() -> None:
+    install()
+    install()
+    assert pynetdicom.dul.time.sleep is not time.sleep  # the clock stands in
+    assert pynetdicom.dul.time.monotonic is time.monotonic  # everything else is time's
+    start = time.monotonic()
+    pynetdicom.association.time.sleep(0.02)  # not a reactor thread: a real sleep
+    assert time.monotonic() - start >= 0.02
+
+
+def test_a_queued_primitive_wakes_the_dul() -> None:
+    wake_read, wake_write = socket.socketpair()
+    try:
+        to_do = WakingQueue(wake_write)
+        to_do.put("primitive")
+        assert wake_read.recv(16) == b"\0"
+        assert to_do.get_nowait() == "primitive"
+    finally:
+        wake_read.close()
+        wake_write.close()
+
+
+def test_pynetdicom_copies_the_server_contexts_for_each_association() -> None:
+    assert "deepcopy(self.server.contexts)" in inspect.getsource(
+        RequestHandler._create_association
+    )
+    shared = SharedContexts([object()])
+    assert copy.deepcopy(shared) is shared
+
+
+def test_acceptor_negotiation_leaves_the_supported_contexts_untouched() -> None:
+    ae = build_ae(load_config(None))
+    supported = ae.supported_contexts
+    before = [(str(c), c.scu_role, c.scp_role) for c in supported]
+    requested = []
+    for number, context in enumerate(supported[:40]):
+        proposal = PresentationContext()
+        proposal.context_id = 2 * number + 1
+        proposal.abstract_syntax = context.abstract_syntax
+        proposal.transfer_syntax = [context.transfer_syntax[-1], "1.2.840.10008.1.2"]
+        requested.append(proposal)
+    roles = {requested[0].abstract_syntax: (True, True)}
+    accepted, _ = negotiate_as_acceptor(requested, supported, roles)
+    assert all(context.result == 0 for context in accepted)
+    assert [(str(c), c.scu_role, c.scp_role) for c in supported] == before
+
+
+# --- node-wide association slots ----------------------------------------------------------
+
+
+def test_slots_count_for_the_whole_node_across_process_rows() -> None:
+    slots = AssociationSlots(total=3, per_address=2, processes=2)
+    first, second = slots.for_process(0), slots.for_process(1)
+    assert first.take("10.0.0.1").outcome == ADMITTED
+    assert second.take("10.0.0.1").outcome == ADMITTED
+    verdict = first.take("10.0.0.1")
+    assert verdict.outcome == ADDRESS_FULL and verdict.held_by_address == 2
+    assert second.take("10.0.0.2").outcome == ADMITTED
+    assert first.take("10.0.0.3").outcome == NODE_FULL
+    assert slots.held() == 3
+    first.give_back("10.0.0.1")
+    assert first.take("10.0.0.3").outcome == ADMITTED
+    second.clear_row(1)  # process 2 died: its two slots are free
+    assert slots.held() == 1
+    assert first.take("10.0.0.1").outcome == ADMITTED
