@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, Engine, Select, func, insert, select, update
 
@@ -30,6 +30,7 @@ class DueDelivery:
     file_path: str
     sop_class_uid: str
     transfer_syntax_uid: str
+    leased_until: datetime | None = None  # set by `claim`: this sender holds it until then
 
 
 # How long a claimed delivery is left to its sender before another may take it.
@@ -134,7 +135,27 @@ class DeliveryQueue:
                 .where(Delivery.id.in_(claimed))
                 .order_by(Delivery.id)
             ).all()
-        return [DueDelivery(*row) for row in rows]
+        return [DueDelivery(*row, leased_until=lease_end) for row in rows]
+
+    def release(self, deliveries: Iterable[DueDelivery]) -> int:
+        """Make claimed deliveries whose outcome was not recorded due again now (a sender
+        stopping mid-round); rows another sender or an outcome has touched stay as they are."""
+        released = 0
+        with self.engine.begin() as conn:
+            for delivery in deliveries:
+                if delivery.leased_until is None:
+                    continue
+                result = conn.execute(
+                    update(Delivery)
+                    .where(
+                        Delivery.id == delivery.delivery_id,
+                        Delivery.state == DeliveryState.PENDING,
+                        Delivery.next_attempt_at == delivery.leased_until,
+                    )
+                    .values(next_attempt_at=utcnow())
+                )
+                released += result.rowcount or 0
+        return released
 
     def next_due_in(self) -> float | None:
         """Seconds until the next pending delivery is due (0 if overdue), None if none."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import queue
 import socket
 import struct
 import time
@@ -33,7 +34,7 @@ from node.dicom.guarded_transport import (
     SharedContexts,
     guard_socket,
 )
-from node.dicom.reactor_wakeups import ASSOCIATION_REACTOR_NAP, WakingQueue, install
+from node.dicom.reactor_wakeups import ASSOCIATION_REACTOR_NAP, install, wake_on_put
 from node.dicom.slots import ADDRESS_FULL, ADMITTED, NODE_FULL, AssociationSlots
 from node.process.server import build_ae
 
@@ -121,7 +122,8 @@ def test_the_wakeups_install_once_and_leave_other_sleeps_alone() -> None:
 def test_a_queued_primitive_wakes_the_dul() -> None:
     wake_read, wake_write = socket.socketpair()
     try:
-        to_do = WakingQueue(wake_write)
+        to_do: queue.Queue = queue.Queue()
+        wake_on_put(to_do, wake_write)
         to_do.put("primitive")
         assert wake_read.recv(16) == b"\0"
         assert to_do.get_nowait() == "primitive"

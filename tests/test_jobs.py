@@ -1,4 +1,5 @@
-"""The analysis queue's claims: exclusive, resumed after a worker dies, given up when poisoned."""
+"""The analysis queue's claims: exclusive, resumed after a worker dies, given up when poisoned;
+the delivery queue's claims: exclusive between senders, released when not attempted."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from support import siim_files
 from ai.eligibility import Eligibility
 from storage.archive import Archive
 from storage.database import create_index_engine
+from storage.deliveries import DeliveryQueue, enqueue
 from storage.filestore import FileStore
 from storage.jobs import MAX_ATTEMPTS, JobQueue
-from storage.models import AnalysisJob, JobState
+from storage.models import AnalysisJob, Instance, JobState
 
 
 @pytest.fixture
@@ -63,3 +65,31 @@ def test_a_job_that_keeps_killing_workers_is_failed(queue: JobQueue) -> None:
         state = conn.scalar(select(AnalysisJob.state).where(AnalysisJob.id == job.job_id))
     assert state == JobState.FAILED
     assert queue.queued_count() == 4
+
+
+# --- delivery claims (several senders sharing the index) ---------------------------------
+
+
+@pytest.fixture
+def deliveries(queue: JobQueue) -> DeliveryQueue:
+    with queue.engine.begin() as conn:
+        uids = list(conn.scalars(select(Instance.sop_instance_uid)))
+        enqueue(conn, uids, "PACS")
+    return DeliveryQueue(
+        queue.engine, retry_initial_seconds=60, retry_max_seconds=600, max_attempts=0
+    )
+
+
+def test_delivery_claims_are_exclusive_until_released(deliveries: DeliveryQueue) -> None:
+    first = deliveries.claim(limit=3)
+    second = deliveries.claim(limit=3)
+    assert len(first) == 3 and len(second) == 2
+    assert not {d.delivery_id for d in first} & {d.delivery_id for d in second}
+    assert deliveries.claim() == [], "claimed rows are not due for anyone else"
+    deliveries.delivered(first[0].delivery_id)
+    deliveries.retry_later(first[1], "refused")  # backs off: not released early
+    assert deliveries.release(first + second) == 3  # first[2] and both of second
+    again = deliveries.claim()
+    assert {d.delivery_id for d in again} == {first[2].delivery_id} | {
+        d.delivery_id for d in second
+    }

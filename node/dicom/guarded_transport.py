@@ -264,13 +264,13 @@ class GuardedRequestHandler(RequestHandler):
         try:
             assoc.join()
         finally:
-            close_wakeups(assoc, self._wake)
+            close_wakeups(assoc)
 
     def _create_association(self):  # noqa: ANN202 - pynetdicom's own return type
         assoc = super()._create_association()
         guard_socket(assoc.dul.socket, self.server.limits)
         assoc.dul.socket._node_full = self.server.is_over_limit(self.request)
-        self._wake = make_responsive(assoc)
+        make_responsive(assoc)
         self._assoc = assoc
         return assoc
 

@@ -8,7 +8,8 @@ third of the time of a 134 KB image on one association. Here the naps become wai
 early:
 
 - the DUL reactor's nap is a `select` on the peer's socket and a wake-up socket that is
-  written whenever a primitive (a response, a release, an abort) is queued for it;
+  written whenever a primitive (a response, a release, an abort) is queued for it; this
+  also serves the node's own requestor associations (results, C-MOVE sub-operations);
 - the association reactor's nap is a wait on its DIMSE message queue, which `put` wakes.
 
 Neither loop spins: an idle association wakes once a millisecond as before. The sleeps are
@@ -36,17 +37,20 @@ import pynetdicom.dul
 ASSOCIATION_REACTOR_NAP = 0.001
 
 
-class WakingQueue(queue.Queue):
-    """A queue whose `put` also writes a byte to a wake-up socket (the DUL's to-do list)."""
+def wake_on_put(to_do: queue.Queue, wake: socket.socket) -> None:
+    """Make `to_do.put` also write a byte to `wake` (the DUL's list of primitives to send).
 
-    def __init__(self, wake: socket.socket) -> None:
-        super().__init__()
-        self._wake = wake
+    The queue object stays the same (its `put` is wrapped on the instance), so nothing
+    already queued, or queued by another thread meanwhile, can be lost.
+    """
+    put = to_do.put
 
-    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
-        super().put(item, block, timeout)
+    def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
         with contextlib.suppress(OSError):
-            self._wake.send(b"\0")
+            wake.send(b"\0")
+
+    to_do.put = put_and_wake  # type: ignore[method-assign]
 
 
 class _ReactorClock:
@@ -74,32 +78,44 @@ def install() -> None:
             module.time = _ReactorClock(time)
 
 
-def make_responsive(assoc: Any) -> socket.socket:
-    """Wire a freshly made acceptor association's two reactors to wake on work.
-
-    Returns the wake-up socket pair's reading end; `close_wakeups` closes it when the
-    association has ended.
-    """
+def wake_dul_on_work(assoc: Any) -> None:
+    """Make an association's DUL reactor nap on its socket and its to-do list, so it
+    wakes when a PDU arrives or a primitive is queued (acceptor or requestor)."""
     install()
+    dul = assoc.dul
     wake_read, wake_write = socket.socketpair()
     wake_read.setblocking(False)
     wake_write.setblocking(False)
-    dul = assoc.dul
-    dul.to_provider_queue = WakingQueue(wake_write)
-    dul._pneumonode_wake_write = wake_write
+    wake_on_put(dul.to_provider_queue, wake_write)
+
+    def close() -> None:
+        wake_read.close()
+        wake_write.close()
 
     def dul_nap(seconds: float) -> None:
+        if wake_read.fileno() < 0:  # closed: the association is over
+            time.sleep(seconds)
+            return
         peer = dul.socket.socket if dul.socket is not None else None
         watched = [wake_read] if peer is None else [wake_read, peer]
         try:
             ready, _, _ = select.select(watched, [], [], seconds)
         except (OSError, ValueError):
             time.sleep(seconds)  # the peer's socket was closed under us
-            return
+            ready = []
         if wake_read in ready:
             with contextlib.suppress(OSError):
                 wake_read.recv(4096)
+        if dul._kill_thread:  # the reactor stops after this nap
+            close()
 
+    dul._pneumonode_waker = dul_nap
+    dul._pneumonode_close_wakeups = close
+
+
+def make_responsive(assoc: Any) -> None:
+    """Wire a freshly made acceptor association's two reactors to wake on work."""
+    wake_dul_on_work(assoc)
     messages = assoc.dimse.msg_queue
 
     def association_nap(seconds: float) -> None:
@@ -110,14 +126,11 @@ def make_responsive(assoc: Any) -> socket.socket:
             if not messages._qsize():
                 messages.not_empty.wait(seconds)
 
-    dul._pneumonode_waker = dul_nap
     assoc._pneumonode_waker = association_nap
-    return wake_read
 
 
-def close_wakeups(assoc: Any, wake_read: socket.socket) -> None:
-    """Close an ended association's wake-up sockets."""
-    wake_read.close()
-    wake_write = getattr(assoc.dul, "_pneumonode_wake_write", None)
-    if wake_write is not None:
-        wake_write.close()
+def close_wakeups(assoc: Any) -> None:
+    """Close an ended association's wake-up sockets (closing twice is harmless)."""
+    close = getattr(assoc.dul, "_pneumonode_close_wakeups", None)
+    if close is not None:
+        close()

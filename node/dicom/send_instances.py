@@ -33,6 +33,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from node.config import Config, Peer
+from node.dicom.reactor_wakeups import wake_dul_on_work
 from node.dicom.tls import client_context
 from storage.archive import Archive
 from storage.conversion import CONVERSION_TARGETS, ConversionError, choose_syntax, convert
@@ -108,12 +109,16 @@ def connection_arguments(
 
 
 def send_without_delay(assoc: Association) -> None:
-    """Turn Nagle's algorithm off on the association's socket (pynetdicom leaves it on).
+    """Turn Nagle's algorithm off on the association's socket (pynetdicom leaves it on),
+    and, on the node's own requestor associations, let the DUL wake on work.
 
-    With it on, a small PDU (a Pending C-MOVE response, the last fragment of a dataset)
+    With Nagle on, a small PDU (a Pending C-MOVE response, the last fragment of a dataset)
     that follows another waits for the peer's delayed ACK, about 40 ms: that was most of
-    the time of a C-MOVE of small images.
+    the time of a C-MOVE of small images. Without the wake-ups each C-STORE sent waits up to
+    a millisecond for the DUL to notice it, and again for the response.
     """
+    if assoc.is_requestor and not hasattr(assoc.dul, "_pneumonode_waker"):
+        wake_dul_on_work(assoc)
     transport = assoc.dul.socket
     sock = transport.socket if transport is not None else None
     if sock is not None:

@@ -86,10 +86,15 @@ class DeliverySender:
         by_destination: dict[str, list[DueDelivery]] = defaultdict(list)
         for delivery in due:
             by_destination[delivery.destination_ae].append(delivery)
-        for destination, items in by_destination.items():
-            if self._stop.is_set():
-                break
-            self._send_to(destination, items)
+        try:
+            for destination, items in by_destination.items():
+                if self._stop.is_set():
+                    break
+                self._send_to(destination, items)
+        finally:
+            # Stopped (or failed) mid-round: what was not attempted is due again at once,
+            # here after a restart or at another sender, not when the claim's lease ends.
+            self.queue.release(due)
         return len(due)
 
     def _send_to(self, destination: str, items: list[DueDelivery]) -> None:
