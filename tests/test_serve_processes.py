@@ -52,6 +52,17 @@ def _associate(node, calling: str = "SPREAD", address: str = "127.0.0.1"):
     return ae.associate(node.host, node.port, ae_title=node.ae_title, bind_address=(address, 0))
 
 
+def _associate_when_free(node, calling: str, address: str, timeout: float = 15):
+    """An association as soon as the node has a slot for `address` again."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assoc = _associate(node, calling, address)
+        if assoc.is_established or time.monotonic() > deadline:
+            assert assoc.is_established, f"no slot for {address} within {timeout} s"
+            return assoc
+        time.sleep(0.2)
+
+
 def test_associations_spread_over_the_serve_processes(tmp_path: Path) -> None:
     node = _start(tmp_path / "spread", {})
     try:
@@ -75,12 +86,12 @@ def test_the_address_limit_holds_across_processes(tmp_path: Path) -> None:
         for assoc in held:
             if assoc.is_established:
                 assoc.release()
-        # Released slots are free again, whichever process held them.
-        time.sleep(0.5)
-        again = [_associate(node, "GREEDY", HOSTILE_ADDRESS) for _ in range(2)]
-        assert all(a.is_established for a in again)
-        for assoc in again:
-            assoc.release()
+        # Released slots are free again (once the associations' threads have ended),
+        # whichever process held them.
+        _associate_when_free(node, "GREEDY", HOSTILE_ADDRESS).release()
+        second = _associate(node, "GREEDY", HOSTILE_ADDRESS)
+        assert second.is_established
+        second.release()
     finally:
         assert node.stop() == 0
 
@@ -95,10 +106,7 @@ def test_the_node_limit_holds_across_processes(tmp_path: Path) -> None:
         assert extra.is_rejected
         wait_for_log(node, "association rejected: the node holds node.max_associations")
         held[0].release()
-        time.sleep(0.5)
-        late = _associate(node, "LATE", "127.0.0.5")
-        assert late.is_established
-        late.release()
+        _associate_when_free(node, "LATE", "127.0.0.5").release()
         for assoc in held[1:]:
             assoc.release()
     finally:
@@ -119,8 +127,7 @@ def test_a_dead_serve_process_is_replaced_and_its_slots_freed(tmp_path: Path) ->
         )
         wait_for(lambda: echo(node.host, node.port, node.ae_title), 30, "C-ECHO again")
         # The killed processes' slots were cleared: the address may hold two again.
-        again = [_associate(node, "HOLDER", HOSTILE_ADDRESS) for _ in range(2)]
-        assert all(a.is_established for a in again)
+        again = [_associate_when_free(node, "HOLDER", HOSTILE_ADDRESS) for _ in range(2)]
         for assoc in again:
             assoc.release()
     finally:
