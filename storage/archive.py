@@ -13,7 +13,7 @@ import io
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -42,6 +42,23 @@ _SELECT_FILE_PATH = select(Instance.file_path).where(Instance.sop_instance_uid =
 _SELECT_JOB = select(AnalysisJob.id).where(AnalysisJob.sop_instance_uid == bindparam("sop"))
 _INSERT_JOB = insert(AnalysisJob)
 _INSERT_CONFLICT = insert(IdentityConflict)
+
+
+@dataclass
+class _IndexRequest:
+    """One instance waiting to be indexed, and, once its transaction ended, the outcome."""
+
+    record: HeaderRecord
+    relative: str
+    size: int
+    checksum: str
+    calling_ae: str
+    is_result: bool
+    received_at: datetime
+    done: bool = False
+    previous: str | None = None  # the path a replaced copy had
+    accepted: list[IdentityConflictError] = field(default_factory=list)
+    error: BaseException | None = None
 
 
 @dataclass(frozen=True)
@@ -96,8 +113,11 @@ class Archive:
         self.duplicate_policy = duplicate_policy
         self.decide_job = decide_job
         # One index writer at a time per process keeps SQLite free of busy retries; file
-        # writes and their fsyncs happen before the lock is taken, in parallel.
+        # writes and their fsyncs happen before the lock is taken, in parallel. Instances
+        # waiting for the lock are committed together by whoever takes it (group commit).
         self._index_lock = threading.Lock()
+        self._waiting_lock = threading.Lock()
+        self._waiting: list[_IndexRequest] = []
 
     def inspect(self, data: bytes | memoryview) -> Dataset:
         """The header of `data` once it is known to read back (storage.intake), else a
@@ -185,48 +205,91 @@ class Archive:
         calling_ae: str,
         is_result: bool,
     ) -> str | None:
-        """Index `record` and commit; returns the path a replaced copy had, else None."""
-        received_at: datetime = utcnow()
-        for attempt in range(3):
+        """Index `record` and commit; returns the path a replaced copy had, else None.
+
+        Group commit: instances stored at the same time by other associations of this
+        process are indexed in the same transaction, so one commit (one fsync of the
+        SQLite log) serves all of them instead of each waiting for the one before. The
+        thread that gets the index lock commits everything waiting; each caller returns
+        once its own row is committed.
+        """
+        request = _IndexRequest(
+            record, relative, size, checksum, calling_ae, is_result, received_at=utcnow()
+        )
+        with self._waiting_lock:
+            self._waiting.append(request)
+        with self._index_lock:
+            if not request.done:
+                with self._waiting_lock:
+                    batch, self._waiting = self._waiting, []
+                self._commit_batch(batch)
+        if request.error is not None:
+            raise request.error
+        for conflict in request.accepted:
+            log.warning(
+                "accepted SOP %s from %s although %s",
+                record.sop_instance_uid,
+                calling_ae,
+                conflict,
+            )
+        return request.previous
+
+    def _commit_batch(self, batch: list[_IndexRequest]) -> None:
+        """All of `batch` in one transaction; if that fails, each in its own, so that one
+        instance's refusal (an identity conflict, a lost race) is its own alone."""
+        if len(batch) > 1:
             try:
-                with self._index_lock:
+                self._write_rows(batch)
+                return
+            except Exception:
+                pass
+        for request in batch:
+            for attempt in range(3):
+                try:
+                    self._write_rows([request])
+                    break
+                except IntegrityError as exc:
+                    # Another process inserted the same patient/study/series first: go
+                    # again, this time the row exists and is updated.
+                    if attempt == 2:
+                        request.error = exc
+                except BaseException as exc:
+                    request.error = exc
+                    break
+            request.done = True
+
+    def _write_rows(self, batch: list[_IndexRequest]) -> None:
+        """Index every request of `batch` and commit them together."""
+        outcomes: list[tuple[str | None, list[IdentityConflictError]]] = []
+        try:
+            with self.engine.begin() as conn:
+                for request in batch:
                     accepted: list[IdentityConflictError] = []
-                    try:
-                        with self.engine.begin() as conn:
-                            previous = self._writer.upsert(
-                                conn,
-                                record,
-                                file_path=relative,
-                                file_size=size,
-                                file_sha256=checksum,
-                                received_at=received_at,
-                                calling_ae=calling_ae,
-                                is_result=is_result,
-                                conflicts=accepted,
-                            )
-                            for conflict in accepted:
-                                self._insert_conflict(
-                                    conn, record, conflict, "accepted", calling_ae
-                                )
-                            self._enqueue_job(conn, record, calling_ae, is_result)
-                    except BaseException:
-                        self._writer.rolled_back()
-                        raise
-                    self._writer.committed()
-                for conflict in accepted:
-                    log.warning(
-                        "accepted SOP %s from %s although %s",
-                        record.sop_instance_uid,
-                        calling_ae,
-                        conflict,
+                    previous = self._writer.upsert(
+                        conn,
+                        request.record,
+                        file_path=request.relative,
+                        file_size=request.size,
+                        file_sha256=request.checksum,
+                        received_at=request.received_at,
+                        calling_ae=request.calling_ae,
+                        is_result=request.is_result,
+                        conflicts=accepted,
                     )
-                return previous
-            except IntegrityError:
-                # Another process inserted the same patient/study/series first: go again,
-                # this time the row exists and is updated.
-                if attempt == 2:
-                    raise
-        return None
+                    for conflict in accepted:
+                        self._insert_conflict(
+                            conn, request.record, conflict, "accepted", request.calling_ae
+                        )
+                    self._enqueue_job(conn, request.record, request.calling_ae, request.is_result)
+                    outcomes.append((previous, accepted))
+        except BaseException:
+            self._writer.rolled_back()
+            raise
+        self._writer.committed()
+        for request, (previous, accepted) in zip(batch, outcomes, strict=True):
+            request.previous = previous
+            request.accepted = accepted
+            request.done = True
 
     @staticmethod
     def _insert_conflict(

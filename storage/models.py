@@ -123,13 +123,12 @@ class InstanceAttribute(Base):
     """
 
     __tablename__ = "instance_attribute"
-    __table_args__ = (
-        Index("ix_instance_attribute_tag_value", "tag", "value"),
-        Index("ix_instance_attribute_tag_folded", "tag", "folded"),
-    )
+    # Queries reach these rows through their instance (a few dozen rows each), never by
+    # value across the table: one index, so each stored instance writes one entry per row.
+    __table_args__ = (Index("ix_instance_attribute_instance_tag", "instance_pk", "tag"),)
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    instance_pk: Mapped[int] = mapped_column(ForeignKey("instance.id"), index=True)
+    instance_pk: Mapped[int] = mapped_column(ForeignKey("instance.id"))
     tag: Mapped[int] = mapped_column(BigInteger)
     vr: Mapped[str] = mapped_column(String(2))
     position: Mapped[int] = mapped_column(Integer, default=0)

@@ -2,9 +2,11 @@
 
 pynetdicom reads a PDU as one blocking `recv(6)` for its header and one `recv(length)` for
 its body, with no deadline, and accepts any announced length: ten connections that announce
-4 GB and send nothing hold every association slot forever. This module (with
-`node.dicom.reactor_wakeups`, which it calls) is the one place that adapts pynetdicom's
-internals, and `tests/test_guarded_transport.py` pins what both rely on:
+4 GB and send nothing hold every association slot forever. This module is where the node
+adapts pynetdicom's transport, with two helpers of one job each:
+`node.dicom.reactor_wakeups` (the reactors' naps) and `node.dicom.find_stream` (C-FIND
+Pending responses written in batches). `tests/test_guarded_transport.py` and
+`tests/test_find_stream.py` pin what they rely on:
 
 - `GuardedAssociationSocket.recv` (over pynetdicom's `AssociationSocket.recv`) gives every
   PDU header and body a deadline, answers a PDU longer than the node accepts with A-ABORT
