@@ -6,6 +6,7 @@ so loading a model needs this file and fastai's layer code, never the training p
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -13,7 +14,10 @@ from torch import nn
 
 # fastai's builders, imported when a model is built: importing fastai takes seconds, and
 # the CLI and the node read architecture names long before (or without) building one.
-ARCHITECTURES = ("xresnet18", "xresnet34", "xresnet50", "xresnet101", "xresnet152")
+XRESNETS = ("xresnet18", "xresnet34", "xresnet50", "xresnet101", "xresnet152")
+# torchvision's networks, for weights a user already has (`train --init-weights`).
+TORCHVISION = ("resnet18", "resnet34", "resnet50", "densenet121")
+ARCHITECTURES = XRESNETS + TORCHVISION
 ACTIVATIONS = {"mish": nn.Mish, "relu": nn.ReLU, "silu": nn.SiLU}
 
 
@@ -33,6 +37,7 @@ class ArchSpec:
     widen: float = 1.0
     stem: tuple[int, ...] = (32, 32, 64)
     dropout: float = 0.0
+    seg_head: bool = False  # a DynamicUnet mask head on the same encoder (ai.segmodel)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -52,12 +57,28 @@ class ArchSpec:
         return cls(**values)
 
 
-def build_model(spec: ArchSpec) -> nn.Sequential:
-    """Instantiate the (untrained) network that `spec` describes."""
+def build_model(spec: ArchSpec, input_size: int | None = None) -> nn.Module:
+    """Instantiate the (untrained) network that `spec` describes.
+
+    A model with a mask head needs the input size its decoder is laid out for.
+    """
     if spec.name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {spec.name!r}; known: {sorted(ARCHITECTURES)}")
     if spec.act not in ACTIVATIONS:
         raise ValueError(f"unknown activation {spec.act!r}; known: {sorted(ACTIVATIONS)}")
+    classifier = _torchvision(spec) if spec.name in TORCHVISION else _xresnet(spec)
+    if not spec.seg_head:
+        return classifier
+    if spec.name not in XRESNETS:
+        raise ValueError("a mask head is built over an xresnet encoder")
+    if not input_size:
+        raise ValueError("a model with a mask head needs its input size")
+    from ai.segmodel import ClassifySegment
+
+    return ClassifySegment(classifier, input_size)
+
+
+def _xresnet(spec: ArchSpec) -> nn.Sequential:
     if len(spec.stem) != 3 or spec.stem[-1] != 64:
         raise ValueError("stem must have three widths and end with 64 (xresnet's first stage)")
     from fastai.vision.models import xresnet
@@ -68,11 +89,39 @@ def build_model(spec: ArchSpec) -> nn.Sequential:
     )
 
 
+def _torchvision(spec: ArchSpec) -> nn.Sequential:
+    """A torchvision ResNet/DenseNet as a Sequential whose parameter names are torchvision's
+    (conv1, layer1..4, fc / features, classifier), so its state dicts load by name, with a
+    `n_in`-channel first convolution and a pooling child before the head (for CAM)."""
+    import torchvision
+
+    net = getattr(torchvision.models, spec.name)(weights=None, num_classes=spec.n_out)
+    if spec.name.startswith("resnet"):
+        old = net.conv1
+        net.conv1 = nn.Conv2d(spec.n_in, old.out_channels, old.kernel_size, old.stride,
+                              old.padding, bias=False)
+        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
+        parts = [(name, getattr(net, name)) for name in names]
+        head = [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+                ("dropout", nn.Dropout(spec.dropout)), ("fc", net.fc)]
+    else:
+        old = net.features.conv0
+        net.features.conv0 = nn.Conv2d(spec.n_in, old.out_channels, old.kernel_size,
+                                       old.stride, old.padding, bias=False)
+        parts = [("features", net.features), ("relu", nn.ReLU())]
+        head = [("pool", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()),
+                ("dropout", nn.Dropout(spec.dropout)), ("classifier", net.classifier)]
+    return nn.Sequential(OrderedDict(parts + head))
+
+
 def default_cam_layer(model: nn.Module) -> str:
     """Name of the body's last stage: the child just before the global pooling.
 
-    For fastai's xresnet that is `model[-5]`, the layer the seed hooks for CAM.
+    For fastai's xresnet that is `model[-5]`, the layer the seed hooks for CAM; a model
+    that knows better (the mask-supervised one) names it in `cam_layer_name`.
     """
+    if isinstance(getattr(model, "cam_layer_name", None), str):
+        return model.cam_layer_name
     names = [name for name, _ in model.named_children()]
     for index, (_, child) in enumerate(model.named_children()):
         if isinstance(child, (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)) or \

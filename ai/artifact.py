@@ -92,6 +92,20 @@ class LoadedModel:
     def cam_layer(self) -> str:
         return self.meta["cam_layer"]
 
+    @property
+    def has_mask_head(self) -> bool:
+        return bool(self.meta["architecture"].get("seg_head", False))
+
+    @property
+    def heatmap_method(self) -> str:
+        """The heatmap the model was validated with: its mask when it has a mask head."""
+        return str(self.meta.get("heatmap", "segmentation" if self.has_mask_head else "gradcam"))
+
+    @property
+    def tta(self) -> bool:
+        """Whether predictions average the image and its mirror image (test-time flips)."""
+        return bool(self.meta.get("tta", False))
+
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
     """'auto' means the GPU when there is one, else the CPU."""
@@ -135,8 +149,7 @@ def _atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def save_artifact(
-    out_dir: str | Path,
+def describe(
     model: nn.Module,
     *,
     arch: ArchSpec,
@@ -147,31 +160,27 @@ def save_artifact(
     mean: float = 0.0,
     std: float = 1.0,
     name: str | None = None,
+    heatmap: str | None = None,
+    tta: bool = False,
     training: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
-) -> Path:
-    """Write `model.safetensors` and `model.json` into `out_dir`; return the directory."""
+) -> dict[str, Any]:
+    """The artifact's JSON without the weights' checksum: also what an in-memory model
+    (a cross-validation fold) is evaluated under, so folds run the node's code path."""
     if positive_class not in classes:
         raise ArtifactError(f"positive class {positive_class!r} is not one of {classes}")
     if len(classes) != arch.n_out:
         raise ArtifactError(f"{len(classes)} classes but the architecture has {arch.n_out} outputs")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {
-        key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()
-    }
-    weights = out / WEIGHTS_FILE
-    _atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
-    sha = _sha256(weights)
-    versions = library_versions()
-    meta = {
+    return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "name": name or f"pneumonode pneumothorax {arch.name}",
-        "version": f"{versions['pneumonode']}+{sha[:12]}",
+        "version": "in-memory",
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "architecture": arch.to_json(),
         "cam_layer": default_cam_layer(model),
+        "heatmap": heatmap or ("segmentation" if arch.seg_head else "gradcam"),
+        "tta": bool(tta),
         "input": {
             "size": int(input_size),
             "channels": arch.n_in,
@@ -184,9 +193,34 @@ def save_artifact(
         "threshold": float(threshold),
         "training": training or {},
         "metrics": metrics or {},
-        "versions": versions,
-        "weights": {"file": WEIGHTS_FILE, "sha256": sha},
     }
+
+
+def in_memory(model: nn.Module, meta: dict[str, Any], device: str | torch.device = "cpu"
+              ) -> LoadedModel:
+    """A trained module and its `describe` JSON as a LoadedModel, without writing files."""
+    target = resolve_device(device)
+    return LoadedModel(model=model.to(target).eval(), meta=meta, device=target, path=Path("."))
+
+
+def save_artifact(out_dir: str | Path, model: nn.Module, **description: Any) -> Path:
+    """Write `model.safetensors` and `model.json` into `out_dir`; return the directory.
+
+    `description` is what `describe` takes (arch, input_size, classes, positive_class, ...).
+    """
+    meta = describe(model, **description)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {
+        key: value.detach().to("cpu").contiguous() for key, value in model.state_dict().items()
+    }
+    weights = out / WEIGHTS_FILE
+    _atomic_write(weights, lambda tmp: save_file(state, str(tmp), metadata={"format": FORMAT}))
+    sha = _sha256(weights)
+    versions = library_versions()
+    meta["version"] = f"{versions['pneumonode']}+{sha[:12]}"
+    meta["versions"] = versions
+    meta["weights"] = {"file": WEIGHTS_FILE, "sha256": sha}
     _atomic_write(
         out / META_FILE, lambda tmp: tmp.write_text(json.dumps(meta, indent=2, default=str) + "\n")
     )
@@ -241,8 +275,8 @@ def load_artifact(model_dir: str | Path, device: str | torch.device = "auto") ->
         raise ArtifactError(f"{weights}: checksum does not match {META_FILE} (corrupt or replaced)")
     try:
         spec = ArchSpec.from_json(meta["architecture"])
-        model = build_model(spec)
-    except (TypeError, ValueError) as exc:
+        model = build_model(spec, int(meta["input"]["size"]))
+    except (TypeError, ValueError, KeyError) as exc:
         raise ArtifactError(f"{path}: cannot build architecture: {exc}") from exc
     if spec.n_out != len(meta["classes"]):
         raise ArtifactError(f"{path}: {len(meta['classes'])} classes but {spec.n_out} outputs")

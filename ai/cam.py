@@ -1,4 +1,4 @@
-"""Class activation maps, batched: CAM and GradCAM for any class.
+"""Heatmaps, batched: CAM and GradCAM for any class, and a mask head's own map.
 
 Both return maps at the input's resolution, scaled per image to [0, 1] (min-max before
 and after upsampling, as pytorch-grad-cam does), so that a heatmap means the same thing
@@ -117,4 +117,24 @@ def gradcam(model: nn.Module, x: torch.Tensor, target: Target,
     return logits.detach().float(), scale_maps(raw, tuple(x.shape[-2:]))
 
 
-METHODS = {"cam": cam, "gradcam": gradcam}
+def segmentation(model: nn.Module, x: torch.Tensor, target: Target,
+                 layer: str | nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mask head's pixel probabilities of pneumothorax (a model with `forward_both`).
+
+    Not rescaled: 0.9 means the head gives that pixel 90 %, so a map of a clear image stays
+    dark. It shows the positive class whatever `target` is; `layer` is not used.
+    """
+    if not hasattr(model, "forward_both"):
+        raise ValueError("this model has no mask head; use gradcam or cam")
+    with torch.no_grad():
+        logits, masks = model.forward_both(x)
+        maps = torch.sigmoid(masks.float())[:, 0]
+        if tuple(maps.shape[-2:]) != tuple(x.shape[-2:]):
+            maps = F.interpolate(maps[:, None], size=tuple(x.shape[-2:]), mode="bilinear",
+                                 align_corners=False)[:, 0]
+    return logits.float(), maps.clamp_(0.0, 1.0)
+
+
+METHODS = {"cam": cam, "gradcam": gradcam, "segmentation": segmentation}
+# How the SC and the SR name each method's map.
+METHOD_TITLES = {"cam": "CAM", "gradcam": "GradCAM", "segmentation": "segmentation mask"}

@@ -16,7 +16,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (GPU when present; default auto)"
-CAM_METHODS = ("gradcam", "cam")  # the keys of ai.cam.METHODS (not imported: it loads torch)
+CAM_METHODS = ("gradcam", "cam", "segmentation")  # ai.cam.METHODS (not imported: loads torch)
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -43,7 +43,7 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
     subcommand accepts them.
     """
     parents = parents or []
-    from ai.configs import CONFIGS
+    from ai.configs import CONFIGS, DEFAULT_RECIPE
 
     stats = subparsers.add_parser(
         "stats",
@@ -61,9 +61,11 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
     train = subparsers.add_parser(
         "train",
         parents=parents,
-        help="train the pneumothorax classifier and write the model artifact",
-        description="Train with fastai and write model.safetensors, model.json and reports/ "
-        "into --out. Options override the chosen --recipe.",
+        help="cross-validate a recipe, train the classifier and write the model artifact",
+        description="Cross-validate the recipe (stratified k-fold grouped by PatientID), "
+        "fit it on all the data and write model.safetensors, model.json and reports/ into "
+        "--out; the figures reported are the cross-validated ones. Options override the "
+        "chosen --recipe.",
     )
     train.add_argument(
         "--data",
@@ -74,11 +76,16 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
     train.add_argument("--out", required=True, help="model directory to write")
     train.add_argument(
         "--recipe",
-        default="seed",
+        default=DEFAULT_RECIPE,
         choices=sorted(CONFIGS),
-        help="named training configuration (default seed: the source's recipe)",
+        help=f"named training configuration (default {DEFAULT_RECIPE}: the best measured by "
+        "cross-validation; seed: the source's recipe)",
     )
-    train.add_argument("--arch", default=None, help="xresnet18/34/50/101/152")
+    train.add_argument(
+        "--arch",
+        default=None,
+        help="xresnet18/34/50/101/152, or resnet18/34/50, densenet121 (torchvision)",
+    )
     train.add_argument(
         "--act", default=None, choices=["mish", "relu", "silu"], help="activation function"
     )
@@ -95,7 +102,30 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
     train.add_argument("--lr", type=float, default=None, help="learning rate")
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--seed", type=int, default=None, help="seed of the split and the init")
-    train.add_argument("--valid-pct", type=float, default=None, help="validation share")
+    train.add_argument(
+        "--folds", type=int, default=None, help="cross-validation folds (default 5; >= 2)"
+    )
+    train.add_argument("--mixup", type=float, default=None, help="MixUp alpha (0 = off)")
+    train.add_argument(
+        "--tta",
+        default=None,
+        action=argparse.BooleanOptionalAction,
+        help="predict on the image and its mirror image and average (also in the node)",
+    )
+    train.add_argument(
+        "--init-weights",
+        default=None,
+        help="start from this state dict: a pneumonode model, an xresnet state dict, or "
+        "torchvision/timm ResNet/DenseNet weights for --arch resnet18/34/50, densenet121",
+    )
+    train.add_argument(
+        "--cache-dir",
+        default=None,
+        help="decoded-image cache folder (default ~/.cache/pneumonode/decoded)",
+    )
+    train.add_argument(
+        "--workers", type=int, default=None, help="processes that fill the image cache"
+    )
     train.add_argument("--optimizer", default=None, choices=["ranger", "adam"])
     train.add_argument("--loss", default=None, choices=["label_smoothing", "cross_entropy"])
     train.add_argument("--schedule", default=None, choices=["flat_cos", "one_cycle"])
@@ -104,7 +134,7 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
         dest="lr_find",
         default=None,
         action=argparse.BooleanOptionalAction,
-        help="run lr_find first",
+        help="run lr_find first and train at the rate it suggests (its valley)",
     )
     train.add_argument(
         "--augment",
@@ -156,7 +186,12 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
     )
     cam.add_argument("model", help="model directory")
     cam.add_argument("files", nargs="+", help="DICOM files")
-    cam.add_argument("--method", default="gradcam", choices=CAM_METHODS)
+    cam.add_argument(
+        "--method",
+        default=None,
+        choices=CAM_METHODS,
+        help="default: the model's own (segmentation with a mask head, else gradcam)",
+    )
     cam.add_argument(
         "--target", default=None, help="class name to explain (default: the model's positive class)"
     )
@@ -186,7 +221,12 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
         choices=["validation", "all"],
         help="positive images of the model's validation split, or all",
     )
-    localise.add_argument("--method", default="gradcam", choices=CAM_METHODS)
+    localise.add_argument(
+        "--method",
+        default=None,
+        choices=CAM_METHODS,
+        help="default: the model's own (segmentation with a mask head, else gradcam)",
+    )
     localise.add_argument(
         "--out", default=None, help="folder for localisation.json/.csv (default: <model>/reports)"
     )
@@ -212,7 +252,7 @@ def run_stats(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     from ai.configs import get_config
-    from ai.training import train
+    from ai.workflow import train
 
     config = get_config(args.recipe).with_overrides(
         arch_name=args.arch,
@@ -224,7 +264,9 @@ def run_train(args: argparse.Namespace) -> int:
         lr=args.lr,
         batch_size=args.batch_size,
         seed=args.seed,
-        valid_pct=args.valid_pct,
+        folds=args.folds,
+        mixup=args.mixup,
+        tta=args.tta,
         optimizer=args.optimizer,
         loss=args.loss,
         schedule=args.schedule,
@@ -234,14 +276,21 @@ def run_train(args: argparse.Namespace) -> int:
         max_items=args.max_items,
     )
     try:
-        result = train(config, args.data, args.out, device=args.device)
+        result = train(config, args.data, args.out, device=args.device,
+                       cache_dir=args.cache_dir, init_weights=args.init_weights,
+                       workers=args.workers)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     metrics = result.metrics
     print(f"model: {result.model_dir}")
-    for key in ("n", "accuracy", "roc_auc", "sensitivity", "specificity"):
-        print(f"{key}: {metrics.get(key)}")
+    print(f"evaluation: {metrics['evaluation']} (mean over folds, 95 % interval)")
+    for key, value in metrics["figures"].items():
+        print(f"{key}: {value['mean']:.3f} [{value['low']:.3f}, {value['high']:.3f}]")
+    pooled = metrics["pooled_out_of_fold"]["roc_auc"]
+    if pooled["auc"] is not None:
+        print(f"pooled out-of-fold roc_auc: {pooled['auc']:.3f} "
+              f"[{pooled['low']:.3f}, {pooled['high']:.3f}]")
     return 0
 
 
@@ -362,7 +411,7 @@ def run_cam(args: argparse.Namespace) -> int:
         title = (
             f"{Path(name).name}: P({analyzer.loaded.positive_class}) = "
             f"{prediction.probability:.3f} -> {prediction.label}; "
-            f"{args.method} for {prediction.target_class}"
+            f"{prediction.method_title} for {prediction.target_class}"
         )
         save_cam_figure(target, image, prediction.heatmap, title)
         print(target)

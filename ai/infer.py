@@ -2,7 +2,9 @@
 
 An `Analyzer` holds one loaded model. Each call resizes the 8-bit images on the model's
 device, runs one forward pass per chunk of `batch_size` images (bf16 autocast and
-channels-last on a GPU, fp32 on the CPU) and, for `explain`, one GradCAM backward pass.
+channels-last on a GPU, fp32 on the CPU) and, for `explain`, one GradCAM backward pass (or
+reads the mask head's map). A model recorded with test-time augmentation (`tta`) also sees
+each image mirrored left-right; probabilities and maps are the mean of the two.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 import torch
 
 from ai.artifact import LoadedModel, load_artifact
-from ai.cam import METHODS
+from ai.cam import METHOD_TITLES, METHODS
 from ai.preprocess import to_model_input
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,12 @@ class Prediction:
     label: str
     heatmap: np.ndarray
     target_class: str
+    method: str = "gradcam"  # the key of ai.cam.METHODS that made `heatmap`
+
+    @property
+    def method_title(self) -> str:
+        """How the result objects name the map: 'GradCAM', 'CAM' or 'segmentation mask'."""
+        return METHOD_TITLES[self.method]
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
@@ -90,38 +98,71 @@ class Analyzer:
         loaded = self.loaded
         return loaded.positive_class if probability >= self.threshold else loaded.negative_class
 
+    def _views(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The batch as the model sees it: itself, and mirrored when the model uses TTA."""
+        return [x, x.flip(-1)] if self.loaded.tta else [x]
+
     def probabilities(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """(N, C) softmax probabilities, float32."""
+        """(N, C) softmax probabilities, float32 (averaged over the TTA views)."""
         out = np.empty((len(images), len(self.classes)), dtype=np.float32)
         with torch.inference_mode(), self._autocast():
             for start, x in self._chunks(images):
-                logits = self.model(x).float()
-                out[start:start + len(x)] = torch.softmax(logits, 1).cpu().numpy()
+                views = [torch.softmax(self.model(v).float(), 1) for v in self._views(x)]
+                out[start:start + len(x)] = torch.stack(views).mean(0).cpu().numpy()
         return out
 
     def predict(self, images: Sequence[np.ndarray]) -> list[float]:
         """Probability of the positive class for each image."""
         return [float(p) for p in self.probabilities(images)[:, self.positive_index]]
 
+    def default_method(self) -> str:
+        return self.loaded.heatmap_method
+
+    def resolve_method(self, setting: str) -> str:
+        """The method a heatmap setting ('auto' or a METHODS key) means for this model.
+
+        'auto' is the model's own; 'segmentation' for a model without a mask head falls back
+        to GradCAM, with a warning, so analysis goes on.
+        """
+        if setting == "auto":
+            return self.default_method()
+        if setting not in METHODS:
+            raise ValueError(f"unknown heatmap method {setting!r}; use auto or {sorted(METHODS)}")
+        if setting == "segmentation" and not self.loaded.has_mask_head:
+            log.warning("model %s has no mask head: heatmaps by GradCAM, not segmentation",
+                        self.loaded.name)
+            return "gradcam"
+        return setting
+
     def explain(self, images: Sequence[np.ndarray], target: str | int | None = None,
-                layer: str | None = None, method: str = "gradcam") -> list[Prediction]:
+                layer: str | None = None, method: str | None = None) -> list[Prediction]:
         """Probability, thresholded label and a heatmap for `target` (default: positive class).
 
-        `layer` is a dotted module name (default: the body's last stage); `method` is
-        'gradcam' or 'cam'. The heatmap is at the model's input resolution.
+        `method` is 'gradcam', 'cam' or 'segmentation' (a mask head's map; default: the
+        model's own, see `LoadedModel.heatmap_method`); `layer` is a dotted module name for
+        CAM/GradCAM (default: the body's last stage). The heatmap is at the model's input
+        resolution.
         """
+        method = method or self.default_method()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; use {sorted(METHODS)}")
         index = self._class_index(target)
+        if method == "segmentation" and index != self.positive_index:
+            raise ValueError("the segmentation map shows the positive class only")
         layer = layer if layer is not None else self.loaded.cam_layer
         results: list[Prediction] = []
         for _start, x in self._chunks(images):
-            with self._autocast():
-                logits, maps = METHODS[method](self.model, x, index, layer)
-            probs = torch.softmax(logits, 1)[:, self.positive_index].cpu().numpy()
-            heatmaps = maps.cpu().numpy()
-            for probability, heatmap in zip(probs, heatmaps, strict=True):
+            probs, maps = [], []
+            for flipped, view in enumerate(self._views(x)):
+                with self._autocast():
+                    logits, heat = METHODS[method](self.model, view, index, layer)
+                probs.append(torch.softmax(logits.float(), 1)[:, self.positive_index])
+                maps.append(heat.flip(-1) if flipped else heat)
+            positive = torch.stack(probs).mean(0).cpu().numpy()
+            heatmaps = torch.stack(maps).mean(0).cpu().numpy()
+            for probability, heatmap in zip(positive, heatmaps, strict=True):
                 results.append(Prediction(probability=float(probability),
                                           label=self.label_for(float(probability)),
-                                          heatmap=heatmap, target_class=self.classes[index]))
+                                          heatmap=heatmap, target_class=self.classes[index],
+                                          method=method))
         return results

@@ -1,7 +1,9 @@
 """Does the heatmap point at the pneumothorax? A check against the SIIM masks.
 
-For positive images with a mask in `train-rle.csv(.gz)`: how often the GradCAM peak falls
-inside the mask ("pointing game"), and the share of the map's energy inside it. The mask's
+For positive images with a mask in `train-rle.csv(.gz)`: how often the heatmap's peak
+(GradCAM, CAM or a mask head's map) falls inside the mask ("pointing game"), and the share
+of the map's energy inside it. `train` scores every fold's model this way on the images it
+did not see (reports/localisation.csv); this command scores a finished model. The mask's
 share of the image is reported alongside: it is what a uniform map would score.
 """
 
@@ -48,7 +50,12 @@ def select_files(model_meta: dict, items: pd.DataFrame, scope: str) -> pd.DataFr
     positives = items[items["label"] == POSITIVE]
     if scope == "all":
         return positives
-    validation = set(model_meta.get("training", {}).get("validation_files", []))
+    training = model_meta.get("training", {})
+    validation = set(training.get("validation_files", []))
+    if not validation and "folds" in training:
+        raise ValueError("the model was refitted on all images after cross-validation, so "
+                         "none is held out: its folds' localisation is in "
+                         "reports/localisation.csv; use scope 'all' to score it anyway")
     if not validation:
         raise ValueError("the model records no validation split; use scope 'all'")
     return positives[positives["file"].isin(validation)]
@@ -59,7 +66,7 @@ def localise(
     data_root: str | Path,
     out: str | Path | None = None,
     scope: str = "validation",
-    method: str = "gradcam",
+    method: str | None = None,
     batch_size: int = 8,
     device: str = "auto",
 ) -> dict:
@@ -70,6 +77,7 @@ def localise(
         raise FileNotFoundError(f"{root}: no train-rle.csv(.gz) with the masks")
     masks = read_rle_table(rle_path)
     analyzer = Analyzer(model_dir, device=device, batch_size=batch_size)
+    method = method or analyzer.default_method()
     chosen = select_files(analyzer.loaded.meta, load_items(root), scope)
     results: list[LocalisationResult] = []
     for start in progress(range(0, len(chosen), batch_size), desc="localise", unit="batch"):

@@ -1,7 +1,9 @@
 """Evaluation figures and numbers written next to a trained model.
 
-metrics.json, validation_predictions.csv, and the PNGs: lr_find curve, learning curve,
-confusion matrix, ROC curve, top losses and a grid of results. The figures are drawn from
+metrics.json (the cross-validated figures, marked so), cv_predictions.csv (every image's
+out-of-fold probability), localisation.csv, and the PNGs: lr_find curve, the final fit's
+learning curve, and from the out-of-fold predictions the confusion matrix, ROC curve, top
+losses and a grid of results. The figures are drawn from
 plain numbers and images (not from fastai's own plots), so they look the same whatever the
 recipe, the number of epochs or the batch count, and each is named by the model.
 """
@@ -77,7 +79,8 @@ def history_from(recorder) -> TrainingHistory:
     without the leading 'epoch' and the trailing 'time'."""
     names = [n for n in recorder.metric_names if n not in ("epoch", "time")]
     epochs = [
-        {name: float(value) for name, value in zip(names, row, strict=False)}
+        {name: float("nan") if value is None else float(value)
+         for name, value in zip(names, row, strict=False)}
         for row in recorder.values
     ]
     return TrainingHistory(epochs, [float(loss) for loss in recorder.losses])
@@ -157,7 +160,8 @@ def learning_curve(history: TrainingHistory, model_name: str) -> Figure:
 
 
 def roc_curve_figure(
-    positive_probs: np.ndarray, truth: list[str], positive_class: str, model_name: str
+    positive_probs: np.ndarray, truth: list[str], positive_class: str, model_name: str,
+    scope: str = "validation set",
 ) -> Figure | None:
     """ROC of the validation predictions, named by the model and the positive class; None
     when the validation set holds only one class (no curve exists)."""
@@ -172,13 +176,14 @@ def roc_curve_figure(
         ax=axis,
         plot_chance_level=True,
     )
-    axis.set_title(f"ROC: {positive_class}, validation set (n={len(truth)})")
+    axis.set_title(f"ROC: {positive_class}, {scope} (n={len(truth)})")
     figure.tight_layout()
     return figure
 
 
 def confusion_figure(
-    truth: list[str], predicted: list[str], classes: list[str], threshold: float, model_name: str
+    truth: list[str], predicted: list[str], classes: list[str], threshold: float, model_name: str,
+    scope: str = "",
 ) -> Figure:
     """Counts of true against predicted class at the model's threshold (the numbers of
     metrics.json), rather than at the arg-max."""
@@ -186,7 +191,7 @@ def confusion_figure(
     ConfusionMatrixDisplay.from_predictions(
         truth, predicted, labels=classes, cmap="Blues", ax=axis, colorbar=False
     )
-    axis.set_title(f"Confusion matrix at threshold {threshold:g}\n{model_name}")
+    axis.set_title(f"Confusion matrix at threshold {threshold:g}{scope}\n{model_name}")
     figure.tight_layout()
     return figure
 
@@ -209,6 +214,7 @@ def results_grid(
     positive_probs: list[float],
     positive_class: str,
     model_name: str,
+    title: str = "Validation results",
 ) -> Figure:
     """Validation images as the model saw them (grey, white = dense), each with its true
     label, the prediction and the probability; green when right, red when wrong."""
@@ -228,104 +234,76 @@ def results_grid(
             fontsize=9,
             color="tab:green" if true == guess else "tab:red",
         )
-    figure.suptitle(f"Validation results: {model_name}")
+    figure.suptitle(f"{title}: {model_name}")
     return figure
 
 
-def plot_top_losses(
-    interp,
-    learn,
-    classes: list[str],
-    k: int,
-    positive_probs: np.ndarray,
-    positive_index: int,
-    threshold: float,
-) -> Figure:
-    """The seed's top-losses grid: image, predicted / actual class, loss, probability.
-
-    Drawn here because fastai's own `plot_top_losses` has no method for grey images.
-    """
-    losses, indices = interp.top_losses(k)
-    columns = min(3, max(1, len(indices)))
-    rows = max(1, -(-len(indices) // columns))
+def top_losses_figure(images: list[np.ndarray], truth: list[str], probabilities: list[float],
+                      losses: list[float], positive_class: str, model_name: str) -> Figure:
+    """The seed's top-losses grid from plain numbers: actual class, P(positive), loss."""
+    columns = min(3, max(1, len(images)))
+    rows = max(1, -(-len(images) // columns))
     figure, axes = plt.subplots(
         rows, columns, figsize=(4 * columns, 4 * rows), squeeze=False, layout="constrained"
     )
-    figure.suptitle("prediction / actual / loss / probability of the actual class")
+    figure.suptitle(f"Top losses, out-of-fold (cross-validated): {model_name}")
     for axis in axes.ravel():
         axis.axis("off")
-    for axis, loss, index in zip(axes.ravel(), losses, indices, strict=False):
-        image, target = learn.dls.valid_ds[int(index)]
-        positive = float(positive_probs[int(index)])
-        predicted = positive_index if positive >= threshold else 1 - positive_index
-        actual_prob = positive if int(target) == positive_index else 1.0 - positive
+    for axis, image, true, probability, loss in zip(
+        axes.ravel(), images, truth, probabilities, losses, strict=False
+    ):
         axis.imshow(np.asarray(image), cmap="gray", vmin=0, vmax=255)
-        axis.set_title(
-            f"{classes[predicted]} / {classes[int(target)]}\n{float(loss):.2f} / {actual_prob:.2f}",
-            fontsize=9,
-        )
+        axis.set_title(f"actual {true}\nP({positive_class}) = {probability:.2f}, "
+                       f"loss {loss:.2f}", fontsize=9)
     return figure
 
 
-def write_training_reports(
-    out: Path,
-    learn,
-    metrics: dict[str, Any],
-    positive_probs: np.ndarray,
-    targets: np.ndarray,
-    valid_files: list[str],
-    classes: list[str],
-    positive_index: int,
-    model_name: str,
-    history: TrainingHistory,
-) -> dict[str, bool]:
-    """Write metrics.json, validation_predictions.csv and the PNGs; return which were drawn."""
-    from fastai.interpret import ClassificationInterpretation
+def write_cv_reports(out: Path, metrics: dict[str, Any], cv, items: pd.DataFrame, entries,
+                     model_name: str, final_learner) -> dict[str, bool]:
+    """metrics.json, cv_predictions.csv, localisation.csv and the figures of a cross-validated
+    training run; every figure from held-out predictions says it is out-of-fold."""
+    from ai.data import NEGATIVE, POSITIVE
 
     reports = out / "reports"
     reports.mkdir(parents=True, exist_ok=True)
-    (reports / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    probabilities = np.asarray(positive_probs, dtype=np.float64)  # every digit the model gave
-    truth = [classes[int(t)] for t in targets]
-    positive_class = classes[positive_index]
-    pd.DataFrame({"file": valid_files, "label": truth, "probability": probabilities}).to_csv(
-        reports / "validation_predictions.csv", index=False
-    )
-
+    (reports / "metrics.json").write_text(json.dumps(metrics, indent=2, default=str) + "\n")
+    table = cv.predictions()
+    column = "probability_tta" if metrics.get("tta") else "probability"
+    table.to_csv(reports / "cv_predictions.csv", index=False)
+    localisation = cv.localisation()
+    if len(localisation):
+        by_path = dict(zip(items["path"], items["file"], strict=True))
+        localisation.insert(1, "file", localisation["path"].map(by_path))
+        localisation.drop(columns="path").to_csv(reports / "localisation.csv", index=False)
+    by_file = dict(zip(items["file"], items["path"], strict=True))
+    probabilities = table[column].to_numpy(dtype=np.float64)
+    truth = list(table["label"])
     threshold = metrics["threshold"]
-    predicted = [
-        positive_class if p >= threshold else classes[1 - positive_index] for p in probabilities
-    ]
-    examples = pick_examples(np.asarray(targets) == positive_index, 12)
+    predicted = [POSITIVE if p >= threshold else NEGATIVE for p in probabilities]
+    scope = "out-of-fold (cross-validated)"
     drawn = {"lr_find": (reports / "lr_find.png").is_file()}
-    drawn["loss"] = _figure(reports / "loss.png", lambda: learning_curve(history, model_name))
-    drawn["roc"] = _figure(
-        reports / "roc.png",
-        lambda: roc_curve_figure(probabilities, truth, positive_class, model_name),
-    )
-    interp = ClassificationInterpretation.from_learner(learn)
+    history = history_from(final_learner.recorder)
+    drawn["loss"] = _figure(reports / "loss.png",
+                            lambda: learning_curve(history, f"{model_name} (final fit)"))
+    drawn["roc"] = _figure(reports / "roc.png", lambda: roc_curve_figure(
+        probabilities, truth, POSITIVE, model_name, scope))
+    drawn["confusion_matrix"] = _figure(reports / "confusion_matrix.png", lambda: confusion_figure(
+        truth, predicted, [NEGATIVE, POSITIVE], threshold, model_name, f", {scope}"))
+    is_positive = np.asarray(truth) == POSITIVE
+    actual = np.where(is_positive, probabilities, 1 - probabilities)
+    losses = -np.log(np.clip(actual, 1e-7, 1.0))
+    top = [int(i) for i in np.argsort(-losses)[:9]]
 
-    drawn["confusion_matrix"] = _figure(
-        reports / "confusion_matrix.png",
-        lambda: confusion_figure(truth, predicted, classes, threshold, model_name),
-    )
-    k = min(9, len(valid_files))
-    drawn["top_losses"] = _figure(
-        reports / "top_losses.png",
-        lambda: plot_top_losses(
-            interp, learn, classes, k, probabilities, positive_index, threshold
-        ),
-    )
-    drawn["results"] = _figure(
-        reports / "results.png",
-        lambda: results_grid(
-            [np.asarray(learn.dls.valid_ds[i][0]) for i in examples],
-            [truth[i] for i in examples],
-            [predicted[i] for i in examples],
-            [float(probabilities[i]) for i in examples],
-            positive_class,
-            model_name,
-        ),
-    )
+    def image(index: int) -> np.ndarray:
+        return np.asarray(entries[by_file[table["file"].iloc[index]]].image)
+
+    drawn["top_losses"] = _figure(reports / "top_losses.png", lambda: top_losses_figure(
+        [image(i) for i in top], [truth[i] for i in top], [float(probabilities[i]) for i in top],
+        [float(losses[i]) for i in top], POSITIVE, model_name))
+    examples = pick_examples(is_positive, 12)
+    drawn["results"] = _figure(reports / "results.png", lambda: results_grid(
+        [image(i) for i in examples], [truth[i] for i in examples],
+        [predicted[i] for i in examples], [float(probabilities[i]) for i in examples],
+        POSITIVE, model_name, title="Out-of-fold (cross-validated) results"))
     log.info("reports written to %s: %s", reports, drawn)
     return drawn

@@ -1,53 +1,51 @@
-"""Training with fastai: the seed's DataBlock/Learner recipe over the shared preprocessing.
+"""Fitting one model with fastai: the seed's DataBlock/Learner recipe over the shared
+preprocessing, for a cross-validation fold or for the final model.
 
-The DataBlock reads each DICOM with `ai.preprocess` (the same code the node runs), so what
-the model sees in validation is what it sees in production. The result is a model
-artifact (`ai.artifact`) plus reports, and a check that the exported artifact reproduces
-the learner's validation predictions.
+The DataBlock reads each DICOM with `ai.preprocess` (the same code the node runs), through
+the decoded-image cache, so what the model sees in validation is what it sees in
+production. The mask-supervised recipe adds the SIIM mask as a second target. What `train`
+does with the fitted models (folds, reports, the artifact) is `ai.workflow`.
 """
 
 from __future__ import annotations
 
 import logging
-import tempfile
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from fastai.callback.channelslast import ChannelsLast  # noqa: F401  (patches Learner)
 from fastai.callback.fp16 import MixedPrecision  # noqa: F401  (patches Learner)
+from fastai.callback.mixup import MixUp
 from fastai.callback.progress import ProgressCallback  # noqa: F401  (progress bars)
 from fastai.callback.schedule import LRFinder  # noqa: F401  (lr_find, fit_flat_cos)
 from fastai.data.block import CategoryBlock, DataBlock, TransformBlock
-from fastai.data.transforms import ColReader, IntToFloatTensor, Normalize, RandomSplitter
+from fastai.data.transforms import ColReader, IndexSplitter, IntToFloatTensor, Normalize
 from fastai.learner import Learner
 from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropy
 from fastai.metrics import accuracy
 from fastai.optimizer import Adam, ranger
 from fastai.torch_core import set_seed
 from fastai.vision.augment import aug_transforms
-from fastai.vision.core import PILImageBW
-from fastcore.parallel import parallel
+from fastai.vision.core import PILImageBW, PILMask
 from fasttransform import Transform
+from torch import nn
 
 from ai.architectures import build_model
-from ai.artifact import resolve_device, save_artifact
 from ai.configs import TrainConfig
 from ai.console import interactive
-from ai.data import POSITIVE, fingerprint, load_items, subsample
-from ai.infer import Analyzer
+from ai.imagecache import CachedItem
 from ai.preprocess import read_grey8, resize_grey8
+from ai.segmodel import BothOutputs
 
 log = logging.getLogger(__name__)
 
 LOSSES = {"label_smoothing": LabelSmoothingCrossEntropy, "cross_entropy": CrossEntropyLossFlat}
 OPTIMIZERS = {"ranger": ranger, "adam": Adam}
-CACHE_LIMIT_BYTES = 2 * 1024**3
 
 
 def load_resized(path: str, size: int) -> np.ndarray:
@@ -56,67 +54,77 @@ def load_resized(path: str, size: int) -> np.ndarray:
 
 
 class GreyDicom(Transform):
-    """The seed's PILDicom block, reading through `ai.preprocess` (optionally from a cache)."""
+    """The seed's PILDicom block, reading through `ai.preprocess`, or from the decoded-image
+    cache (`ai.imagecache`) when there is one: then no epoch decodes a JPEG."""
 
-    def __init__(self, size: int, cache: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(self, size: int, cache: dict[str, CachedItem] | None = None) -> None:
         super().__init__()
         self.size, self.cache = size, cache or {}
 
     def encodes(self, path: str) -> PILImageBW:
-        pixels = self.cache.get(path)
-        if pixels is None:
-            pixels = load_resized(path, self.size)
+        entry = self.cache.get(path)
+        pixels = np.asarray(entry.image) if entry is not None else load_resized(path, self.size)
         return PILImageBW.create(pixels)
 
 
-@dataclass
-class TrainResult:
-    model_dir: Path
-    metrics: dict[str, Any]
-    learner: Learner
+class CachedMask(Transform):
+    """The item's pneumothorax mask at the training size (all zeros when it has none)."""
+
+    def __init__(self, size: int, cache: dict[str, CachedItem]) -> None:
+        super().__init__()
+        self.size, self.cache = size, cache
+
+    def encodes(self, path: str) -> PILMask:
+        mask = self.cache[path].mask
+        if mask is None:
+            mask = np.zeros((self.size, self.size), dtype=np.uint8)
+        return PILMask.create(mask)
 
 
-def _preload(paths: list[str], size: int) -> dict[str, np.ndarray]:
-    """Decode every image once so epochs do not re-decode JPEGs.
+class MaskSupervisedLoss(nn.Module):
+    """Class loss plus `weight` x (binary cross-entropy + soft Dice) on the mask logits."""
 
-    Threads, not processes: forking after torch has run its OpenMP pool can deadlock the
-    children, and the decoders and torch's resize release the GIL anyway.
-    """
-    n_workers = max(1, min(8, torch.get_num_threads(), len(paths)))
-    started = time.perf_counter()
-    arrays = parallel(
-        partial(load_resized, size=size),
-        paths,
-        n_workers=n_workers,
-        progress=interactive(),
-        threadpool=True,
-    )
-    log.info(
-        "decoded %d images at %d px in %.1f s", len(paths), size, time.perf_counter() - started
-    )
-    return dict(zip(paths, arrays, strict=True))
+    def __init__(self, class_loss: nn.Module, weight: float) -> None:
+        super().__init__()
+        self.class_loss, self.weight = class_loss, weight
+
+    def forward(self, pred: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor:
+        logits, mask_logits = pred
+        mask = mask.float().view_as(mask_logits)
+        bce = F.binary_cross_entropy_with_logits(mask_logits, mask)
+        probs = torch.sigmoid(mask_logits)
+        dice = 1 - (2 * (probs * mask).sum() + 1) / (probs.sum() + mask.sum() + 1)
+        return self.class_loss(logits, target) + self.weight * (bce + dice)
 
 
-def build_dataloaders(items: pd.DataFrame, config: TrainConfig, device: torch.device):
-    """The seed's DataBlock: grey DICOM block, CategoryBlock, RandomSplitter(seed), augment."""
-    cache = {}
-    if len(items) * config.size * config.size <= CACHE_LIMIT_BYTES:
-        cache = _preload(list(items["path"]), config.size)
+def class_accuracy(pred, *targets) -> torch.Tensor:
+    """Accuracy of the class logits, for models whose prediction also holds a mask."""
+    logits = pred[0] if isinstance(pred, tuple) else pred
+    return accuracy(logits, targets[-1])
+
+
+def build_dataloaders(items: pd.DataFrame, config: TrainConfig, device: torch.device,
+                      cache: dict[str, CachedItem] | None, valid_index: list[int]):
+    """The seed's DataBlock (grey DICOM block, CategoryBlock, aug_transforms), split at
+    `valid_index`; the mask-supervised recipe adds a mask block between them."""
     batch_tfms = [IntToFloatTensor()]
     if config.augment:
         batch_tfms += aug_transforms()
     if config.mean != 0.0 or config.std != 1.0:
         batch_tfms.append(Normalize.from_stats([config.mean], [config.std], cuda=False))
-    block = DataBlock(
-        blocks=(TransformBlock(type_tfms=GreyDicom(config.size, cache)), CategoryBlock),
-        get_x=ColReader("path"),
-        get_y=ColReader("label"),
-        splitter=RandomSplitter(valid_pct=config.valid_pct, seed=config.seed),
-        batch_tfms=batch_tfms,
-    )
-    return block.dataloaders(
-        items, bs=config.batch_size, device=device, num_workers=0 if cache else None
-    )
+    image = TransformBlock(type_tfms=GreyDicom(config.size, cache))
+    blocks: tuple = (image, CategoryBlock)
+    getters = [ColReader("path"), ColReader("label")]
+    if config.arch.seg_head:
+        if not cache:
+            raise ValueError("the mask-supervised recipe reads its masks from the image cache")
+        blocks = (image, TransformBlock(type_tfms=CachedMask(config.size, cache)), CategoryBlock)
+        getters = [ColReader("path"), ColReader("path"), ColReader("label")]
+    block = DataBlock(blocks=blocks, getters=getters, n_inp=1,
+                      splitter=IndexSplitter(valid_index), batch_tfms=batch_tfms)
+    return block.dataloaders(items, bs=config.batch_size, device=device,
+                             num_workers=0 if cache else None)
 
 
 class EpochLog:
@@ -138,16 +146,29 @@ class EpochLog:
         log.info("epoch %d/%d: %s (%s)", epoch, self.learn.n_epoch, text, elapsed)
 
 
-def build_learner(dls, config: TrainConfig, work_dir: Path) -> Learner:
-    model = build_model(config.arch)
-    learn = Learner(
-        dls,
-        model,
-        loss_func=LOSSES[config.loss](),
-        opt_func=OPTIMIZERS[config.optimizer],
-        metrics=accuracy,
-        path=work_dir,
-    )
+def new_model(config: TrainConfig, init_weights: str | Path | None = None
+              ) -> tuple[nn.Module, dict | None]:
+    """The recipe's network, from `init_weights` when given (see `ai.weights`)."""
+    model = build_model(config.arch, config.size)
+    if init_weights is None:
+        return model, None
+    from ai.weights import load_init_weights
+
+    return model, load_init_weights(model, init_weights).to_json()
+
+
+def build_learner(dls, config: TrainConfig, work_dir: Path, model: nn.Module) -> Learner:
+    """A Learner for `model`; with a mask head it trains both outputs (`BothOutputs`)."""
+    class_loss = LOSSES[config.loss]()
+    has_valid = len(dls.valid_ds) > 0
+    if config.arch.seg_head:
+        trained, loss = BothOutputs(model), MaskSupervisedLoss(class_loss, config.mask_weight)
+        metrics = [class_accuracy] if has_valid else []
+    else:
+        trained, loss, metrics = model, class_loss, [accuracy] if has_valid else []
+    cbs = [MixUp(config.mixup)] if config.mixup > 0 else []
+    learn = Learner(dls, trained, loss_func=loss, opt_func=OPTIMIZERS[config.optimizer],
+                    metrics=metrics, path=work_dir, cbs=cbs)
     if not interactive():
         if hasattr(learn, "progress"):
             learn.remove_cb(learn.progress)
@@ -158,125 +179,56 @@ def build_learner(dls, config: TrainConfig, work_dir: Path) -> Learner:
     return learn
 
 
-def _fit(learn: Learner, config: TrainConfig) -> None:
+def _fit(learn: Learner, config: TrainConfig, lr: float) -> None:
     if config.schedule == "flat_cos":
-        learn.fit_flat_cos(config.epochs, config.lr)
+        learn.fit_flat_cos(config.epochs, lr)
     elif config.schedule == "one_cycle":
-        learn.fit_one_cycle(config.epochs, config.lr)
+        learn.fit_one_cycle(config.epochs, lr)
     else:
         raise ValueError(f"unknown schedule {config.schedule!r}; use flat_cos or one_cycle")
 
 
-def train(
-    config: TrainConfig, data_root: str | Path | None, out_dir: str | Path, device: str = "auto"
-) -> TrainResult:
-    """Train `config` on the labelled DICOMs in `data_root`; write artifact + reports."""
-    from ai.reports import lr_find_figure, write_training_reports
+@dataclass
+class FitResult:
+    """One fitted model (a fold's, or the final one on all the data) and how it was made."""
 
-    for table, key in ((LOSSES, config.loss), (OPTIMIZERS, config.optimizer)):
-        if key not in table:
-            raise ValueError(f"unknown setting {key!r}; known: {sorted(table)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if data_root is None:
-        from ai.data import default_data_root
+    model: nn.Module
+    learner: Learner
+    lr: float
+    lr_find: dict[str, float] | None
+    seconds: float
+    init: dict | None
 
-        data_root = default_data_root()
-    items = subsample(load_items(data_root), config.max_items, config.seed)
-    target_device = resolve_device(device)
-    log.info(
-        "training %s on %d files from %s on %s", config.name, len(items), data_root, target_device
-    )
+
+def fit_model(items: pd.DataFrame, config: TrainConfig, device: torch.device,
+              cache: dict[str, CachedItem] | None, valid_index: list[int], work_dir: Path,
+              init_weights: str | Path | None = None, reports: Path | None = None) -> FitResult:
+    """Train one model on the items outside `valid_index`.
+
+    With `lr_find` on, the learning rate is the one lr_find suggests (its valley point),
+    found on this model's own training data; otherwise the recipe's `lr`.
+    """
     set_seed(config.seed, reproducible=True)
-    dls = build_dataloaders(items, config, target_device)
-    classes = list(dls.vocab)
-    if POSITIVE not in classes:
-        raise ValueError(f"labels {classes} do not include the positive class {POSITIVE!r}")
+    dls = build_dataloaders(items, config, device, cache, valid_index)
+    set_seed(config.seed, reproducible=True)
+    model, init = new_model(config, init_weights)
+    learn = build_learner(dls, config, work_dir, model)
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="pneumonode-train-") as work:
-        set_seed(config.seed, reproducible=True)
-        learn = build_learner(dls, config, Path(work))
-        suggestion = None
-        if config.lr_find:
-            log.info("lr_find: a short run over rising learning rates")
-            suggestion = learn.lr_find(show_plot=False)
-            log.info(
-                "lr_find suggests %s; the recipe trains at %g (reports/lr_find.png)",
-                ", ".join(f"{k} {float(v):.2e}" for k, v in suggestion._asdict().items()),
-                config.lr,
-            )
-            lr_find_figure(out, learn)
-        log.info("fitting %d epochs (%s schedule)", config.epochs, config.schedule)
-        _fit(learn, config)
-    seconds = time.perf_counter() - started
-    from ai.reports import history_from
+    lr, suggestion = config.lr, None
+    if config.lr_find:
+        from fastai.callback.schedule import valley
 
-    history = history_from(learn.recorder)  # before get_preds, which records nothing useful
+        found = learn.lr_find(suggest_funcs=(valley,), show_plot=False)
+        suggestion = {"valley": float(found.valley)}
+        lr = float(found.valley)
+        log.info("lr_find: valley at %.2e; training at that rate (the recipe's is %g)",
+                 lr, config.lr)
+        if reports is not None:
+            from ai.reports import lr_find_figure
 
-    probs, targets = learn.get_preds(ds_idx=1)
-    valid_files = list(dls.valid.items["file"])
-    training_meta = {
-        "config": config.to_json(),
-        "data_root": str(data_root),
-        "data_fingerprint": fingerprint(items),
-        "n_items": len(items),
-        "n_per_class": {str(k): int(v) for k, v in items["label"].value_counts().items()},
-        "train_files": list(dls.train.items["file"]),
-        "validation_files": valid_files,
-        "device": str(target_device),
-        "seconds": round(seconds, 2),
-        "lr_find": {k: float(v) for k, v in suggestion._asdict().items()} if suggestion else None,
-    }
-    from ai.reports import classification_metrics
-
-    positive_index = classes.index(POSITIVE)
-    positive_probs = probs[:, positive_index].float().numpy()
-    metrics = classification_metrics(
-        positive_probs, targets.numpy() == positive_index, config.threshold, classes, positive_index
-    )
-    model_name = f"pneumonode pneumothorax {config.name} {config.arch.name}"
-    save_artifact(
-        out,
-        learn.model,
-        arch=config.arch,
-        input_size=config.size,
-        classes=classes,
-        positive_class=POSITIVE,
-        threshold=config.threshold,
-        mean=config.mean,
-        std=config.std,
-        name=model_name,
-        training=training_meta,
-        metrics=metrics,
-    )
-    metrics["export_check_max_abs_diff"] = _export_check(out, dls, positive_probs, target_device)
-    write_training_reports(
-        out,
-        learn,
-        metrics,
-        positive_probs,
-        targets.numpy(),
-        valid_files,
-        classes,
-        positive_index,
-        model_name,
-        history,
-    )
-    log.info(
-        "trained %s in %.1f s: accuracy %.3f, ROC AUC %s",
-        config.name,
-        seconds,
-        metrics["accuracy"],
-        metrics.get("roc_auc"),
-    )
-    return TrainResult(model_dir=out, metrics=metrics, learner=learn)
-
-
-def _export_check(model_dir: Path, dls, learner_probs: np.ndarray, device: torch.device) -> float:
-    """Reload the artifact and predict the validation files: must match the learner."""
-    analyzer = Analyzer(model_dir, device=str(device), precision="fp32")
-    images = [read_grey8(path) for path in dls.valid.items["path"]]
-    reloaded = np.asarray(analyzer.predict(images))
-    diff = float(np.max(np.abs(reloaded - learner_probs))) if len(images) else 0.0
-    log.info("exported artifact reproduces validation probabilities within %.2e", diff)
-    return diff
+            lr_find_figure(reports.parent, learn)
+    log.info("fitting %d epochs at lr %.2e (%s schedule) on %d images", config.epochs, lr,
+             config.schedule, len(dls.train_ds))
+    _fit(learn, config, lr)
+    return FitResult(model=model.eval(), learner=learn, lr=lr, lr_find=suggestion,
+                     seconds=time.perf_counter() - started, init=init)

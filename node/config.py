@@ -63,6 +63,12 @@ class StorageSettings:
 
 
 @dataclass(frozen=True)
+class QuerySettings:
+    # Most matches one C-FIND answers (0 = no limit); past it the query ends with 0xA700.
+    max_results: int = 0
+
+
+@dataclass(frozen=True)
 class AnalysisSettings:
     enabled: bool
     run_in_serve: bool
@@ -74,6 +80,8 @@ class AnalysisSettings:
     modalities: tuple[str, ...]
     body_parts: tuple[str, ...]
     sc_transfer_syntax: str
+    heatmap: str
+    result_processes: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +112,7 @@ class Config:
     delivery: DeliverySettings
     tls: TlsSettings
     peers: tuple[Peer, ...] = field(default_factory=tuple)
+    query: QuerySettings = field(default_factory=QuerySettings)
     source: str = "<embedded defaults>"
 
     def peer(self, ae_title: str) -> Peer | None:
@@ -230,6 +239,9 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "identity_conflicts": _choice("refuse", "accept"),
         "quarantine_orphans": _bool,
     },
+    "query": {
+        "max_results": _int_range(0, 2**31 - 1),
+    },
     "analysis": {
         "enabled": _bool,
         "run_in_serve": _bool,
@@ -241,6 +253,8 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "modalities": _string_list(upper=True),
         "body_parts": _string_list(upper=True),
         "sc_transfer_syntax": _choice("uncompressed", "jpeg-baseline"),
+        "heatmap": _choice("auto", "gradcam", "cam", "segmentation"),
+        "result_processes": _int_range(0, 256),
     },
     "delivery": {
         "destination": _string,
@@ -337,6 +351,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
         delivery=DeliverySettings(**delivery),
         tls=_tls_settings(sections["tls"], base_dir, peers),
         peers=peers,
+        query=QuerySettings(**sections["query"]),
         source=source,
     )
 

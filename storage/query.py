@@ -2,7 +2,8 @@
 
 No networking here: `prepare_find` turns a Query/Retrieve identifier (a pydicom Dataset)
 and an information model into one SQL statement, and `PreparedFind.responses` streams the
-response identifiers from it. The rules, from PS3.4 C.2.2 and C.4.1:
+response identifiers from it (`encoded_responses`: the same identifiers already encoded, by
+storage/find_rows.py, without a Dataset per match). The rules, from PS3.4 C.2.2 and C.4.1:
 
 - Levels PATIENT (Patient Root only), STUDY, SERIES and IMAGE. Relational queries (the
   default) may leave out the unique keys above the level; hierarchical ones must give each
@@ -41,7 +42,7 @@ from __future__ import annotations
 import enum
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataelem import DataElement
@@ -65,6 +66,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.compiler import compiles
 
+from storage.find_rows import IdentifierEncoder
 from storage.models import Instance, InstanceAttribute, Patient, Series, Study
 from storage.text import fold_case
 
@@ -608,6 +610,11 @@ _BINARY_NUMBERS = {"US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": 
                    "FL": float, "FD": float}  # fmt: skip
 
 
+def attribute_vr(element: DataElement) -> str:
+    """The VR an instance_attribute key is matched and returned with."""
+    return _attribute_vr(element)
+
+
 def _attribute_vr(element: DataElement) -> str:
     try:
         return dictionary_VR(element.tag).split(" or ")[0]
@@ -633,6 +640,15 @@ def _attribute_scope(level: Level, attribute) -> list[ColumnElement]:
     return [*clauses, se.c.study_pk == st.c.id, st.c.patient_pk == _patient.c.id]
 
 
+def _tag_is(attribute, tag: int) -> ColumnElement:
+    """`tag = ?` written so that no index led by tag can serve it: the planner then reaches
+    the attribute rows through the outer row's instances (the (instance_pk, tag) index), a
+    few dozen rows each. Led by a (tag, value) index instead (older indexes have one),
+    SQLite scans every row of the tag for every outer row: 20,000 series asking for
+    BitsStored took minutes."""
+    return attribute.c.tag + 0 == tag
+
+
 def _attribute_condition(element: DataElement, level: Level, values: list[str]) -> ColumnElement:
     """Some instance of the row's level holds a value of this attribute that matches."""
     keyword = element.keyword or str(element.tag)
@@ -650,7 +666,7 @@ def _attribute_condition(element: DataElement, level: Level, values: list[str]) 
         spec = KeySpec(keyword, level, MatchKind.TEXT)
         wanted = _text_condition(spec, attribute.c.value, values)
     return exists().where(
-        attribute.c.tag == int(element.tag), *_attribute_scope(level, attribute), wanted
+        _tag_is(attribute, int(element.tag)), *_attribute_scope(level, attribute), wanted
     )
 
 
@@ -661,7 +677,7 @@ def _attribute_column(element: DataElement, level: Level) -> ColumnElement:
     holder = _attribute.alias("first_holder")
     first = (
         select(func.min(holder.c.instance_pk))
-        .where(holder.c.tag == tag, *_attribute_scope(level, holder))
+        .where(_tag_is(holder, tag), *_attribute_scope(level, holder))
         .correlate(_patient, _study, _series, _instance)  # the outer row, two levels up
         .scalar_subquery()
     )
@@ -698,14 +714,20 @@ def _response_value(spec: KeySpec, raw: object) -> object:
     return raw
 
 
-def _empty_element(element: DataElement) -> DataElement:
-    """The requested element, zero-length (an empty sequence for SQ)."""
+def empty_element_vr(element: DataElement) -> str:
+    """The VR a requested key the node returns zero-length is written with."""
     vr = element.VR
     if vr is None or " or " in str(vr):
         try:
             vr = dictionary_VR(element.tag).split(" or ")[0]
         except KeyError:
             vr = "UN"
+    return str(vr)
+
+
+def _empty_element(element: DataElement) -> DataElement:
+    """The requested element, zero-length (an empty sequence for SQ)."""
+    vr = empty_element_vr(element)
     if vr == "SQ":
         return DataElement(element.tag, "SQ", Sequence())
     return DataElement(element.tag, vr, None)
@@ -742,6 +764,24 @@ class PreparedFind:
         result = conn.execution_options(yield_per=256).execute(self.statement)
         for row in result:
             yield self._identifier(row._mapping, retrieve_ae_title)
+
+    def encoded_responses(
+        self, conn: Connection, retrieve_ae_title: str, *, implicit_vr: bool
+    ) -> Iterator[bytes]:
+        """The identifiers of `responses`, already encoded in a Little Endian transfer
+        syntax (storage.find_rows): the same bytes, without a Dataset per match."""
+        encode = IdentifierEncoder(self, retrieve_ae_title, implicit_vr=implicit_vr).encode
+        result = conn.execution_options(yield_per=1024).execute(self.statement)
+        for partition in result.partitions():
+            for row in partition:
+                yield encode(row)
+
+    def limited(self, max_results: int) -> PreparedFind:
+        """The same query that stops after `max_results` + 1 matches: one more than may be
+        sent, so that the caller learns whether the limit cut the answer short."""
+        if max_results <= 0:
+            return self
+        return replace(self, statement=self.statement.limit(max_results + 1))
 
     def _identifier(self, row, retrieve_ae_title: str) -> Dataset:
         ds = Dataset()

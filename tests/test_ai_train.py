@@ -1,6 +1,6 @@
-"""The tiny configuration end to end through the commands: train 1 epoch on 16 files at
-64 px (as a user would, with its output going to a log file), export, reload, predict the
-same numbers; then predict, cam, localise and stats."""
+"""The tiny configuration end to end through the commands: cross-validate (3 folds) and
+train 1 epoch on 16 files at 64 px (as a user would, with its output going to a log file),
+export, reload, predict the same numbers; then predict, cam, localise and stats."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ import stat
 import subprocess
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 from support import node_command, node_env
@@ -56,6 +55,8 @@ def trained(tmp_path_factory) -> Path:
                 "tiny",
                 "--device",
                 "cpu",
+                "--cache-dir",
+                str(out.parent / "cache"),
             ),
             env={**node_env(), "OMP_NUM_THREADS": "2"},
             stdout=log,
@@ -71,40 +72,45 @@ def test_training_log_is_readable_when_not_on_a_terminal(trained):
     assert "\r" not in text, "progress-bar fragments in the log"
     assert "Warning" not in text, "library warnings on the console"
     assert "epoch 1/1: train_loss " in text and "valid_loss " in text and "accuracy " in text
-    assert len(text) < 8000, text
+    assert "fold 3/3" in text and "roc_auc: " in text
+    assert len(text) < 16000, text
 
 
 def test_training_writes_artifact_and_reports(trained):
     assert (trained / "model.safetensors").is_file() and (trained / "model.json").is_file()
     meta = json.loads((trained / "model.json").read_text())
     training = meta["training"]
-    assert training["n_items"] == 16 and len(training["validation_files"]) == 4
-    assert set(training["validation_files"]).isdisjoint(training["train_files"])
+    assert training["n_items"] == 16 and len(training["train_files"]) == 16
+    folds = training["folds"]
+    assert sorted(name for files in folds.values() for name in files) == sorted(
+        training["train_files"]
+    )  # every image in exactly one validation fold
     assert len(training["data_fingerprint"]) == 64
     assert training["config"]["name"] == "tiny"
+    assert training["card"]["intended_use"].count("Not for diagnosis") == 1
+    assert training["card"]["data"]["n_images"] == 16
     metrics = json.loads((trained / "reports" / "metrics.json").read_text())
-    for key in (
-        "accuracy",
-        "roc_auc",
-        "sensitivity",
-        "specificity",
-        "confusion_matrix",
-        "n_per_class",
-    ):
-        assert key in metrics
-    assert sum(metrics["confusion_matrix"].values()) == 4
-    assert metrics["export_check_max_abs_diff"] < 1e-5
+    assert metrics["cross_validated"] is True and metrics["evaluation"].startswith("3-fold")
+    assert meta["metrics"]["cross_validated"] is True
+    for key in ("roc_auc", "sensitivity", "specificity", "gradcam_peak_in_mask"):
+        figure = metrics["figures"][key]
+        assert figure["low"] <= figure["mean"] <= figure["high"], key
+    assert len(metrics["per_fold"]) == 3
+    assert metrics["export_check"]["max_abs_probability_diff"] < 1e-5
+    table = pd.read_csv(trained / "reports" / "cv_predictions.csv")
+    assert len(table) == 16 and set(table["fold"]) == {0, 1, 2}
     for name in ("loss.png", "confusion_matrix.png", "roc.png", "top_losses.png", "results.png"):
         assert (trained / "reports" / name).stat().st_size > 1000, name
     for name in ("model.json", "model.safetensors"):
         assert stat.S_IMODE((trained / name).stat().st_mode) == 0o644, name
 
 
-def test_reloaded_model_predicts_the_learners_numbers(trained):
-    table = pd.read_csv(trained / "reports" / "validation_predictions.csv")
-    analyzer = Analyzer(load_artifact(trained, device="cpu"), precision="fp32")
-    images = [read_grey8(SIIM / name) for name in table["file"]]
-    np.testing.assert_allclose(analyzer.predict(images), table["probability"], atol=1e-5)
+def test_training_runs_no_lr_find_unless_asked(trained):
+    text = (trained.parent / "train.log").read_text()
+    assert "lr_find: valley" not in text
+    assert not (trained / "reports" / "lr_find.png").exists()
+    training = json.loads((trained / "model.json").read_text())["training"]
+    assert training["lr_find"] is None and training["lr"] == training["config"]["lr"]
 
 
 def test_predict_command_prints_table_and_csv(trained, tmp_path, capsys):
@@ -130,8 +136,9 @@ def test_predict_command_prints_table_and_csv(trained, tmp_path, capsys):
     table = pd.read_csv(csv_path, keep_default_na=False)
     assert list(table.columns) == ["file", "sop_instance_uid", "probability", "label", "error"]
     assert len(table) == 3 and table["probability"].between(0, 1).all()
-    # Every digit the model gave, as the SR carries it (not rounded to 4 decimals).
-    analyzer = Analyzer(load_artifact(trained, device="cpu"), precision="fp32")
+    # Every digit the model gave, as the SR carries it (not rounded to 4 decimals); the same
+    # batches, since a convolution's last bit can depend on the batch it runs in.
+    analyzer = Analyzer(load_artifact(trained, device="cpu"), precision="fp32", batch_size=2)
     expected = analyzer.predict([read_grey8(path) for path in files])
     assert list(table["probability"]) == expected
     assert table["error"].eq("").all()
@@ -189,15 +196,19 @@ def test_cam_command_writes_picture(trained, tmp_path):
     )
 
 
-def test_localise_command(trained, tmp_path):
+def test_localise_command(trained, tmp_path, capsys):
+    # The final model saw every image: the validation scope is refused with the reason.
+    assert run("localise", str(trained), "--data", str(SIIM), "--device", "cpu") == 2
+    assert "reports/localisation.csv" in capsys.readouterr().err
     assert (
         run(
-            "localise", str(trained), "--data", str(SIIM), "--out", str(tmp_path), "--device", "cpu"
+            "localise", str(trained), "--data", str(SIIM), "--out", str(tmp_path), "--device",
+            "cpu", "--scope", "all",
         )
         == 0
     )
     summary = json.loads((tmp_path / "localisation.json").read_text())
-    assert summary["n_images"] >= 1
+    assert summary["n_images"] == 60 and summary["method"] == "gradcam"
     assert 0.0 <= summary["peak_in_mask_rate"] <= 1.0
     assert 0.0 <= summary["mean_energy_in_mask"] <= 1.0
 

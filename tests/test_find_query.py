@@ -15,6 +15,7 @@ from find_data import synthetic_instances as make_synthetic
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
+from pynetdicom.dsutils import encode
 from sqlalchemy import Engine, event
 from sqlalchemy.dialects import postgresql
 from support import siim_files
@@ -67,7 +68,21 @@ def identifier(level: str, **keys: object) -> Dataset:
 
 
 def run(engine: Engine, model: QueryModel, level: str, **keys: object) -> list[Dataset]:
-    return list(find(engine, identifier(level, **keys), model, AE_TITLE))
+    query = identifier(level, **keys)
+    matches = list(find(engine, query, model, AE_TITLE))
+    assert_encoded_like_pydicom(engine, query, model)
+    return matches
+
+
+def assert_encoded_like_pydicom(engine: Engine, query: Dataset, model: QueryModel) -> None:
+    """The identifiers encoded straight from rows (storage.find_rows, what the SCP sends)
+    are byte for byte what pydicom writes for the Datasets of `responses`."""
+    prepared = prepare_find(query, model)
+    with engine.connect() as conn:
+        datasets = list(prepared.responses(conn, AE_TITLE))
+        for implicit_vr in (True, False):
+            encoded = list(prepared.encoded_responses(conn, AE_TITLE, implicit_vr=implicit_vr))
+            assert encoded == [encode(ds, implicit_vr, True) for ds in datasets]
 
 
 def study_ids(engine: Engine, **keys: object) -> list[str]:
@@ -484,9 +499,7 @@ def test_one_statement_per_find_whatever_it_asks(engine: Engine) -> None:
 
     event.listen(engine, "before_cursor_execute", record)
     try:
-        matches = run(
-            engine,
-            STUDY,
+        query = identifier(
             "STUDY",
             StudyInstanceUID="",
             ModalitiesInStudy="",
@@ -499,6 +512,7 @@ def test_one_statement_per_find_whatever_it_asks(engine: Engine) -> None:
             StudyDate="20000101-",
             PatientName="*",
         )
+        matches = list(find(engine, query, STUDY, AE_TITLE))
     finally:
         event.remove(engine, "before_cursor_execute", record)
     assert len(matches) == len(all_studies()) - 1  # all but S4 (1999)
@@ -617,3 +631,62 @@ def test_every_index_column_is_a_query_key() -> None:
     from storage.query import _KEY_SPECS
 
     assert COLUMN_KEYWORDS - {"SpecificCharacterSet"} <= set(_KEY_SPECS)
+
+
+# --- identifiers encoded from rows ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("model", "level", "keys"),
+    [
+        # Every kind of key at every level, computed keys, non-ASCII names (UTF-8).
+        (PATIENT, "PATIENT", {"PatientID": "", "PatientName": "", "PatientBirthDate": "",
+                              "PatientSex": "", "NumberOfPatientRelatedStudies": "",
+                              "NumberOfPatientRelatedSeries": "",
+                              "NumberOfPatientRelatedInstances": ""}),
+        (STUDY, "STUDY", {"StudyInstanceUID": "", "StudyDate": "", "StudyTime": "",
+                          "AccessionNumber": "", "StudyID": "", "StudyDescription": "",
+                          "ReferringPhysicianName": "", "ModalitiesInStudy": "",
+                          "SOPClassesInStudy": "", "NumberOfStudyRelatedSeries": "",
+                          "NumberOfStudyRelatedInstances": "", "PatientName": ""}),
+        (STUDY, "SERIES", {"SeriesInstanceUID": "", "Modality": "", "SeriesNumber": "",
+                           "SeriesDescription": "", "BodyPartExamined": "",
+                           "NumberOfSeriesRelatedInstances": "", "StudyDate": ""}),
+        (STUDY, "IMAGE", {"SOPInstanceUID": "", "SOPClassUID": "", "InstanceNumber": "",
+                          "AcquisitionDateTime": "", "Rows": "", "Columns": "",
+                          "NumberOfFrames": "", "SamplesPerPixel": "",
+                          "PhotometricInterpretation": ""}),
+        # instance_attribute keys: binary (US), multi-valued DS, text, PN, absent ones.
+        (STUDY, "IMAGE", {"SOPInstanceUID": "", "BitsAllocated": "", "PixelSpacing": "",
+                          "ViewPosition": "", "PatientAge": "", "OperatorsName": "",
+                          "WindowCenter": ""}),
+        (STUDY, "SERIES", {"SeriesInstanceUID": "", "BitsStored": "", "PixelRepresentation": ""}),
+        # Keys returned zero-length: lower levels, sequences, a retired and a private tag.
+        (STUDY, "STUDY", {"StudyInstanceUID": "", "Modality": "",
+                          "ReferencedStudySequence": Sequence(), "SOPInstanceUID": ""}),
+        # A requested character set is returned (ISO_IR 192 when a value needs it).
+        (STUDY, "STUDY", {"SpecificCharacterSet": "ISO_IR 100", "StudyInstanceUID": "",
+                          "PatientName": "", "PatientID": ""}),
+        (PATIENT, "PATIENT", {"SpecificCharacterSet": ["", "ISO 2022 IR 87"],
+                              "PatientID": "FIND*", "PatientName": ""}),
+        # Matching keys: wildcards, ranges, lists.
+        (STUDY, "STUDY", {"PatientName": "d*", "StudyDate": "20200101-", "StudyInstanceUID": ""}),
+    ],
+)  # fmt: skip
+def test_encoded_identifiers_equal_what_pydicom_writes(
+    engine: Engine, model: QueryModel, level: str, keys: dict[str, object]
+) -> None:
+    query = identifier(level, **keys)
+    query.add_new(0x00091010, "LO", "")  # a private key nobody can answer
+    assert list(find(engine, query, model, AE_TITLE)), "the query should match something"
+    assert_encoded_like_pydicom(engine, query, model)
+
+
+def test_limited_stops_one_past_the_limit(engine: Engine) -> None:
+    prepared = prepare_find(identifier("STUDY", StudyInstanceUID=""), STUDY)
+    with engine.connect() as conn:
+        every = list(prepared.responses(conn, AE_TITLE))
+        assert len(list(prepared.limited(2).responses(conn, AE_TITLE))) == 3
+        assert len(list(prepared.limited(0).responses(conn, AE_TITLE))) == len(every)
+        encoded = list(prepared.limited(1).encoded_responses(conn, AE_TITLE, implicit_vr=True))
+    assert encoded == [encode(ds, True, True) for ds in every[:2]]

@@ -238,7 +238,7 @@ def test_worker_analyses_odd_sources_and_fails_an_unbuildable_result_once(
         return real_build(source, rgb, **arguments)
 
     monkeypatch.setattr(heatmap_sc, "build_heatmap_sc", build_or_fail)
-    worker = AnalysisWorker(context)
+    worker = AnalysisWorker(context, inline_results=True)  # the patch is in this process
     worker.start()
     try:
         deadline = time.monotonic() + 120

@@ -130,6 +130,7 @@ ENUMERATED: dict[str, tuple[str, ...]] = {
     "LossyImageCompression": ("00", "01"),
 }
 DEIDENTIFICATION_UNSTATED = "Not stated in the source image"
+_CHECKED = "_pneumonode_checked_header"  # marks a Dataset that source_header made
 
 # VRs whose values pydicom has already decoded into numbers or bytes: nothing to check.
 _BINARY_VRS = frozenset(
@@ -266,7 +267,10 @@ def source_header(source: Dataset) -> Dataset:
 
     The builders (and highdicom under them) read this header instead of the source, so an
     invalid or missing value in the source cannot make a result invalid or unbuildable.
+    A header made here is returned as it is, so the SC and the SR can share one.
     """
+    if getattr(source, _CHECKED, False):
+        return source
     header = Dataset()
     for keyword in IDENTITY:
         if keyword in source:
@@ -278,6 +282,7 @@ def source_header(source: Dataset) -> Dataset:
     _clinical_trial_subject(header, source)
     _deidentification(header)
     copy_by_type(header, source, dict.fromkeys(IMAGE_AND_EQUIPMENT, "3"))
+    setattr(header, _CHECKED, True)
     return header
 
 

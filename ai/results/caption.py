@@ -3,7 +3,8 @@ colour scale, in a band of its own above the X-ray.
 
 Nothing is drawn over the anatomy, and nothing is ever clipped: the font is sized from the
 picture's width, and a line too long for its column is wrapped at word boundaries (inside a
-word only when one word alone is too long).
+word only when one word alone is too long). The colour scale is the same for every picture of
+a width, so it is drawn once and pasted: only the result's lines are drawn per picture.
 """
 
 from collections.abc import Callable
@@ -112,7 +113,8 @@ def caption_band(width: int, texts: list[tuple[str, Colour]], scale: ColourScale
     both legibly; otherwise the scale goes under the text.
     """
     size = font_size_for(width)
-    face, small = font(size), font(max(MIN_FONT_PX - 2, round(size * 0.85)))
+    small_size = max(MIN_FONT_PX - 2, round(size * 0.85))
+    face = font(size)
     margin, gap = max(6, size // 2), max(2, size // 4)
     usable = width - 2 * margin
     scale_width = min(int(usable * SCALE_COLUMN_SHARE), 18 * size)
@@ -121,12 +123,9 @@ def caption_band(width: int, texts: list[tuple[str, Colour]], scale: ColourScale
     scale_width = scale_width if side_by_side else min(usable, 18 * size)
 
     wrapped = [(line, colour) for text, colour in texts for line in wrap(text, face, text_width)]
-    title = wrap(scale.title, small, scale_width)
     text_height = _column_height([t for t, _ in wrapped], face, gap)
-    bar_height = size
-    mark = max(1, bar_height // 4)
-    tick_height = mark + gap // 2 + _line_height(small)
-    scale_height = _column_height(title, small, gap) + gap + bar_height + tick_height
+    block = _scale_block(scale, small_size, scale_width, gap, size, margin)
+    scale_height = block.height
     if side_by_side:
         content = max(text_height, scale_height)
         scale_left, scale_top = width - margin - scale_width, margin
@@ -144,15 +143,61 @@ def caption_band(width: int, texts: list[tuple[str, Colour]], scale: ColourScale
         draw.text((margin, y), text, font=face, fill=colour, anchor="la")
         lines.append(CaptionLine(text, colour, _box(draw, (margin, y), text, face)))
         y += _line_height(face) + gap
-    y = scale_top
-    for text in title:
-        draw.text((scale_left, y), text, font=small, fill=DETAIL_COLOUR, anchor="la")
-        lines.append(CaptionLine(text, DETAIL_COLOUR, _box(draw, (scale_left, y), text, small)))
-        y += _line_height(small) + gap
-    bar_box = (scale_left, y, scale_left + scale_width, y + bar_height)
-    ticks = _draw_bar(image, draw, bar_box, scale, small, mark, gap)
+    image.paste(block.image, (scale_left - margin, scale_top - _PAD))
+    lines.extend(_moved(line, scale_left, scale_top) for line in block.lines)
+    ticks = [_moved(label, scale_left, scale_top) for label in block.tick_labels]
+    left, top, right, bottom = block.bar_box
+    bar_box = (left + scale_left, top + scale_top, right + scale_left, bottom + scale_top)
     draw.rectangle((0, rows - rule, width - 1, rows - 1), fill=RULE_COLOUR)
     return Band(np.asarray(image), lines, bar_box, ticks)
+
+
+_PAD = 1  # the bar's outline lies a pixel above the scale's column (and a margin aside)
+
+
+@dataclass(frozen=True)
+class _ScaleBlock:
+    image: Image.Image  # the column drawn on the band's colour, with a margin each side
+    height: int  # of the column itself
+    lines: list[CaptionLine]  # title lines, boxes relative to the column's top left
+    bar_box: Box
+    tick_labels: list[CaptionLine]
+
+
+def _moved(line: CaptionLine, dx: int, dy: int) -> CaptionLine:
+    left, top, right, bottom = line.box
+    return CaptionLine(line.text, line.colour, (left + dx, top + dy, right + dx, bottom + dy))
+
+
+@lru_cache(maxsize=64)
+def _scale_block(scale: ColourScale, small_size: int, width: int, gap: int,
+                 bar_height: int, margin: int) -> _ScaleBlock:
+    """The colour scale's column (title, bar, ticks), drawn once per size: it takes most of
+    the band's drawing time and is the same for every picture of a width. Drawn on the
+    band's colour, so pasting it whole gives the pixels drawing it in place would."""
+    small = font(small_size)
+    title = wrap(scale.title, small, width)
+    mark = max(1, bar_height // 4)
+    tick_height = mark + gap // 2 + _line_height(small)
+    height = _column_height(title, small, gap) + gap + bar_height + tick_height
+    image = Image.new("RGB", (width + 2 * margin, height + 2 * _PAD), BAND_COLOUR)
+    draw = ImageDraw.Draw(image)
+    lines: list[CaptionLine] = []
+    y = _PAD
+    for text in title:
+        draw.text((margin, y), text, font=small, fill=DETAIL_COLOUR, anchor="la")
+        lines.append(CaptionLine(text, DETAIL_COLOUR, _box(draw, (margin, y), text, small)))
+        y += _line_height(small) + gap
+    bar_box = (margin, y, margin + width, y + bar_height)
+    ticks = _draw_bar(image, draw, bar_box, scale, small, mark, gap)
+    left, top, right, bottom = bar_box
+    return _ScaleBlock(
+        image=image,
+        height=height,
+        lines=[_moved(line, -margin, -_PAD) for line in lines],
+        bar_box=(left - margin, top - _PAD, right - margin, bottom - _PAD),
+        tick_labels=[_moved(label, -margin, -_PAD) for label in ticks],
+    )
 
 
 def _box(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, face) -> Box:

@@ -4,7 +4,9 @@ A Secondary Capture is the one image object every viewer and PACS displays, so i
 picture a reader looks at. The coded result travels separately in the Structured Report.
 """
 
+import copy
 import logging
+from functools import lru_cache
 from typing import Literal
 
 import numpy as np
@@ -13,6 +15,7 @@ from highdicom.sc import SCImage
 from highdicom.sr import CodedConcept
 from pydicom import Dataset
 from pydicom.encaps import generate_frames
+from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
 from ai.results.attributes import copy_patient_and_study, source_header, values_of
@@ -34,6 +37,9 @@ DERIVATION_DESCRIPTION = (
     "the source pixels are unchanged) to 0.6; result, model and colour scale in a band "
     "above the image. Not for diagnostic use."
 )
+# The map's maker as the description names it, by `ai.cam` method title.
+_MAP_NAMES = {"GradCAM": "Class activation map (GradCAM)", "CAM": "Class activation map (CAM)",
+              "segmentation mask": "Segmentation map (the model's pneumothorax mask head)"}
 
 # Photometric interpretation each transfer syntax needs for 8-bit colour (PS3.5 8.2.1).
 _ENCODINGS: dict[str, tuple[str, str]] = {
@@ -146,13 +152,52 @@ def _pixel_spacing(header: Dataset, pixel_scale: int | None) -> tuple[float, flo
     return spacing[0] / pixel_scale, spacing[1] / pixel_scale
 
 
+# What highdicom's ContributingEquipment.for_image_acquisition reads from a source.
+_EQUIPMENT_KEYWORDS = (
+    "SOPClassUID",
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SoftwareVersions",
+    "DeviceSerialNumber",
+    "InstitutionName",
+    "InstitutionalDepartmentName",
+    "InstitutionAddress",
+    "StationName",
+    "AcquisitionDateTime",
+    "AcquisitionDate",
+    "AcquisitionTime",
+)
+
+
+@lru_cache(maxsize=64)
+def _equipment_of(values: tuple[tuple[str, object], ...]) -> ContributingEquipment | None:
+    header = Dataset()
+    for keyword, value in values:
+        setattr(header, keyword, value)
+    try:
+        return ContributingEquipment.for_image_acquisition(header)
+    except Exception:  # highdicom raises several types for a source without equipment
+        return None
+
+
 def _acquisition_equipment(header: Dataset) -> list[ContributingEquipment]:
     """The source's equipment as contributing equipment, when the source names it (as
-    highdicom's `SCImage.from_ref_dataset` does)."""
-    try:
-        return [ContributingEquipment.for_image_acquisition(header)]
-    except Exception:  # highdicom raises several types for a source without equipment
+    highdicom's `SCImage.from_ref_dataset` does).
+
+    highdicom first looks the SOP class up in its IOD tables (a millisecond), then needs a
+    Manufacturer: a source without one has none, and the equipment of a scanner is built
+    once and copied.
+    """
+    if not values_of(header, "Manufacturer"):
         return []
+    values = tuple(
+        (k, tuple(v) if isinstance(v, MultiValue) else v)
+        for k in _EQUIPMENT_KEYWORDS
+        if k in header
+        for v in [header[k].value]
+    )
+    equipment = _equipment_of(values)
+    return [] if equipment is None else [copy.deepcopy(equipment)]
 
 
 def _set_series_attributes(sc: Dataset, header: Dataset) -> None:
@@ -213,8 +258,12 @@ def build_heatmap_sc(
     transfer_syntax: TransferSyntax = "uncompressed",
     series_description: str = HEATMAP_SERIES_DESCRIPTION,
     institution_name: str | None = None,
+    heatmap_method: str = "GradCAM",
 ) -> Dataset:
     """Build the heatmap Secondary Capture for `source` from the rendered `rgb` picture.
+
+    `heatmap_method` names what made the map (an `ai.cam.METHOD_TITLES` value); the
+    Derivation Description says it.
 
     Same patient and study as the source (its attributes copied as `ai.results.attributes`
     checks them), a new series, RGB 8-bit, Burned In Annotation YES, the source referenced
@@ -276,7 +325,8 @@ def build_heatmap_sc(
     # forwards chest X-rays to this node would send the heatmap back for analysis.
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
-    sc.DerivationDescription = DERIVATION_DESCRIPTION
+    sc.DerivationDescription = DERIVATION_DESCRIPTION.replace(
+        "Class activation map (GradCAM)", _MAP_NAMES.get(heatmap_method, heatmap_method), 1)
     sc.SourceImageSequence = [_source_image_reference(header)]
 
     compressed_size = None

@@ -8,8 +8,9 @@ the colour scale live in a band added above the image (see `ai.results.caption`)
 over it. A source narrower than `MIN_PICTURE_WIDTH` is enlarged by a whole factor (each pixel
 a square block, values unchanged) so that the caption has room to be legible.
 
-It is done in numpy and Pillow rather than a matplotlib figure, so that it is fast, headless
-and pixel exact; the colours are matplotlib's own colormap table.
+It is done in numpy, torch and Pillow rather than a matplotlib figure, so that it is fast,
+headless and pixel exact; the colours are matplotlib's own colormap table. The X-ray part is
+written straight into the picture's buffer by one table look-up per pixel.
 """
 
 import math
@@ -18,7 +19,8 @@ from functools import lru_cache
 
 import matplotlib
 import numpy as np
-from PIL import Image
+import torch
+import torch.nn.functional as F
 
 from ai.results.caption import (
     DETAIL_COLOUR,
@@ -107,10 +109,16 @@ def _check_heatmap(heatmap: np.ndarray) -> None:
 
 
 def upsample_bilinear(heatmap: np.ndarray, rows: int, columns: int) -> np.ndarray:
-    """Bilinear resize with pixel-centre alignment, as imshow with an extent does."""
-    image = Image.fromarray(np.ascontiguousarray(heatmap, dtype=np.float32))
-    resized = image.resize((columns, rows), Image.Resampling.BILINEAR)
-    return np.clip(np.asarray(resized, dtype=np.float32), 0.0, 1.0)
+    """Bilinear resize with pixel-centre alignment, as imshow with an extent does.
+
+    torch's interpolation gives Pillow's BILINEAR resize to within 1e-5 in half its time;
+    the antialiasing filter, which only a reduction needs, doubles its cost.
+    """
+    values = torch.from_numpy(np.ascontiguousarray(heatmap, dtype=np.float32))
+    reduce = rows < values.shape[0] or columns < values.shape[1]
+    resized = F.interpolate(values[None, None], size=(rows, columns), mode="bilinear",
+                            align_corners=False, antialias=reduce)
+    return resized[0, 0].clamp_(0.0, 1.0).numpy()
 
 
 def blend_heatmap(
@@ -120,13 +128,19 @@ def blend_heatmap(
     alpha: float = DEFAULT_ALPHA,
     colormap: str = DEFAULT_COLORMAP,
     floor: float = HEAT_FLOOR,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Colour the map over the grey X-ray at its size (values 0..1 mapped to the colormap's
-    ends, not stretched to the map's own range, so a weak map looks weak)."""
+    ends, not stretched to the map's own range, so a weak map looks weak). With `out`
+    (rows x columns x 3 uint8, e.g. a view of the picture) the pixels are written there."""
     rows, columns = grey8.shape
-    indices = _heat_indices(upsample_bilinear(heatmap, rows, columns))
+    heat = upsample_bilinear(heatmap, rows, columns)  # a fresh array: quantised in place
+    np.minimum(np.multiply(heat, 256.0, out=heat), 255.0, out=heat)  # = _heat_indices
+    keys = grey8.astype(np.uint16) << 8
+    keys |= heat.astype(np.uint16)
     table = _blend_lut(colormap, float(alpha), float(floor)).reshape(-1, 3)
-    return np.take(table, (grey8.astype(np.uint16) << 8) | indices, axis=0)
+    # Every key is in the table; "clip" spares numpy the buffered copy "raise" makes.
+    return np.take(table, keys, axis=0, out=out, mode="clip")
 
 
 def picture_scale(rows: int, columns: int) -> int:
@@ -138,19 +152,29 @@ def picture_scale(rows: int, columns: int) -> int:
     return max(1, min(wanted, MAX_ENLARGED_ROWS // rows))
 
 
+SEGMENTATION_TITLE = "segmentation mask"  # ai.cam.METHOD_TITLES["segmentation"]
+
+
+@lru_cache(maxsize=8)
 def colour_scale(
     alpha: float = DEFAULT_ALPHA,
     colormap: str = DEFAULT_COLORMAP,
     floor: float = HEAT_FLOOR,
     method: str = DEFAULT_METHOD,
 ) -> ColourScale:
-    """The key to the colours: heat 0..1 rendered exactly as over a mid-grey X-ray pixel."""
+    """The key to the colours: heat 0..1 rendered exactly as over a mid-grey X-ray pixel
+    (one object per set of options, so the caption draws its scale once)."""
     table = _blend_lut(colormap, float(alpha), float(floor))[SCALE_BACKGROUND]
 
     def colours(values: np.ndarray) -> np.ndarray:
         return table[_heat_indices(values)]
 
-    title = f"{method} heat, relative to this image's maximum; not drawn below {floor:g}"
+    # CAM and GradCAM maps are scaled to their own maximum; a mask head's map is its
+    # per-pixel probability, not rescaled.
+    if method == SEGMENTATION_TITLE:
+        title = f"{method}: probability per pixel; not drawn below {floor:g}"
+    else:
+        title = f"{method} heat, relative to this image's maximum; not drawn below {floor:g}"
     return ColourScale(title=title, colours=colours)
 
 
@@ -201,8 +225,7 @@ def render_picture(
 
     scale = picture_scale(*grey8.shape)
     enlarged = np.repeat(np.repeat(grey8, scale, axis=0), scale, axis=1) if scale > 1 else grey8
-    image = blend_heatmap(enlarged, heatmap, alpha=alpha, colormap=colormap, floor=floor)
-    rows, columns = image.shape[:2]
+    rows, columns = enlarged.shape
     width = max(columns, MIN_PICTURE_WIDTH)
     band = caption_band(
         width,
@@ -210,9 +233,11 @@ def render_picture(
         colour_scale(alpha, colormap, floor, method),
     )
     top = band.pixels.shape[0]
-    rgb = np.zeros((top + rows, width, 3), dtype=np.uint8)
+    rgb = np.empty((top + rows, width, 3), dtype=np.uint8)
     rgb[:top] = band.pixels
-    rgb[top:, :columns] = image
+    rgb[top:, columns:] = 0
+    blend_heatmap(enlarged, heatmap, alpha=alpha, colormap=colormap, floor=floor,
+                  out=rgb[top:, :columns])
     return Picture(rgb=rgb, scale=scale, image_top=top, image_size=(rows, columns), band=band)
 
 

@@ -2,7 +2,10 @@
 
 The matching lives in storage/query.py; this handler reads the request, streams the
 matches as Pending responses, stops on C-CANCEL, and turns an identifier it cannot
-process into a failure status with an ErrorComment rather than an exception.
+process into a failure status with an ErrorComment rather than an exception. Where it can
+(plain TCP, Little Endian), the Pending responses are identifiers encoded from the rows
+and written by node.dicom.find_stream, about a hundred times cheaper than pynetdicom's
+path. Past query.max_results matches the answer ends with 0xA700, not Success.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.context import NodeContext
 from node.dicom.dimse import status_dataset
+from node.dicom.find_stream import PendingWriter, fast_path_implicit_vr
 from storage.query import (
     IdentifierMismatchError,
     PreparedFind,
@@ -121,26 +125,58 @@ def _stream(
 ) -> Iterator[FindResponse]:
     pending = STATUS_PENDING_KEYS_UNSUPPORTED if prepared.ignored_keys else STATUS_PENDING
     ae_title = context.config.node.ae_title
+    limit = context.config.query.max_results
+    implicit_vr = fast_path_implicit_vr(event)
+    writer = None if implicit_vr is None else _writer(event, pending)
+    cut_short = cancelled = False
     try:
         with context.engine.connect() as conn:
-            for identifier in prepared.responses(conn, ae_title):
-                if event.is_cancelled:
-                    outcome.status = STATUS_CANCEL
-                    yield STATUS_CANCEL, None
-                    return
+            limited = prepared.limited(limit)
+            if writer is None or implicit_vr is None:
+                matches: Iterator = limited.responses(conn, ae_title)
+                writer = None
+            else:
+                # Identifiers encoded from the rows, sent in batches (node.dicom.find_stream).
+                matches = limited.encoded_responses(conn, ae_title, implicit_vr=implicit_vr)
+            for identifier in matches:
+                if event.is_cancelled:  # true once: pynetdicom forgets the C-CANCEL it reports
+                    cancelled = True
+                    break
+                if limit and outcome.matches == limit:
+                    cut_short = True
+                    break
                 outcome.matches += 1
-                yield pending, identifier
+                if writer is None:
+                    yield pending, identifier
+                elif not writer.write(identifier):
+                    return  # the association is gone: nobody to answer
+            if writer is not None and not writer.flush():
+                return
     except SQLAlchemyError as exc:
         log.error("C-FIND index query failed: %s", type(exc).__name__)
         outcome.status = STATUS_OUT_OF_RESOURCES
         yield status_dataset(STATUS_OUT_OF_RESOURCES, "index unavailable, try again"), None
         return
-    if event.is_cancelled:
+    if cancelled or event.is_cancelled:
         outcome.status = STATUS_CANCEL
         yield STATUS_CANCEL, None
         return
+    if cut_short:
+        # Success would say every match was sent (PS3.4 C.4.1.3): say it was not.
+        outcome.status = STATUS_OUT_OF_RESOURCES
+        comment = f"more than {limit} matches (query.max_results): narrow the query"
+        yield status_dataset(STATUS_OUT_OF_RESOURCES, comment), None
+        return
     outcome.status = STATUS_SUCCESS
     yield STATUS_SUCCESS, None
+
+
+def _writer(event: evt.Event, pending: int) -> PendingWriter | None:
+    try:
+        return PendingWriter(event, pending)
+    except ValueError as exc:  # a peer PDU too small for the command set: pynetdicom's path
+        log.info("C-FIND responses go through pynetdicom: %s", exc)
+        return None
 
 
 # Query/Retrieve SOP classes whose extended negotiation byte 1 means relational queries

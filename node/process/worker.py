@@ -2,8 +2,11 @@
 
 It runs in its own process: under `pneumonode serve` (see node.process.services) or alone as
 `pneumonode worker` (for example on a GPU machine sharing the index database and the
-storage folder). A loader thread claims a batch and decodes its pixels while the model
-works on the previous batch, so decoding stays off the accelerator's critical path.
+storage folder). A loader thread claims a batch and decodes its pixels (on the GPU when
+the model runs there and the image is plain JPEG Baseline) while the model works on the
+previous batch, so decoding stays off the accelerator's critical path; the results of each
+image are built and stored by `analysis.result_processes` processes (node.process.results)
+while the model goes on with the next batch.
 
 Nothing is analysed twice: result UIDs are derived from the source UID and the model
 version, so a batch re-run after a crash replaces the same result instances, and the
@@ -25,14 +28,18 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from node.context import NodeContext
-from storage import deliveries
+from node.process.results import (
+    ResultModel,
+    ResultPool,
+    ResultTask,
+    ResultWriter,
+    result_process_count,
+    result_uids,
+)
 from storage.jobs import ClaimedJob, JobQueue, worker_identity
 
 log = logging.getLogger(__name__)
 
-MANUFACTURER = "pneumonode"
-SC_SERIES_NUMBER = 9001
-SR_SERIES_NUMBER = 9002
 MODEL_FILES = ("model.json", "model.safetensors")
 WAITING_POLL_SECONDS = 2.0
 PIXEL_DATA = 0x7FE00010
@@ -43,18 +50,10 @@ class DecodedJob:
     job: ClaimedJob
     dataset: Dataset
     grey8: Any  # numpy uint8 HxW
+    model_input: Any = None  # the same on the model's device when decoded there
 
 
-def result_uids(source: Dataset, model_version: str) -> dict[str, str]:
-    """Deterministic UIDs for the results of `source`: the same inputs give the same UIDs."""
-    study = str(source.StudyInstanceUID)
-    sop = str(source.SOPInstanceUID)
-    return {
-        "sc_series": generate_uid(entropy_srcs=["pneumonode-sc-series", study, model_version]),
-        "sr_series": generate_uid(entropy_srcs=["pneumonode-sr-series", study, model_version]),
-        "sc": generate_uid(entropy_srcs=["pneumonode-sc", sop, model_version]),
-        "sr": generate_uid(entropy_srcs=["pneumonode-sr", sop, model_version]),
-    }
+__all__ = ["AnalysisWorker", "DecodedJob", "result_uids"]
 
 
 def _header_only(ds: Dataset) -> Dataset:
@@ -71,8 +70,12 @@ def _header_only(ds: Dataset) -> Dataset:
 class AnalysisWorker:
     """Claims analysis jobs in batches, runs the model, stores results, queues deliveries."""
 
-    def __init__(self, context: NodeContext) -> None:
+    def __init__(self, context: NodeContext, *, inline_results: bool = False) -> None:
+        """`inline_results`: build results in this process, between batches (tests that
+        patch the builders); otherwise `analysis.result_processes` processes build them."""
         self.context = context
+        self.inline_results = inline_results
+        self._results: ResultPool | None = None
         self.settings = context.config.analysis
         self.jobs = JobQueue(context.engine)
         self.identity = worker_identity()
@@ -80,6 +83,7 @@ class AnalysisWorker:
         self._batches: queue.Queue[list[DecodedJob]] = queue.Queue(maxsize=1)
         self._threads: list[threading.Thread] = []
         self._analyzer: Any = None
+        self._heatmap_method = "gradcam"  # what [analysis] heatmap means for the loaded model
         self._model_stamp: tuple[float, ...] | None = None
         self._waiting_logged = False
         self.device_uid = generate_uid(
@@ -96,6 +100,14 @@ class AnalysisWorker:
         if requeued:
             log.info("requeued %d analysis jobs left claimed by a stopped worker", requeued)
         self._stop.clear()
+        if not self.inline_results:
+            processes = result_process_count(self.settings.result_processes)
+            # Enough in flight to keep every process busy while the model runs a batch.
+            self._results = ResultPool(
+                self.context, processes, limit=2 * self.settings.batch_size + processes
+            )
+            self._results.warm()
+            log.info("results built by %d processes", processes)
         self._threads = [
             threading.Thread(target=self._load_loop, name="analysis-loader", daemon=True),
             threading.Thread(target=self._analyse_loop, name="analysis", daemon=True),
@@ -114,6 +126,9 @@ class AnalysisWorker:
             except queue.Empty:
                 break
             self.jobs.release([d.job.job_id for d in batch])
+        if self._results is not None:  # what the model finished is stored before stopping
+            self._results.close(timeout)
+            self._results = None
 
     # --- model ----------------------------------------------------------------------------
 
@@ -145,6 +160,7 @@ class AnalysisWorker:
             log.error("model at %s refused: %s; analysis waits for a valid model", model_dir, exc)
             return False
         self._analyzer = analyzer
+        self._heatmap_method = analyzer.resolve_method(self.settings.heatmap)
         self._waiting_logged = False
         log.info(
             "model %s %s loaded on %s",
@@ -165,7 +181,7 @@ class AnalysisWorker:
                 claimed = self._claim_batch()
                 if not claimed:
                     continue
-                batch = [d for d in map(self._decode, claimed) if d is not None]
+                batch = self._decode_batch(claimed)
                 if not batch:
                     continue
                 while not self._stop.is_set():
@@ -193,18 +209,50 @@ class AnalysisWorker:
             waiting = self.jobs.queued_count()
         return self.jobs.claim(self.identity, size)
 
-    def _decode(self, job: ClaimedJob) -> DecodedJob | None:
+    def _decode_batch(self, claimed: list[ClaimedJob]) -> list[DecodedJob]:
+        """Each image decoded once: on the model's GPU (nvJPEG) when it can be, else here."""
+        from ai.preprocess import decode_jpeg_on_gpu, gpu_decodable
+
+        device = self._analyzer.device
+        batch: list[DecodedJob] = []
+        for_gpu: list[tuple[ClaimedJob, Dataset]] = []
+        for job in claimed:
+            ds = self._read(job)
+            if ds is not None and gpu_decodable(ds, device):
+                for_gpu.append((job, ds))
+            elif ds is not None:
+                batch.extend(self._decode_here(job, ds))
+        if for_gpu:
+            try:
+                images = decode_jpeg_on_gpu([ds for _, ds in for_gpu], device)
+            except Exception as exc:  # nvJPEG refusing a stream: the CPU decodes the batch
+                log.warning("GPU JPEG decoding failed (%s); decoding on the CPU", exc)
+                for job, ds in for_gpu:
+                    batch.extend(self._decode_here(job, ds))
+            else:
+                for (job, ds), image in zip(for_gpu, images, strict=True):
+                    batch.append(DecodedJob(job, _header_only(ds), image.cpu().numpy(), image))
+        return batch
+
+    def _read(self, job: ClaimedJob) -> Dataset | None:
+        try:
+            return dcmread(self.context.archive.path_of(job.file_path))
+        except Exception as exc:  # an unreadable image fails its own job only
+            self._decode_failed(job, exc)
+            return None
+
+    def _decode_here(self, job: ClaimedJob, ds: Dataset) -> list[DecodedJob]:
         from ai.preprocess import read_grey8
 
-        path = self.context.archive.path_of(job.file_path)
         try:
-            ds = dcmread(path)
-            grey8 = read_grey8(ds)
-        except Exception as exc:  # an unreadable or unsupported image fails its own job only
-            log.warning("analysis of SOP %s failed to decode: %s", job.sop_instance_uid, exc)
-            self.jobs.fail([job.job_id], f"decode: {type(exc).__name__}: {exc}")
-            return None
-        return DecodedJob(job=job, dataset=_header_only(ds), grey8=grey8)
+            return [DecodedJob(job=job, dataset=_header_only(ds), grey8=read_grey8(ds))]
+        except Exception as exc:  # an unsupported image fails its own job only
+            self._decode_failed(job, exc)
+            return []
+
+    def _decode_failed(self, job: ClaimedJob, exc: Exception) -> None:
+        log.warning("analysis of SOP %s failed to decode: %s", job.sop_instance_uid, exc)
+        self.jobs.fail([job.job_id], f"decode: {type(exc).__name__}: {exc}")
 
     # --- analysis -------------------------------------------------------------------------
 
@@ -222,139 +270,38 @@ class AnalysisWorker:
                 self.jobs.fail(ids, f"{type(exc).__name__}: {exc}")
 
     def analyse(self, batch: list[DecodedJob]) -> None:
-        """One batched forward + GradCAM, then the result objects of every image.
-
-        An image whose results cannot be built or stored fails its own job, once, with the
-        reason `pneumonode status` shows; nothing requeues it but `pneumonode retry`.
-        """
-        from ai.results.errors import ResultBuildError
-
+        """One batched forward + GradCAM, then the results of every image, built and stored
+        by the result processes (or here, inline) while the next batch is analysed."""
         analyzer = self._analyzer  # the model that made the predictions names the results
         started = time.perf_counter()
-        predictions = analyzer.explain([d.grey8 for d in batch])
+        inputs = [d.grey8 if d.model_input is None else d.model_input for d in batch]
+        predictions = analyzer.explain(inputs, method=self._heatmap_method)
         model_seconds = time.perf_counter() - started
+        model = self._result_model(analyzer)
         for decoded, prediction in zip(batch, predictions, strict=True):
-            uid = decoded.job.sop_instance_uid
-            try:
-                sc, sr = self._build_results(analyzer.loaded, decoded, prediction)
-            except ResultBuildError as exc:
-                log.warning("results of SOP %s not built: %s", uid, exc)
-                self.jobs.fail([decoded.job.job_id], f"results: {exc}")
-                continue
-            try:
-                self._store_results(decoded, prediction, sc, sr)
-            except Exception as exc:
-                log.exception("results of SOP %s not stored", uid)
-                self.jobs.fail(
-                    [decoded.job.job_id], f"results not stored: {type(exc).__name__}: {exc}"
-                )
-        log.debug("batch of %d analysed, model %.3f s", len(batch), model_seconds)
-
-    def _build_results(
-        self, loaded: Any, decoded: DecodedJob, prediction: Any
-    ) -> tuple[Dataset, Dataset]:
-        """The SC and the SR of one image, both built before either is stored."""
-        from ai.results.errors import building
-        from ai.results.finding_sr import build_finding_sr
-        from ai.results.heatmap_sc import build_heatmap_sc
-        from ai.results.overlay import render_picture
-
-        source = decoded.dataset
-        uids = result_uids(source, loaded.version)
-        instance_number = _instance_number(source)
-        with building("heatmap picture"):
-            picture = render_picture(
-                decoded.grey8,
-                prediction.heatmap,
-                prediction.probability,
-                prediction.label,
-                model=f"{loaded.name} ({loaded.version})",
-            )
-        with building("heatmap Secondary Capture"):
-            sc = build_heatmap_sc(
-                source,
-                picture.rgb,
-                pixel_scale=picture.scale,
-                series_instance_uid=uids["sc_series"],
-                sop_instance_uid=uids["sc"],
-                series_number=SC_SERIES_NUMBER,
-                instance_number=instance_number,
-                manufacturer=MANUFACTURER,
-                model_name=loaded.name,
-                software_version=loaded.version,
-                transfer_syntax=self.settings.sc_transfer_syntax,
-            )
-        with building("finding Structured Report"):
-            sr = build_finding_sr(
-                source,
-                probability=prediction.probability,
-                present=prediction.label == loaded.positive_class,
-                threshold=loaded.threshold,
-                algorithm_name=loaded.name,
-                algorithm_version=loaded.version,
-                device_observer_name=self.context.config.node.ae_title,
-                device_observer_uid=self.device_uid,
-                device_observer_manufacturer=MANUFACTURER,
-                series_instance_uid=uids["sr_series"],
-                sop_instance_uid=uids["sr"],
-                series_number=SR_SERIES_NUMBER,
-                instance_number=instance_number,
-            )
-        return sc, sr
-
-    def _store_results(
-        self, decoded: DecodedJob, prediction: Any, sc: Dataset, sr: Dataset
-    ) -> None:
-        """Store both results, then mark the job done and queue the deliveries together."""
-        archive = self.context.archive
-        archive.store_dataset(sc, is_result=True)
-        archive.store_dataset(sr, is_result=True)
-        destination, kept_because = self._destination(decoded.job)
-        with self.context.engine.begin() as conn:
-            self.jobs.finish(
-                decoded.job.job_id,
+            task = ResultTask(
+                job=decoded.job,
+                header=decoded.dataset,
+                grey8=decoded.grey8,
                 probability=prediction.probability,
                 label=prediction.label,
-                sc_uid=str(sc.SOPInstanceUID),
-                sr_uid=str(sr.SOPInstanceUID),
-                note=kept_because,
-                conn=conn,
+                heatmap=prediction.heatmap,
+                method_title=prediction.method_title,
             )
-            if destination is not None:
-                deliveries.enqueue(
-                    conn, [str(sc.SOPInstanceUID), str(sr.SOPInstanceUID)], destination
-                )
-        log.info(
-            "analysed SOP %s: p=%.4f %s; SC %s SR %s -> %s",
-            decoded.job.sop_instance_uid,
-            prediction.probability,
-            prediction.label,
-            sc.SOPInstanceUID,
-            sr.SOPInstanceUID,
-            destination or "kept on node",
+            if self._results is not None:
+                self._results.submit(model, task)
+            else:
+                ResultWriter(self.context, model).write(task)
+        log.debug("batch of %d analysed, model %.3f s", len(batch), model_seconds)
+
+    def _result_model(self, analyzer: Any) -> ResultModel:
+        loaded = analyzer.loaded
+        return ResultModel(
+            name=loaded.name,
+            version=loaded.version,
+            positive_class=loaded.positive_class,
+            threshold=loaded.threshold,
+            observer_name=self.context.config.node.ae_title,
+            observer_uid=self.device_uid,
+            sc_transfer_syntax=self.settings.sc_transfer_syntax,
         )
-
-    def _destination(self, job: ClaimedJob) -> tuple[str | None, str]:
-        """(the configured destination, else the sender if it is a known peer; and, when
-        there is none, why the results stay on the node)."""
-        config = self.context.config
-        title = config.delivery.destination or job.calling_ae.strip()
-        if title and config.peer(title) is not None:
-            return title, ""
-        if config.delivery.destination:
-            reason = f"destination {title!r} is not in [[peers]]"
-        elif title:
-            reason = f"caller {title!r} is not in [[peers]] and no delivery.destination is set"
-        else:
-            reason = "no calling AE title (imported) and no delivery.destination is set"
-        log.info("results of SOP %s stay on the node: %s", job.sop_instance_uid, reason)
-        return None, reason
-
-
-def _instance_number(source: Dataset) -> int:
-    """The source's Instance Number for its results, 1 when it has none usable."""
-    try:
-        number = int(source.get("InstanceNumber") or 1)
-    except (TypeError, ValueError):
-        return 1
-    return number if 0 < number < 2**31 else 1
