@@ -286,3 +286,26 @@ def test_result_processes_store_results_and_give_back_the_job_of_one_that_died(
     assert str(states[good.job_id].value) == "done"
     for uid in done:  # both results stored and indexed before the job was marked done
         assert context.archive.path_of(context.archive._existing_path(uid)).is_file()
+
+
+def test_a_pool_still_starting_does_not_hold_up_the_worker_stopping(tmp_path: Path) -> None:
+    """Closing with nothing in flight ends processes that are still importing (`warm`)
+    instead of waiting for them: under load that took longer than a supervisor waits."""
+    import time
+
+    from support import write_config
+
+    from node.config import load_config
+    from node.context import build_context
+    from node.process.results import ResultPool
+
+    config = load_config(write_config(tmp_path / "config.toml", {
+        "storage": {"folder": str(tmp_path / "storage")},
+        "analysis": {"enabled": True},
+        "peers": [],
+    }))
+    pool = ResultPool(build_context(config), processes=2, limit=2)
+    pool.warm()
+    started = time.monotonic()
+    pool.close()
+    assert time.monotonic() - started < 10

@@ -339,6 +339,17 @@ class ResultPool:
         is still running after `timeout` is left to end with this process, its jobs claimed
         by it, for the next worker to requeue."""
         finished = self.wait(timeout)
-        if self._pool is not None:
-            self._pool.shutdown(wait=finished, cancel_futures=True)
-            self._pool = None
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        if not finished:
+            return
+        # Nothing is being built: a process still starting up (`warm`: seconds of imports,
+        # many more on a loaded host) need not finish before the worker stops.
+        for process in processes:
+            process.join(2.0)
+            if process.is_alive():
+                process.terminate()
+                process.join(5.0)

@@ -33,6 +33,7 @@ from node.process.server import (
     DicomNode,
     ServiceFactory,
     listener_ports,
+    quiet_pynetdicom,
     recover_storage,
     run_until_signalled,
 )
@@ -107,6 +108,7 @@ class ServeProcesses:
     """The supervisor: listening sockets, serve processes, background services."""
 
     def __init__(self, config: Config, services: Sequence[ServiceFactory], processes: int) -> None:
+        quiet_pynetdicom()  # the result sender runs here
         self.config = config
         self.count = processes
         self._service_factories = tuple(services)

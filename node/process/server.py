@@ -107,7 +107,7 @@ class BackgroundService(Protocol):
 ServiceFactory = Callable[[NodeContext], BackgroundService]
 
 
-def _quiet_pynetdicom() -> None:
+def quiet_pynetdicom() -> None:
     """pynetdicom's own handlers log every message, identifiers included (patient names):
     the node logs its own summary lines instead, which also saves time per instance.
     (What its loggers may say at all is node.log_policy's business.)"""
@@ -188,7 +188,7 @@ class DicomNode:
         """`slots` and `listening_sockets` come from a supervising `serve` when several
         processes serve one port (node.process.serve_processes); that process has then
         run the recovery pass, so `recover_at_start` is False."""
-        _quiet_pynetdicom()
+        quiet_pynetdicom()
         self.config = config
         self._slots = slots
         self._listening_sockets = dict(listening_sockets or {})
