@@ -29,7 +29,7 @@ from node.context import NodeContext, build_context
 from node.dicom.slots import AssociationSlots
 from node.process.server import (
     SHUTDOWN_GRACE_SECONDS,
-    BackgroundService,
+    BackgroundServices,
     DicomNode,
     ServiceFactory,
     listener_ports,
@@ -111,8 +111,7 @@ class ServeProcesses:
         quiet_pynetdicom()  # the result sender runs here
         self.config = config
         self.count = processes
-        self._service_factories = tuple(services)
-        self._services: list[BackgroundService] = []
+        self._services = BackgroundServices(services)
         self._spawn_context = multiprocessing.get_context("spawn")
         self._processes: list[multiprocessing.process.BaseProcess | None] = [None] * processes
         self._readies: list[threading.Event | None] = [None] * processes
@@ -166,10 +165,7 @@ class ServeProcesses:
                 self.count,
                 self.config.storage.folder,
             )
-        for factory in self._service_factories:
-            service = factory(self.context)
-            service.start()
-            self._services.append(service)
+        self._services.start(self.context)
 
     def _wait_until_ready(self, readies: list[threading.Event]) -> None:
         """Wait (boundedly) for the first serve processes to accept; one that died while
@@ -218,12 +214,7 @@ class ServeProcesses:
                 process.join(5)
         for sock in self._sockets.values():
             sock.close()
-        for service in reversed(self._services):
-            try:
-                service.stop()
-            except Exception:
-                log.exception("error while stopping %s", type(service).__name__)
-        self._services.clear()
+        self._services.stop()
         if self.context is not None:
             self.context.engine.dispose()
         log.info("stopped")

@@ -107,6 +107,29 @@ class BackgroundService(Protocol):
 ServiceFactory = Callable[[NodeContext], BackgroundService]
 
 
+class BackgroundServices:
+    """The services `serve` runs beside its listeners: started once the context exists,
+    stopped in reverse order, one failing to stop not keeping the others running."""
+
+    def __init__(self, factories: Sequence[ServiceFactory]) -> None:
+        self._factories = tuple(factories)
+        self._running: list[BackgroundService] = []
+
+    def start(self, context: NodeContext) -> None:
+        for factory in self._factories:
+            service = factory(context)
+            service.start()
+            self._running.append(service)
+
+    def stop(self) -> None:
+        for service in reversed(self._running):
+            try:
+                service.stop()
+            except Exception:
+                log.exception("error while stopping %s", type(service).__name__)
+        self._running.clear()
+
+
 def quiet_pynetdicom() -> None:
     """pynetdicom's own handlers log every message, identifiers included (patient names):
     the node logs its own summary lines instead, which also saves time per instance.
@@ -195,8 +218,7 @@ class DicomNode:
         self._recover_at_start = recover_at_start
         self.ae = build_ae(config)
         self.context = context or build_context(config)
-        self._service_factories = tuple(services)
-        self._services: list[BackgroundService] = []
+        self._services = BackgroundServices(services)
         self._servers: list[GuardedServer] = []
         self.limits = GuardLimits(
             read_timeout=config.node.network_timeout,
@@ -246,10 +268,7 @@ class DicomNode:
             log_recovery(recover_storage(self.context))
         for port, is_tls in listener_ports(self.config):
             self._listen(port, server_context(self.config.tls) if is_tls else None)
-        for factory in self._service_factories:
-            service = factory(self.context)
-            service.start()
-            self._services.append(service)
+        self._services.start(self.context)
 
     def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Stop accepting, let open associations finish (then abort them), stop services."""
@@ -258,12 +277,7 @@ class DicomNode:
                 server.shutdown()
             self._finish_associations(grace_seconds)
             self._servers.clear()
-        for service in reversed(self._services):
-            try:
-                service.stop()
-            except Exception:
-                log.exception("error while stopping %s", type(service).__name__)
-        self._services.clear()
+        self._services.stop()
         self.context.engine.dispose()
         log.info("stopped")
 
