@@ -282,6 +282,7 @@ SIIM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim_sm
 @pytest.mark.skipif(not SIIM.is_dir(), reason="siim_small data not available")
 def test_sc_and_sr_say_which_method_made_the_map():
     from ai.results import build_finding_sr, build_heatmap_sc, render_picture
+    from ai.results.finding_sr import read_finding
 
     source = pydicom.dcmread(SIIM / "train" / "Pneumothorax" / "000001.dcm")
     grey = np.zeros((64, 64), dtype=np.uint8)
@@ -309,6 +310,7 @@ def test_sc_and_sr_say_which_method_made_the_map():
     sr.walk(lambda _ds, elem: texts.append(str(elem.value)) if elem.keyword == "TextValue"
             else None)
     assert "heatmap method=segmentation mask" in texts and "decision threshold=0.5" in texts
+    assert read_finding(sr).heatmap_method == "segmentation mask"
 
 
 @pytest.mark.skipif(not SIIM.is_dir(), reason="siim_small data not available")

@@ -61,6 +61,7 @@ class Finding:
     algorithm_name: str
     algorithm_version: str
     device_observer_uid: str | None
+    heatmap_method: str = ""  # which method made the SC's heatmap, when the SR says
 
 
 def _check_decision(probability: float, present: bool, threshold: float) -> None:
@@ -388,6 +389,9 @@ def read_finding(sr: Dataset) -> Finding:
         for p in parameters
         if p.startswith(_THRESHOLD_PARAMETER)
     ]
+    methods = [
+        p.removeprefix(_HEATMAP_PARAMETER) for p in parameters if p.startswith(_HEATMAP_PARAMETER)
+    ]
     devices = report.get_observer_contexts(observer_type=DEVICE_OBSERVER)
 
     return Finding(
@@ -401,4 +405,5 @@ def read_finding(sr: Dataset) -> Finding:
         device_observer_uid=(
             str(devices[0].observer_identifying_attributes.uid) if devices else None
         ),
+        heatmap_method=methods[0] if methods else "",
     )
