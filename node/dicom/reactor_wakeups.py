@@ -1,15 +1,15 @@
 """Wake pynetdicom's reactors when there is work, instead of after their next 1 ms nap.
 
-An acceptor association runs two polling loops: the DUL reactor sleeps
-`_run_loop_delay` (1 ms) whenever it found nothing to do, and the association reactor
-sleeps 1 ms before each look for a decoded DIMSE message. Every C-STORE therefore waits up
-to a millisecond for the request to be noticed and again for the response to be sent: a
-third of the time of a 134 KB image on one association. Here the naps become waits that end
-early:
+Only acceptor associations are wired so (see `node.dicom.send_instances.send_without_delay`
+for why the node's requestor associations are not). An acceptor association runs two
+polling loops: the DUL reactor sleeps `_run_loop_delay` (1 ms) whenever it found nothing to
+do, and the association reactor sleeps 1 ms before each look for a decoded DIMSE message.
+Every C-STORE therefore waits up to a millisecond for the request to be noticed and again for
+the response to be sent: a third of the time of a 134 KB image on one association. Here the
+naps become waits that end early:
 
 - the DUL reactor's nap is a `select` on the peer's socket and a wake-up socket that is
-  written whenever a primitive (a response, a release, an abort) is queued for it; this
-  also serves the node's own requestor associations (results, C-MOVE sub-operations);
+  written whenever a primitive (a response, a release, an abort) is queued for it;
 - the association reactor's nap is a wait on its DIMSE message queue, which `put` wakes.
 
 Neither loop spins: an idle association wakes once a millisecond as before. The sleeps are
@@ -79,8 +79,8 @@ def install() -> None:
 
 
 def wake_dul_on_work(assoc: Any) -> None:
-    """Make an association's DUL reactor nap on its socket and its to-do list, so it
-    wakes when a PDU arrives or a primitive is queued (acceptor or requestor)."""
+    """Make an acceptor association's DUL reactor nap on its socket and its to-do list,
+    so it wakes when a PDU arrives or a primitive is queued."""
     install()
     dul = assoc.dul
     wake_read, wake_write = socket.socketpair()
