@@ -140,17 +140,19 @@ class DeliveryQueue:
     def release(self, deliveries: Iterable[DueDelivery]) -> int:
         """Make claimed deliveries whose outcome was not recorded due again now (a sender
         stopping mid-round); rows another sender or an outcome has touched stay as they are."""
+        by_lease: dict[datetime, list[int]] = {}
+        for delivery in deliveries:
+            if delivery.leased_until is not None:
+                by_lease.setdefault(delivery.leased_until, []).append(delivery.delivery_id)
         released = 0
         with self.engine.begin() as conn:
-            for delivery in deliveries:
-                if delivery.leased_until is None:
-                    continue
+            for lease, ids in by_lease.items():  # one claim: one lease
                 result = conn.execute(
                     update(Delivery)
                     .where(
-                        Delivery.id == delivery.delivery_id,
+                        Delivery.id.in_(ids),
                         Delivery.state == DeliveryState.PENDING,
-                        Delivery.next_attempt_at == delivery.leased_until,
+                        Delivery.next_attempt_at == lease,
                     )
                     .values(next_attempt_at=utcnow())
                 )

@@ -135,7 +135,7 @@ def _run_scale_out(tmp_path: Path, db_url: str, model: Path, instances: int) -> 
         # storescp serves one association at a time: while one node's sender holds it, the
         # other's attempt may fail and be retried (a CI run retried 5 of 3,200). A retry
         # never sends twice what arrived once: the PACS's count below says so.
-        assert sum(counts["delivery_attempts"].values()) == 2 * instances
+        assert min(counts["delivery_attempts"]) >= 1 and max(counts["delivery_attempts"]) <= 3
         received = pacs.received_uids()
         assert len(received) == 2 * instances
         assert Counter(received.values()) == {1: 2 * instances}, "a result arrived twice"

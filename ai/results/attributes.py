@@ -91,6 +91,20 @@ CLINICAL_TRIAL_SUBJECT: dict[str, str] = {
     "ClinicalTrialSubjectReadingID": "1C",
 }
 
+# The acquisition equipment highdicom's ContributingEquipment.for_image_acquisition reads
+# from a source (besides its SOP Class UID): the device, then when it acquired the image.
+DEVICE = (
+    "Manufacturer",
+    "ManufacturerModelName",
+    "SoftwareVersions",
+    "DeviceSerialNumber",
+    "InstitutionName",
+    "InstitutionalDepartmentName",
+    "InstitutionAddress",
+    "StationName",
+)
+EQUIPMENT = (*DEVICE, "AcquisitionDateTime", "AcquisitionDate", "AcquisitionTime")
+
 # What the builders read besides the patient and study: the image's geometry and history,
 # and the acquisition equipment that highdicom lists as contributing equipment.
 IMAGE_AND_EQUIPMENT = (
@@ -108,17 +122,7 @@ IMAGE_AND_EQUIPMENT = (
     "LossyImageCompressionRatio",
     "LossyImageCompressionMethod",
     "InstanceNumber",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "SoftwareVersions",
-    "DeviceSerialNumber",
-    "InstitutionName",
-    "InstitutionalDepartmentName",
-    "InstitutionAddress",
-    "StationName",
-    "AcquisitionDateTime",
-    "AcquisitionDate",
-    "AcquisitionTime",
+    *EQUIPMENT,
 )
 IDENTITY = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 

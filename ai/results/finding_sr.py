@@ -19,7 +19,12 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
-from ai.results.attributes import copy_patient_and_study, source_header, values_of
+from ai.results.attributes import (
+    DEVICE,
+    copy_patient_and_study,
+    source_header,
+    values_of,
+)
 from ai.results.codes import (
     ABSENT,
     DEVICE_OBSERVER,
@@ -171,18 +176,7 @@ def _set_library_modality(sr: Dataset, header: Dataset) -> None:
 # The source's attributes that shape its report beyond the values a template fills in: the
 # character set (the template's text is encoded in it), the acquisition equipment highdicom
 # lists as contributing equipment, and the image library entry (checked separately).
-_KIND_ATTRIBUTES = (
-    "SpecificCharacterSet",
-    "Modality",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "SoftwareVersions",
-    "DeviceSerialNumber",
-    "InstitutionName",
-    "InstitutionalDepartmentName",
-    "InstitutionAddress",
-    "StationName",
-)
+_KIND_ATTRIBUTES = ("SpecificCharacterSet", "Modality", *DEVICE)
 _TEMPLATES = TemplateCache()
 
 

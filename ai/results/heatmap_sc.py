@@ -18,7 +18,12 @@ from pydicom.encaps import generate_frames
 from pydicom.multival import MultiValue
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit
 
-from ai.results.attributes import copy_patient_and_study, source_header, values_of
+from ai.results.attributes import (
+    EQUIPMENT,
+    copy_patient_and_study,
+    source_header,
+    values_of,
+)
 from ai.results.codes import SOURCE_FOR_PROCESSING
 from ai.results.validation import (
     require_new_instance,
@@ -153,20 +158,7 @@ def _pixel_spacing(header: Dataset, pixel_scale: int | None) -> tuple[float, flo
 
 
 # What highdicom's ContributingEquipment.for_image_acquisition reads from a source.
-_EQUIPMENT_KEYWORDS = (
-    "SOPClassUID",
-    "Manufacturer",
-    "ManufacturerModelName",
-    "SoftwareVersions",
-    "DeviceSerialNumber",
-    "InstitutionName",
-    "InstitutionalDepartmentName",
-    "InstitutionAddress",
-    "StationName",
-    "AcquisitionDateTime",
-    "AcquisitionDate",
-    "AcquisitionTime",
-)
+_EQUIPMENT_KEYWORDS = ("SOPClassUID", *EQUIPMENT)
 
 
 @lru_cache(maxsize=64)
