@@ -29,6 +29,8 @@ from node.config import load_config
 from node.dicom.guarded_transport import (
     A_ABORT_INVALID_PARAMETER,
     GuardedAssociationSocket,
+    GuardedRequestHandler,
+    GuardedServer,
     GuardLimits,
     PduRefused,
     SharedContexts,
@@ -175,3 +177,43 @@ def test_slots_count_for_the_whole_node_across_process_rows() -> None:
     second.clear_row(1)  # process 2 died: its two slots are free
     assert slots.held() == 1
     assert first.take("10.0.0.1").outcome == ADMITTED
+
+
+def test_finished_associations_need_no_forced_collection() -> None:
+    """GuardedServer drops pynetdicom's `gc.collect()` every 60 connections (a pause of
+    every association in the process): a finished association must still be freed, so
+    nothing of the server may keep a reference to it."""
+    import gc
+    import threading
+    import weakref
+
+    from pynetdicom import evt
+    from pynetdicom.sop_class import Verification
+
+    served: list[weakref.ref] = []
+    ae = AE()
+    ae.add_supported_context(Verification)
+    limits = GuardLimits(read_timeout=5, request_timeout=5, max_pdu_length=1 << 20,
+                         max_per_address=4)
+    server = ae.make_server(
+        ("127.0.0.1", 0), server_class=GuardedServer, request_handler=GuardedRequestHandler,
+        limits=limits,
+        evt_handlers=[(evt.EVT_ESTABLISHED, lambda event: served.append(weakref.ref(event.assoc)))],
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        scu = AE()
+        scu.add_requested_context(Verification)
+        for _ in range(70):
+            assoc = scu.associate("127.0.0.1", server.server_address[1])
+            assert assoc.send_c_echo().Status == 0
+            assoc.release()
+        deadline = time.monotonic() + 10
+        while server.active_associations:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        server.shutdown()
+    assert len(served) == 70
+    gc.collect()
+    assert sum(ref() is not None for ref in served) == 0

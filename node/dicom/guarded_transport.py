@@ -326,6 +326,12 @@ class GuardedServer(ThreadedAssociationServer):
         )
         self.contexts = SharedContexts(self.contexts)
 
+    def service_actions(self) -> None:
+        """Nothing: pynetdicom's own runs a full `gc.collect()` every 60 connections, which
+        stalls every association of the process for tens of milliseconds (more once torch
+        is imported). Finished associations are reference cycles that Python's automatic
+        collector frees anyway; `tests/test_guarded_transport.py` pins that they are."""
+
     def server_bind(self) -> None:
         if self._listening_socket is None:
             super().server_bind()
