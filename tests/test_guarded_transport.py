@@ -36,7 +36,12 @@ from node.dicom.guarded_transport import (
     SharedContexts,
     guard_socket,
 )
-from node.dicom.reactor_wakeups import ASSOCIATION_REACTOR_NAP, install, wake_on_put
+from node.dicom.reactor_wakeups import (
+    ASSOCIATION_REACTOR_NAP,
+    install,
+    keep_responses_for_the_sender,
+    wake_on_put,
+)
 from node.dicom.slots import ADDRESS_FULL, ADMITTED, NODE_FULL, AssociationSlots
 from node.process.server import build_ae
 
@@ -217,3 +222,61 @@ def test_finished_associations_need_no_forced_collection() -> None:
     assert len(served) == 70
     gc.collect()
     assert sum(ref() is not None for ref in served) == 0
+
+
+def test_pynetdicom_pauses_its_reactor_around_a_send_as_the_guard_expects() -> None:
+    """The gap `keep_responses_for_the_sender` closes: the reactor reads its queue without
+    blocking once past the checkpoint; a send clears the checkpoint, then reads blocking."""
+    reactor = inspect.getsource(Association._run_reactor)
+    assert reactor.index("self._reactor_checkpoint.wait()") < reactor.index(
+        "self.dimse.get_msg(block=False)"
+    )
+    send = inspect.getsource(Association.send_c_store)
+    assert send.index("self._reactor_checkpoint.clear()") < send.index(
+        "self.dimse.get_msg(block=True)"
+    )
+
+
+def test_a_paused_reactor_leaves_the_response_to_the_sender() -> None:
+    assoc = Association(AE(), "requestor")
+    keep_responses_for_the_sender(assoc)
+    response = (1, object())
+    assoc.dimse.msg_queue.put(response)
+    assoc._reactor_checkpoint.clear()  # what send_c_store does before sending
+    assert assoc.dimse.get_msg(block=False) == (None, None)
+    assert assoc.dimse.get_msg(block=True) == response
+    assoc._reactor_checkpoint.set()
+    assoc.dimse.msg_queue.put(response)
+    assert assoc.dimse.get_msg(block=False) == response  # unpaused: the reactor serves it
+
+
+def test_woken_requestor_gets_every_response_from_a_fast_peer(tmp_path) -> None:
+    """Hundreds of C-STOREs to dcmtk's storescp (which answers within microseconds) over
+    one woken requestor association: no response is lost to the reactor, which would
+    leave that send to its DIMSE timeout and an empty status."""
+    from dicom_data import small_image
+    from pydicom.uid import ExplicitVRLittleEndian
+    from support import StoreSCP
+
+    from node.dicom.send_instances import send_without_delay
+
+    scp = StoreSCP(tmp_path / "received")
+    scp.start()
+    try:
+        ae = AE(ae_title="PNEUMONODE")
+        ae.dimse_timeout = 5
+        ae.add_requested_context("1.2.840.10008.5.1.4.1.1.1.1", ExplicitVRLittleEndian)
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title=scp.ae_title)
+        assert assoc.is_established
+        send_without_delay(assoc)
+        assert hasattr(assoc.dul, "_pneumonode_waker")
+        images = [small_image(rows=8, columns=8) for _ in range(300)]
+        statuses = []
+        for image in images:
+            image.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+            statuses.append(assoc.send_c_store(image).get("Status"))
+        assoc.release()
+    finally:
+        scp.stop()
+    assert statuses == [0] * len(images)
+    assert len(scp.received_uids()) == len(images)

@@ -1,22 +1,29 @@
 """Wake pynetdicom's reactors when there is work, instead of after their next 1 ms nap.
 
-Only acceptor associations are wired so (see `node.dicom.send_instances.send_without_delay`
-for why the node's requestor associations are not). An acceptor association runs two
-polling loops: the DUL reactor sleeps `_run_loop_delay` (1 ms) whenever it found nothing to
-do, and the association reactor sleeps 1 ms before each look for a decoded DIMSE message.
-Every C-STORE therefore waits up to a millisecond for the request to be noticed and again for
-the response to be sent: a third of the time of a 134 KB image on one association. Here the
-naps become waits that end early:
+An acceptor association runs two polling loops: the DUL reactor sleeps `_run_loop_delay`
+(1 ms) whenever it found nothing to do, and the association reactor sleeps 1 ms before each
+look for a decoded DIMSE message. Every C-STORE therefore waits up to a millisecond for the
+request to be noticed and again for the response to be sent: a third of the time of a
+134 KB image on one association. Here the naps become waits that end early:
 
 - the DUL reactor's nap is a `select` on the peer's socket and a wake-up socket that is
-  written whenever a primitive (a response, a release, an abort) is queued for it;
+  written whenever a primitive (a response, a release, an abort) is queued for it; this
+  also serves the node's own requestor associations (results, C-MOVE sub-operations);
 - the association reactor's nap is a wait on its DIMSE message queue, which `put` wakes.
+
+A requestor's DUL woken at once exposes a pynetdicom race: `send_c_store` pauses the
+association reactor by clearing a checkpoint and waiting for `_is_paused`, but the reactor
+may already be past the checkpoint, about to read its DIMSE queue without blocking; a
+response that arrives in that gap is taken as an unexpected request and the sender waits for
+its DIMSE timeout (a CI run saw it). `keep_responses_for_the_sender` closes the gap: while
+the checkpoint is cleared the reactor's read finds nothing, so the response stays queued for
+the `get_msg(block=True)` of the send that paused it.
 
 Neither loop spins: an idle association wakes once a millisecond as before. The sleeps are
 reached through the `time` name of pynetdicom's `dul` and `association` modules, which
-`install` points at a clock whose `sleep` knows these threads; any other caller (requestor
-associations, pynetdicom's own waits) sleeps as before. `tests/test_guarded_transport.py`
-pins the pynetdicom code this relies on.
+`install` points at a clock whose `sleep` knows these threads; any other caller (pynetdicom's
+own waits) sleeps as before. `tests/test_guarded_transport.py` pins the pynetdicom code this
+relies on.
 """
 
 from __future__ import annotations
@@ -79,8 +86,8 @@ def install() -> None:
 
 
 def wake_dul_on_work(assoc: Any) -> None:
-    """Make an acceptor association's DUL reactor nap on its socket and its to-do list,
-    so it wakes when a PDU arrives or a primitive is queued."""
+    """Make an association's DUL reactor nap on its socket and its to-do list, so it
+    wakes when a PDU arrives or a primitive is queued."""
     install()
     dul = assoc.dul
     wake_read, wake_write = socket.socketpair()
@@ -127,6 +134,30 @@ def make_responsive(assoc: Any) -> None:
                 messages.not_empty.wait(seconds)
 
     assoc._pneumonode_waker = association_nap
+
+
+def keep_responses_for_the_sender(assoc: Any) -> None:
+    """Make the association reactor's non-blocking read of the DIMSE queue find nothing
+    while a `send_*` of pynetdicom has paused it (its checkpoint cleared): the response
+    is the sender's, not a request for the reactor to serve."""
+    dimse = assoc.dimse
+    get_msg = dimse.get_msg
+    checkpoint = assoc._reactor_checkpoint
+
+    def get_msg_unless_paused(block: bool = False) -> Any:
+        if not block and not checkpoint.is_set():
+            return None, None
+        return get_msg(block)
+
+    dimse.get_msg = get_msg_unless_paused
+
+
+def wake_requestor(assoc: Any) -> None:
+    """Wire one of the node's requestor associations, once established, to wake on work."""
+    if hasattr(assoc.dul, "_pneumonode_waker"):
+        return
+    keep_responses_for_the_sender(assoc)
+    wake_dul_on_work(assoc)
 
 
 def close_wakeups(assoc: Any) -> None:

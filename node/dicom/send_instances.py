@@ -33,6 +33,7 @@ from pynetdicom.association import Association
 from pynetdicom.presentation import PresentationContext
 
 from node.config import Config, Peer
+from node.dicom.reactor_wakeups import wake_requestor
 from node.dicom.tls import client_context
 from storage.archive import Archive
 from storage.conversion import CONVERSION_TARGETS, ConversionError, choose_syntax, convert
@@ -108,17 +109,17 @@ def connection_arguments(
 
 
 def send_without_delay(assoc: Association) -> None:
-    """Turn Nagle's algorithm off on the association's socket (pynetdicom leaves it on).
+    """Turn Nagle's algorithm off on the association's socket (pynetdicom leaves it on),
+    and, on the node's own requestor associations, let the DUL wake on work.
 
-    With it on, a small PDU (a Pending C-MOVE response, the last fragment of a dataset)
+    With Nagle on, a small PDU (a Pending C-MOVE response, the last fragment of a dataset)
     that follows another waits for the peer's delayed ACK, about 40 ms: that was most of
-    the time of a C-MOVE of small images.
-
-    The node's requestor associations keep pynetdicom's napping DUL: woken at once, a
-    C-STORE response can reach the DIMSE queue while pynetdicom's association reactor is
-    between its pause check and its read, which then takes the response as an unexpected
-    message and leaves `send_c_store` waiting for the DIMSE timeout (seen in a CI run).
+    the time of a C-MOVE of small images. Without the wake-ups each C-STORE sent waits up to
+    a millisecond for the DUL to notice it, and again for the response
+    (`node.dicom.reactor_wakeups`, which also closes the pynetdicom race this exposes).
     """
+    if assoc.is_requestor:
+        wake_requestor(assoc)
     transport = assoc.dul.socket
     sock = transport.socket if transport is not None else None
     if sock is not None:
