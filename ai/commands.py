@@ -63,9 +63,11 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
         parents=parents,
         help="cross-validate a recipe, train the classifier and write the model artifact",
         description="Cross-validate the recipe (stratified k-fold grouped by PatientID), "
+        "choose the decision threshold on the out-of-fold predictions (unless --threshold), "
         "fit it on all the data and write model.safetensors, model.json and reports/ into "
-        "--out; the figures reported are the cross-validated ones. Options override the "
-        "chosen --recipe.",
+        "--out; the figures reported are the cross-validated ones. --nested adds a nested "
+        "cross-validation of refit vs fold ensemble and of the threshold. Options override "
+        "the chosen --recipe.",
     )
     train.add_argument(
         "--data",
@@ -143,7 +145,30 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
         help="fastai aug_transforms during training",
     )
     train.add_argument(
-        "--threshold", type=float, default=None, help="probability threshold for the positive label"
+        "--threshold",
+        type=float,
+        default=None,
+        help="fixed probability threshold for the positive label; default: chosen on the "
+        "pooled out-of-fold predictions (Youden's J: max sensitivity + specificity - 1, "
+        "halfway between the neighbouring probabilities, ties to the highest), stored in "
+        "model.json; sensitivity/specificity at a threshold chosen on those same "
+        "predictions are optimistic (--nested measures them honestly)",
+    )
+    train.add_argument(
+        "--nested",
+        action="store_true",
+        help="also run nested cross-validation: per outer fold, compare the refit model "
+        "(trained on the other folds) with the mean of inner-fold models (ensemble), and "
+        "score the threshold rule chosen on inner out-of-fold predictions only; writes "
+        "reports/nested.json and nested_predictions.csv (default inner folds: the other "
+        "outer folds, 10 extra fits for 5 folds)",
+    )
+    train.add_argument(
+        "--inner-folds",
+        type=int,
+        default=None,
+        help="inner folds of --nested (default folds - 1: the other outer folds; another "
+        "number re-splits each outer-training set and trains folds x inner-folds models)",
     )
     train.add_argument(
         "--max-items",
@@ -254,6 +279,9 @@ def run_train(args: argparse.Namespace) -> int:
     from ai.configs import get_config
     from ai.workflow import train
 
+    if args.inner_folds is not None and not args.nested:
+        print("error: --inner-folds needs --nested", file=sys.stderr)
+        return 2
     config = get_config(args.recipe).with_overrides(
         arch_name=args.arch,
         arch_act=args.act,
@@ -273,12 +301,13 @@ def run_train(args: argparse.Namespace) -> int:
         lr_find=args.lr_find,
         augment=args.augment,
         threshold=args.threshold,
+        threshold_rule=None if args.threshold is None else "fixed",
         max_items=args.max_items,
     )
     try:
         result = train(config, args.data, args.out, device=args.device,
                        cache_dir=args.cache_dir, init_weights=args.init_weights,
-                       workers=args.workers)
+                       workers=args.workers, nested=args.nested, inner_folds=args.inner_folds)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -291,6 +320,15 @@ def run_train(args: argparse.Namespace) -> int:
     if pooled["auc"] is not None:
         print(f"pooled out-of-fold roc_auc: {pooled['auc']:.3f} "
               f"[{pooled['low']:.3f}, {pooled['high']:.3f}]")
+    choice = metrics["threshold_choice"]
+    rates = ", ".join(f"{name} {choice[name]:.3f}" for name in ("sensitivity", "specificity")
+                      if choice[name] is not None)
+    print(f"decision threshold: {choice['threshold']:.4f} ({choice['rule']}; pooled "
+          f"out-of-fold {rates}" + (", optimistic" if choice["rule"] != "fixed" else "") + ")")
+    if result.nested is not None:
+        from ai.nested import table_lines
+
+        print("\n".join(table_lines(result.nested)))
     return 0
 
 

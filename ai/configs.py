@@ -36,7 +36,10 @@ class TrainConfig:
     seed: int = 42
     mean: float = 0.0
     std: float = 1.0
-    threshold: float = 0.5
+    threshold: float = 0.5  # the fixed threshold: the model's with threshold_rule "fixed"
+    # "youden": the model's threshold is chosen on the pooled out-of-fold predictions
+    # (ai.crossval.choose_threshold); "fixed": `threshold` (what `--threshold X` sets).
+    threshold_rule: str = "youden"
     max_items: int | None = None
 
     def with_overrides(self, **overrides: Any) -> TrainConfig:

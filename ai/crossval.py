@@ -5,6 +5,11 @@ over an in-memory artifact description), with and without test-time flips, and i
 heatmaps (GradCAM, and the mask head's map when the model has one) are scored against the
 SIIM masks of the fold's positive images. The summary is the mean over folds with a 95 %
 interval for each figure, plus the ROC AUC of all out-of-fold predictions pooled.
+
+The decision threshold the exported model uses is chosen here too (`choose_threshold`, rule
+`THRESHOLD_RULE`) from the pooled out-of-fold predictions, unless a fixed one is given. Its
+sensitivity and specificity on those same predictions are optimistic (the threshold was fitted
+to them); `ai.nested` measures the rule honestly.
 """
 
 from __future__ import annotations
@@ -33,10 +38,96 @@ from ai.training import fit_model
 log = logging.getLogger(__name__)
 
 EVALUATION = "stratified k-fold cross-validation grouped by PatientID"
+THRESHOLD_RULE = (
+    "Youden's J: the threshold maximising sensitivity + specificity - 1 over the pooled "
+    "out-of-fold probabilities (an image is positive when p >= threshold), placed halfway "
+    "between the two adjacent probabilities where J peaks; ties go to the highest such "
+    "threshold (fewest positive calls); with one class only, or when no threshold beats "
+    "chance (J <= 0), the fixed threshold is kept")
+OPTIMISTIC = (
+    "optimistic: the threshold was chosen on these same out-of-fold predictions, so "
+    "sensitivity and specificity at it are fitted, not held out; `train --nested` measures "
+    "the rule on data the choice never saw (nested.json)")
 FIGURES = ("roc_auc", "sensitivity", "specificity", "accuracy", "roc_auc_tta",
            "sensitivity_tta", "specificity_tta", "roc_auc_mask",
            "gradcam_peak_in_mask", "gradcam_energy_in_mask",
            "segmentation_peak_in_mask", "segmentation_energy_in_mask", "mask_area_share")
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """A decision threshold and how it was reached, with the rates it gives on the
+    predictions it was chosen from (`n` of them; None where a class is missing)."""
+
+    threshold: float
+    rule: str  # "youden", "fixed", or "fallback" (Youden undefined: the fixed one kept)
+    reason: str
+    n: int
+    youden_j: float | None = None
+    sensitivity: float | None = None
+    specificity: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"threshold": self.threshold, "rule": self.rule, "reason": self.reason,
+                "n": self.n, "youden_j": self.youden_j, "sensitivity": self.sensitivity,
+                "specificity": self.specificity}
+
+
+def rates_at(truth: np.ndarray, scores: np.ndarray, threshold: float
+             ) -> tuple[float | None, float | None]:
+    """Sensitivity and specificity when p >= `threshold` is called positive."""
+    truth = np.asarray(truth, dtype=bool)
+    called = np.asarray(scores, dtype=float) >= threshold
+    positives, negatives = int(truth.sum()), int((~truth).sum())
+    sensitivity = float((called & truth).sum() / positives) if positives else None
+    specificity = float((~called & ~truth).sum() / negatives) if negatives else None
+    return sensitivity, specificity
+
+
+def choose_threshold(truth: np.ndarray, scores: np.ndarray, fallback: float = 0.5
+                     ) -> ThresholdChoice:
+    """The Youden-J threshold of `scores` against `truth` (see `THRESHOLD_RULE`).
+
+    Candidates are the distinct scores u_0 < ... < u_m-1: calling p >= u_i positive gives
+    the same labels as any threshold in (u_i-1, u_i], whose midpoint is returned. J is
+    compared in integers (tp * N - fp * P), so ties are exact. `fallback` is returned, marked
+    so, when there is only one class, no finite score, or no threshold with J > 0.
+    """
+    truth = np.asarray(truth, dtype=bool)
+    scores = np.asarray(scores, dtype=float)
+    finite = np.isfinite(scores)
+    truth, scores = truth[finite], scores[finite]
+    n = int(truth.size)
+    positives, negatives = int(truth.sum()), int(n - truth.sum())
+    if positives == 0 or negatives == 0:
+        return ThresholdChoice(float(fallback), "fallback", "Youden's J is undefined: the "
+                               f"predictions hold {positives} positive and {negatives} "
+                               "negative images", n)
+    distinct = np.unique(scores)
+    tp = positives - np.searchsorted(np.sort(scores[truth]), distinct, side="left")
+    fp = negatives - np.searchsorted(np.sort(scores[~truth]), distinct, side="left")
+    scaled = tp.astype(np.int64) * negatives - fp.astype(np.int64) * positives  # J * P * N
+    best = int(scaled.max())
+    if best <= 0:
+        sensitivity, specificity = rates_at(truth, scores, fallback)
+        return ThresholdChoice(float(fallback), "fallback", "no threshold beats chance "
+                               "(Youden's J <= 0)", n, 0.0, sensitivity, specificity)
+    index = int(np.flatnonzero(scaled == best)[-1])  # >= 1: at u_0 everything is positive
+    threshold = float((distinct[index - 1] + distinct[index]) / 2)
+    if not distinct[index - 1] < threshold <= distinct[index]:  # adjacent floats
+        threshold = float(distinct[index])
+    return ThresholdChoice(threshold, "youden", THRESHOLD_RULE, n,
+                           best / (positives * negatives), float(tp[index] / positives),
+                           float((negatives - fp[index]) / negatives))
+
+
+def fixed_threshold(threshold: float, truth: np.ndarray, scores: np.ndarray
+                    ) -> ThresholdChoice:
+    sensitivity, specificity = rates_at(truth, scores, threshold)
+    j = None if sensitivity is None or specificity is None else sensitivity + specificity - 1
+    return ThresholdChoice(float(threshold), "fixed", "given with --threshold (or the "
+                           "recipe's threshold_rule = fixed)", int(np.asarray(truth).size), j,
+                           sensitivity, specificity)
 
 
 @dataclass
@@ -62,33 +153,74 @@ class CrossValidation:
         frames = [f.localisation for f in self.folds if len(f.localisation)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
+    def threshold(self, config: TrainConfig) -> ThresholdChoice:
+        """The model's decision threshold: chosen on the pooled out-of-fold predictions
+        (`choose_threshold`), or the config's when its rule is "fixed"."""
+        pooled = self.predictions()
+        truth = pooled["label"].eq(POSITIVE).to_numpy()
+        scores = pooled[primary_column(config)].to_numpy(dtype=float)
+        if config.threshold_rule == "fixed":
+            return fixed_threshold(config.threshold, truth, scores)
+        return choose_threshold(truth, scores, fallback=config.threshold)
+
     def summary(self, config: TrainConfig) -> dict[str, Any]:
-        """Every figure as mean and 95 % interval over the folds, and the pooled AUC."""
-        figures = {name: mean_interval([f.figures.get(name) for f in self.folds])
-                   for name in FIGURES}
+        """Every figure as mean and 95 % interval over the folds, the pooled AUC, and the
+        decision threshold with the (optimistic) rates it gives on the pooled predictions."""
+        choice = self.threshold(config)
+        chosen = choice.rule != "fixed"
+        per_fold = {f.fold: dict(f.figures) for f in self.folds}
+        if chosen:
+            for f in self.folds:
+                truth = f.predictions["label"].eq(POSITIVE).to_numpy()
+                scores = f.predictions[primary_column(config)].to_numpy(dtype=float)
+                sensitivity, specificity = rates_at(truth, scores, choice.threshold)
+                per_fold[f.fold]["sensitivity_chosen_threshold"] = sensitivity
+                per_fold[f.fold]["specificity_chosen_threshold"] = specificity
+        names = FIGURES + (("sensitivity_chosen_threshold", "specificity_chosen_threshold")
+                           if chosen else ())
+        figures = {name: mean_interval([per_fold[f.fold].get(name) for f in self.folds])
+                   for name in names}
         figures = {name: value for name, value in figures.items() if value["n"]}
         pooled = self.predictions()
         truth = pooled["label"].eq(POSITIVE).to_numpy()
-        primary = "probability_tta" if config.tta else "probability"
         return {
             "evaluation": f"{len(self.folds)}-fold {EVALUATION}",
             "cross_validated": True,
             "recipe": config.name,
             "n_folds": len(self.folds),
-            "threshold": config.threshold,
+            "threshold": choice.threshold,
+            "threshold_choice": {
+                **choice.to_json(),
+                "source": f"pooled out-of-fold {primary_column(config)} "
+                          f"({len(pooled)} images)",
+                "rates_note": OPTIMISTIC if chosen else "the threshold was fixed before "
+                              "cross-validation; these are held-out rates",
+            },
+            "figures_threshold": config.threshold,
+            "figures_threshold_note": (
+                "sensitivity, specificity and accuracy (and their _tta variants) in figures "
+                f"are at the fixed threshold {config.threshold:g}"
+                + ("; *_chosen_threshold at the model's threshold above, chosen on the "
+                   "same predictions (optimistic)" if chosen else "")),
             "tta": config.tta,
             "interval": "95 % Student-t interval over folds (mean +- t * sd / sqrt(k))",
             "figures": figures,
             "pooled_out_of_fold": {
                 "n": int(len(pooled)),
-                "roc_auc": bootstrap_auc(truth, pooled[primary].to_numpy(), seed=config.seed),
+                "roc_auc": bootstrap_auc(truth, pooled[primary_column(config)].to_numpy(),
+                                         seed=config.seed),
                 "interval": "95 % percentile bootstrap over images",
             },
             "seconds_per_fold": mean_interval([f.seconds for f in self.folds], bounds=None),
             "per_fold": [{"fold": f.fold, "seconds": round(f.seconds, 1), "lr": f.lr,
-                          **{k: v for k, v in f.figures.items() if v is not None}}
+                          **{k: v for k, v in per_fold[f.fold].items() if v is not None}}
                          for f in self.folds],
         }
+
+
+def primary_column(config: TrainConfig) -> str:
+    """The out-of-fold column the model's own predictions correspond to."""
+    return "probability_tta" if config.tta else "probability"
 
 
 def model_description(model: nn.Module, config: TrainConfig, classes: list[str],

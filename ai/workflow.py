@@ -4,13 +4,19 @@
    gives each image's Patient ID, SOP Instance UID and SIIM mask.
 2. The recipe is cross-validated (`ai.crossval`): k folds, stratified by label and grouped
    by patient. These are the numbers a user can expect on new images.
-3. The final model is fitted on all the images, saved as the artifact, reloaded and checked
-   to reproduce the in-memory model's probabilities (and maps). It has no held-out figures
-   of its own: model.json and metrics.json carry the cross-validated ones, marked so.
+3. The decision threshold is chosen from the pooled out-of-fold predictions (Youden's J,
+   `ai.crossval.choose_threshold`) unless `--threshold` fixes it.
+4. With `--nested` (`ai.nested`), refit against fold ensemble and the threshold rule are
+   measured by nested cross-validation (reports/nested.json).
+5. The final model is fitted on all the images, saved as the artifact with that threshold,
+   reloaded and checked to reproduce the in-memory model's probabilities (and maps). It has
+   no held-out figures of its own: model.json and metrics.json carry the cross-validated
+   ones, marked so.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -24,11 +30,12 @@ import torch
 
 from ai.artifact import in_memory, resolve_device, save_artifact
 from ai.configs import TrainConfig
-from ai.crossval import CrossValidation, cross_validate, model_description
+from ai.crossval import OPTIMISTIC, CrossValidation, cross_validate, model_description
 from ai.data import POSITIVE, find_rle_table, fingerprint, load_items, read_rle_table, subsample
 from ai.folds import assign_folds
 from ai.imagecache import CachedItem, ImageCache
 from ai.infer import Analyzer
+from ai.nested import NESTED_FILE
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +51,7 @@ class TrainResult:
     model_dir: Path
     metrics: dict[str, Any]
     cross_validation: CrossValidation
+    nested: dict[str, Any] | None = None
 
 
 def mask_codes(root: Path) -> dict[str, list[str]]:
@@ -97,6 +105,16 @@ def model_card(config: TrainConfig, items: pd.DataFrame, summary: dict[str, Any]
                  "positives_with_masks": int(items["has_mask"].sum())},
         "evaluation": summary["evaluation"],
         "cross_validated_figures": headline,
+        "decision_threshold": {
+            "value": summary["threshold"],
+            "rule": summary["threshold_choice"]["rule"],
+            "sensitivity": summary["threshold_choice"]["sensitivity"],
+            "specificity": summary["threshold_choice"]["specificity"],
+            "note": (OPTIMISTIC if summary["threshold_choice"]["rule"] != "fixed" else
+                     "fixed with --threshold; rates on the pooled out-of-fold predictions")
+            + f"; cross_validated_figures sensitivity/specificity are at "
+              f"{summary['figures_threshold']:g}",
+        },
         "note": "Figures are cross-validated (mean and 95 % interval over folds); the "
                 "artifact's model is refitted on all images and has no held-out figures of "
                 "its own.",
@@ -105,8 +123,13 @@ def model_card(config: TrainConfig, items: pd.DataFrame, summary: dict[str, Any]
 
 def train(config: TrainConfig, data_root: str | Path | None, out_dir: str | Path,
           device: str = "auto", cache_dir: str | Path | None = None,
-          init_weights: str | Path | None = None, workers: int | None = None) -> TrainResult:
-    """Cross-validate `config`, fit it on all the data and write the artifact + reports."""
+          init_weights: str | Path | None = None, workers: int | None = None,
+          nested: bool = False, inner_folds: int | None = None) -> TrainResult:
+    """Cross-validate `config`, fit it on all the data and write the artifact + reports.
+
+    `nested`: also run the nested cross-validation of `ai.nested` (`inner_folds`, default
+    folds - 1) and write reports/nested.json and reports/nested_predictions.csv.
+    """
     from ai.reports import write_cv_reports
     from ai.training import LOSSES, OPTIMIZERS, fit_model
 
@@ -115,6 +138,11 @@ def train(config: TrainConfig, data_root: str | Path | None, out_dir: str | Path
             raise ValueError(f"unknown setting {key!r}; known: {sorted(table)}")
     if config.arch.seg_head and config.mixup:
         raise ValueError("mixup does not mix masks; use it without a mask head")
+    if config.threshold_rule not in ("youden", "fixed"):
+        raise ValueError(f"unknown threshold rule {config.threshold_rule!r}; "
+                         "use youden or fixed")
+    if nested and inner_folds is not None and inner_folds < 2:
+        raise ValueError("nested cross-validation needs at least 2 inner folds")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -129,6 +157,13 @@ def train(config: TrainConfig, data_root: str | Path | None, out_dir: str | Path
     cv = cross_validate(items, folds, config, entries, masks, target_device, init_weights)
     summary = cv.summary(config)
     cv_seconds = time.perf_counter() - started
+    log.info("decision threshold %.4f (%s) from %s", summary["threshold"],
+             summary["threshold_choice"]["rule"], summary["threshold_choice"]["source"])
+    nested_summary, nested_seconds = None, None
+    if nested:
+        nested_summary = run_nested(out, items, folds, config, entries, target_device, cv,
+                                    inner_folds, init_weights)
+        nested_seconds = nested_summary["seconds"]
     log.info("final model: %d epochs on all %d images", config.epochs, len(items))
     with tempfile.TemporaryDirectory(prefix="pneumonode-train-") as work:
         final = fit_model(items, config, target_device, entries, [], Path(work), init_weights,
@@ -147,16 +182,21 @@ def train(config: TrainConfig, data_root: str | Path | None, out_dir: str | Path
                   for f in range(config.folds)},
         "device": str(target_device),
         "seconds": {"cross_validation": round(cv_seconds, 1),
+                    "nested_cross_validation": nested_seconds,
                     "final_fit": round(final.seconds, 1)},
         "lr": final.lr,
         "lr_find": final.lr_find,
         "init_weights": final.init,
         "card": card,
     }
-    metrics = {**summary, "final_model": "fitted on all images; figures above are "
+    metrics = {**summary, "final_model": "fitted on all images (refit); figures above are "
                "cross-validated"}
+    if nested_summary is not None:
+        metrics["nested"] = {"file": f"reports/{NESTED_FILE}",
+                             "evaluation": nested_summary["evaluation"],
+                             "pooled": nested_summary["pooled"]}
     save_artifact(out, final.model, arch=config.arch, input_size=config.size, classes=classes,
-                  positive_class=POSITIVE, threshold=config.threshold, mean=config.mean,
+                  positive_class=POSITIVE, threshold=summary["threshold"], mean=config.mean,
                   std=config.std, name=model_name, tta=config.tta, training=training_meta,
                   metrics=metrics)
     metrics["export_check"] = export_check(out, final.model, config, classes, items, entries,
@@ -164,7 +204,29 @@ def train(config: TrainConfig, data_root: str | Path | None, out_dir: str | Path
     write_cv_reports(out, metrics, cv, items, entries, model_name, final.learner)
     log.info("trained %s in %.1f s; cross-validated ROC AUC %s", config.name,
              time.perf_counter() - started, summary["figures"].get("roc_auc"))
-    return TrainResult(model_dir=out, metrics=metrics, cross_validation=cv)
+    return TrainResult(model_dir=out, metrics=metrics, cross_validation=cv,
+                       nested=nested_summary)
+
+
+def run_nested(out: Path, items: pd.DataFrame, folds: np.ndarray, config: TrainConfig,
+               entries: dict[str, CachedItem], device: torch.device, cv: CrossValidation,
+               inner_folds: int | None, init_weights: str | Path | None) -> dict[str, Any]:
+    """`ai.nested` over the cross-validation's folds; nested.json is rewritten after every
+    outer fold (complete: false until the last), so a long run leaves its partial result."""
+    from ai.nested import PREDICTIONS_FILE, nested_cross_validate
+
+    reports = out / "reports"
+    reports.mkdir(parents=True, exist_ok=True)
+
+    def write(summary: dict[str, Any], table: pd.DataFrame) -> None:
+        (reports / NESTED_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        table.to_csv(reports / PREDICTIONS_FILE, index=False)
+
+    summary, table = nested_cross_validate(items, folds, config, entries, device,
+                                           cv.predictions(), inner_folds, init_weights,
+                                           on_fold=write, same_data=cv.threshold(config))
+    write(summary, table)
+    return summary
 
 
 def export_check(model_dir: Path, model: torch.nn.Module, config: TrainConfig,

@@ -337,3 +337,68 @@ def test_the_colour_scale_says_what_a_mask_map_means() -> None:
     assert METHOD_TITLES["segmentation"] == SEGMENTATION_TITLE
     assert "probability per pixel" in colour_scale(method=SEGMENTATION_TITLE).title
     assert "relative to this image's maximum" in colour_scale(method="GradCAM").title
+
+
+def test_the_model_carries_the_cv_chosen_threshold_and_nested_cv_reports(kaggle, tmp_path):
+    import json
+
+    from ai.crossval import choose_threshold
+    from ai.workflow import train
+
+    config = get_config("tiny").with_overrides(max_items=24, size=32, lr=3e-3)
+    result = train(config, kaggle, tmp_path / "model", device="cpu",
+                   cache_dir=tmp_path / "cache", workers=1, nested=True)
+    metrics, meta = result.metrics, load_artifact(result.model_dir, device="cpu").meta
+    table = pd.read_csv(result.model_dir / "reports" / "cv_predictions.csv")
+    expected = choose_threshold(table["label"].eq(POSITIVE).to_numpy(),
+                                table["probability"].to_numpy(), fallback=0.5)
+    assert meta["threshold"] == pytest.approx(expected.threshold) == metrics["threshold"]
+    assert metrics["threshold_choice"]["rule"] == expected.rule
+    assert "optimistic" in metrics["threshold_choice"]["rates_note"]
+    assert meta["training"]["card"]["decision_threshold"]["value"] == meta["threshold"]
+    assert metrics["figures_threshold"] == 0.5 and "sensitivity" in metrics["figures"]
+    assert meta["training"]["config"]["threshold_rule"] == "youden"
+
+    nested = json.loads((result.model_dir / "reports" / "nested.json").read_text())
+    assert nested == json.loads(json.dumps(result.nested, default=str))
+    assert nested["complete"] and nested["n_outer_folds"] == 3 and nested["n_inner_folds"] == 2
+    assert nested["inner_models_trained"] == 3  # C(3, 2): each serves two outer folds
+    pooled = nested["pooled"]
+    for key in ("roc_auc_refit", "roc_auc_ensemble"):
+        assert set(pooled[key]) == {"auc", "low", "high"}
+    assert set(pooled["roc_auc_difference"]) >= {"difference", "low", "high"}
+    for model in ("refit", "ensemble"):
+        assert set(pooled[f"{model}_at_nested_threshold"]) == {"sensitivity", "specificity"}
+    assert pooled["n"] == 24 and len(nested["per_fold"]) == 3
+    for row in nested["per_fold"]:
+        assert {"roc_auc_refit", "roc_auc_ensemble", "threshold", "sensitivity_refit",
+                "specificity_refit", "sensitivity_ensemble", "specificity_ensemble"} <= set(row)
+    assert set(nested["per_fold_summary"]["roc_auc_difference"]) >= {"mean", "low", "high"}
+    assert nested["same_data_threshold"]["threshold"] == pytest.approx(meta["threshold"])
+    per_image = pd.read_csv(result.model_dir / "reports" / "nested_predictions.csv")
+    assert sorted(per_image["file"]) == sorted(table["file"])
+    # the refit column is the ordinary cross-validation's fold model, not a new one
+    merged = per_image.merge(table, on="file")
+    np.testing.assert_allclose(merged["probability_refit"], merged["probability"])
+    np.testing.assert_allclose(merged["probability_ensemble"],
+                               merged[["probability_inner0", "probability_inner1"]].mean(axis=1))
+    assert metrics["nested"]["file"] == "reports/nested.json"
+
+
+def test_a_given_threshold_is_kept_fixed(kaggle, tmp_path, capsys):
+    import argparse
+
+    from ai.commands import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["train", "--data", str(kaggle), "--out", str(tmp_path / "m"),
+                              "--recipe", "tiny", "--max-items", "12", "--size", "32",
+                              "--threshold", "0.37", "--device", "cpu",
+                              "--cache-dir", str(tmp_path / "cache"), "--workers", "1"])
+    assert args.func(args) == 0
+    meta = load_artifact(tmp_path / "m", device="cpu").meta
+    assert meta["threshold"] == 0.37
+    assert meta["training"]["config"]["threshold_rule"] == "fixed"
+    assert meta["metrics"]["threshold_choice"]["rule"] == "fixed"
+    assert "decision threshold: 0.3700 (fixed" in capsys.readouterr().out
