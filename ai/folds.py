@@ -9,7 +9,7 @@ interval: with five folds of 40 images, one split's AUC moves by about 0.08 from
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -70,17 +70,26 @@ def bootstrap_auc(truth: np.ndarray, scores: np.ndarray, seed: int = 0, rounds: 
     scores = np.asarray(scores, dtype=float)
     if truth.all() or not truth.any():
         return {"auc": None, "low": None, "high": None}
+    values = bootstrap_values(truth, lambda pick: rank_auc(truth[pick], scores[pick]),
+                              seed, rounds)
+    tail = (1 - level) / 2 * 100
+    return {"auc": rank_auc(truth, scores),
+            "low": float(np.percentile(values, tail)),
+            "high": float(np.percentile(values, 100 - tail))}
+
+
+def bootstrap_values(truth: np.ndarray, statistic: Callable[[np.ndarray], float], seed: int,
+                     rounds: int) -> list[float]:
+    """`statistic(pick)` on `rounds` resamples (with replacement) of the images, skipping a
+    resample that lacks one of the classes: an AUC needs both."""
     rng = np.random.default_rng(seed)
     values = []
     for _ in range(rounds):
         pick = rng.integers(0, truth.size, truth.size)
         if truth[pick].all() or not truth[pick].any():
             continue
-        values.append(rank_auc(truth[pick], scores[pick]))
-    tail = (1 - level) / 2 * 100
-    return {"auc": rank_auc(truth, scores),
-            "low": float(np.percentile(values, tail)),
-            "high": float(np.percentile(values, 100 - tail))}
+        values.append(statistic(pick))
+    return values
 
 
 def rank_auc(truth: np.ndarray, scores: np.ndarray) -> float:

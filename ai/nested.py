@@ -54,7 +54,7 @@ from ai.crossval import (
     rates_at,
 )
 from ai.data import POSITIVE
-from ai.folds import assign_folds, bootstrap_auc, mean_interval, rank_auc
+from ai.folds import assign_folds, bootstrap_auc, bootstrap_values, mean_interval, rank_auc
 from ai.imagecache import CachedItem
 from ai.infer import Analyzer
 
@@ -116,13 +116,11 @@ def paired_auc_difference(truth: np.ndarray, first: np.ndarray, second: np.ndarr
     if truth.all() or not truth.any():
         return {"difference": None, "low": None, "high": None, "share_above_zero": None,
                 "rounds": 0}
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(rounds):
-        pick = rng.integers(0, truth.size, truth.size)
-        if truth[pick].all() or not truth[pick].any():
-            continue
-        values.append(rank_auc(truth[pick], second[pick]) - rank_auc(truth[pick], first[pick]))
+    values = bootstrap_values(
+        truth,
+        lambda pick: rank_auc(truth[pick], second[pick]) - rank_auc(truth[pick], first[pick]),
+        seed, rounds,
+    )
     tail = (1 - level) / 2 * 100
     values_array = np.asarray(values)
     return {"difference": rank_auc(truth, second) - rank_auc(truth, first),
