@@ -1,8 +1,10 @@
 """The file store: received DICOM files written atomically under a UID-based layout.
 
-A file is first written to a temporary name in its final folder, fsynced, renamed over its
+A file is first written to a temporary name in its final folder, fsynced, linked to its
 final name and the folder fsynced: a reader (or a crash) sees either no file or a whole
-one, never a half-written file under a real name. Paths are built only from validated
+one, never a half-written file under a real name. The folders' own entries (series in study,
+study in files/) are synced the first time a process writes into a folder, whoever made it;
+later files cost the one folder sync their name needs. Paths are built only from validated
 UIDs (digits and dots), so nothing a sender writes in a dataset can steer where a file goes.
 """
 
@@ -21,6 +23,7 @@ from pydicom.uid import UID
 
 TEMPORARY_PREFIX = ".incoming-"
 WRITER_LOCK_NAME = "writers.lock"
+MAX_REMEMBERED_FOLDERS = 100_000
 
 
 def _link_if_absent(source: str, target: Path) -> bool:
@@ -62,6 +65,10 @@ class FileStore:
         self.fsync = fsync
         self.files_root.mkdir(parents=True, exist_ok=True)
         self._held_lock: contextlib.ExitStack | None = None
+        # Folders whose own entry (in their parent) this process has made durable. Another
+        # process (or thread) may have created a folder without having synced its parent
+        # yet, so a folder that merely exists is not enough.
+        self._durable_folders: set[Path] = set()
 
     def relative_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         parts = (
@@ -83,8 +90,8 @@ class FileStore:
         self.hold_shared_writer_lock()
         target = self.absolute(relative)
         folder = target.parent
-        created = not folder.exists()
-        folder.mkdir(parents=True, exist_ok=True)
+        # A folder new here (perhaps again, after someone removed it) has an entry to sync.
+        self._durable_folders.difference_update(self._create_folder(folder))
         fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as handle:
@@ -103,11 +110,36 @@ class FileStore:
             raise
         if self.fsync:
             self._fsync_dir(folder)
-            if created:
-                # A new folder's own entry lives in its parents: make those durable too.
-                self._fsync_dir(folder.parent)
-                self._fsync_dir(folder.parent.parent)
+            self._make_entries_durable(folder)
         return target.relative_to(self.files_root).as_posix()
+
+    @staticmethod
+    def _create_folder(folder: Path) -> tuple[Path, ...]:
+        """Make the series folder (and its study folder if need be); the folders this call
+        created (one mkdir per file when both exist)."""
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            return ()
+        except FileNotFoundError:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(exist_ok=True)
+            return folder, folder.parent
+        return (folder,)
+
+    def _make_entries_durable(self, folder: Path) -> None:
+        """Sync the parents that hold `folder`'s entry and its parent's (series in study,
+        study in files/), once per folder and process: after that, only the folder itself
+        changes when a file is added."""
+        if folder in self._durable_folders:
+            return
+        for holder, entry in ((folder.parent, folder), (folder.parent.parent, folder.parent)):
+            if entry in self._durable_folders:
+                break
+            self._fsync_dir(holder)
+        if len(self._durable_folders) > MAX_REMEMBERED_FOLDERS:
+            self._durable_folders.clear()  # synced again once when next used: harmless
+        self._durable_folders.update((folder, folder.parent))
 
     def remove(self, relative: str) -> None:
         with contextlib.suppress(FileNotFoundError):

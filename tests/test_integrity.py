@@ -4,6 +4,7 @@ never half there, a crash leaves nothing the start-up recovery does not clean up
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -230,3 +231,30 @@ def test_an_index_from_before_checksums_gains_the_column(tmp_path: Path) -> None
         assert "1 rows predate checksums" in report.lines()[-1]
     finally:
         engine.dispose()
+
+
+def test_folder_entries_are_synced_once_per_process_before_the_first_success(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Each file's folder is synced for its new name; the entries of a new series (in its
+    study folder) and of a new study (in files/) once per process, including when another
+    process made the folder and may not have synced its parent yet."""
+    synced: list[str] = []
+    monkeypatch.setattr(
+        FileStore, "_fsync_dir", staticmethod(lambda folder: synced.append(folder.name))
+    )
+
+    def write(store: FileStore, relative: str) -> list[str]:
+        synced.clear()
+        store.write_new(relative, b"data")
+        return list(synced)
+
+    first = FileStore(tmp_path)
+    assert write(first, "1.2/1.2.3/1.2.3.4.dcm") == ["1.2.3", "1.2", "files"]
+    assert write(first, "1.2/1.2.3/1.2.3.5.dcm") == ["1.2.3"]
+    assert write(first, "1.2/1.2.4/1.2.4.1.dcm") == ["1.2.4", "1.2"]  # the study is known
+    other_process = FileStore(tmp_path)
+    assert write(other_process, "1.2/1.2.3/1.2.3.6.dcm") == ["1.2.3", "1.2", "files"]
+    assert write(other_process, "1.2/1.2.3/1.2.3.7.dcm") == ["1.2.3"]
+    shutil.rmtree(tmp_path / "files" / "1.2")  # removed by hand: made again, synced again
+    assert write(first, "1.2/1.2.3/1.2.3.8.dcm") == ["1.2.3", "1.2", "files"]
