@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Connection, Engine, Select, func, insert, select, update
+from sqlalchemy import Connection, Engine, func, insert, select, update
 
 from storage.models import Delivery, DeliveryState, Instance, utcnow
 
@@ -30,24 +30,11 @@ class DueDelivery:
     file_path: str
     sop_class_uid: str
     transfer_syntax_uid: str
-    leased_until: datetime | None = None  # set by `claim`: this sender holds it until then
+    leased_until: datetime  # this sender holds it until then (`claim`)
 
 
 # How long a claimed delivery is left to its sender before another may take it.
 CLAIM_LEASE_SECONDS = 600.0
-
-
-def _due_columns() -> Select:
-    """What a sender needs of a delivery and of the instance it sends."""
-    return select(
-        Delivery.id,
-        Delivery.sop_instance_uid,
-        Delivery.destination_ae,
-        Delivery.attempts,
-        Instance.file_path,
-        Instance.sop_class_uid,
-        Instance.transfer_syntax_uid,
-    ).join(Instance, Instance.sop_instance_uid == Delivery.sop_instance_uid)
 
 
 def enqueue(conn: Connection, sop_instance_uids: Iterable[str], destination_ae: str) -> None:
@@ -87,18 +74,6 @@ class DeliveryQueue:
         self.retry_max = retry_max_seconds
         self.max_attempts = max_attempts
 
-    def due(self, limit: int = 100) -> list[DueDelivery]:
-        """Pending deliveries whose next attempt time has come, oldest first."""
-        now = utcnow()
-        with self.engine.connect() as conn:
-            rows = conn.execute(
-                _due_columns()
-                .where(Delivery.state == DeliveryState.PENDING, Delivery.next_attempt_at <= now)
-                .order_by(Delivery.id)
-                .limit(limit)
-            ).all()
-        return [DueDelivery(*row) for row in rows]
-
     def claim(
         self, limit: int = 100, lease_seconds: float = CLAIM_LEASE_SECONDS
     ) -> list[DueDelivery]:
@@ -131,7 +106,16 @@ class DeliveryQueue:
             if not claimed:
                 return []
             rows = conn.execute(
-                _due_columns()
+                select(
+                    Delivery.id,
+                    Delivery.sop_instance_uid,
+                    Delivery.destination_ae,
+                    Delivery.attempts,
+                    Instance.file_path,
+                    Instance.sop_class_uid,
+                    Instance.transfer_syntax_uid,
+                )
+                .join(Instance, Instance.sop_instance_uid == Delivery.sop_instance_uid)
                 .where(Delivery.id.in_(claimed))
                 .order_by(Delivery.id)
             ).all()
@@ -142,8 +126,7 @@ class DeliveryQueue:
         stopping mid-round); rows another sender or an outcome has touched stay as they are."""
         by_lease: dict[datetime, list[int]] = {}
         for delivery in deliveries:
-            if delivery.leased_until is not None:
-                by_lease.setdefault(delivery.leased_until, []).append(delivery.delivery_id)
+            by_lease.setdefault(delivery.leased_until, []).append(delivery.delivery_id)
         released = 0
         with self.engine.begin() as conn:
             for lease, ids in by_lease.items():  # one claim: one lease

@@ -612,10 +612,6 @@ _BINARY_NUMBERS = {"US": int, "SS": int, "UL": int, "SL": int, "UV": int, "SV": 
 
 def attribute_vr(element: DataElement) -> str:
     """The VR an instance_attribute key is matched and returned with."""
-    return _attribute_vr(element)
-
-
-def _attribute_vr(element: DataElement) -> str:
     try:
         return dictionary_VR(element.tag).split(" or ")[0]
     except KeyError:
@@ -652,7 +648,7 @@ def _tag_is(attribute, tag: int) -> ColumnElement:
 def _attribute_condition(element: DataElement, level: Level, values: list[str]) -> ColumnElement:
     """Some instance of the row's level holds a value of this attribute that matches."""
     keyword = element.keyword or str(element.tag)
-    vr = _attribute_vr(element)
+    vr = attribute_vr(element)
     attribute = _attribute.alias("match_attribute")
     if vr == "PN":
         wanted = or_(*(_person_name_condition(attribute.c.folded, v) for v in values))
@@ -690,7 +686,7 @@ def _attribute_column(element: DataElement, level: Level) -> ColumnElement:
 
 
 def _attribute_element(element: DataElement, raw: object) -> DataElement:
-    vr = _attribute_vr(element)
+    vr = attribute_vr(element)
     if raw is None or raw == "":
         return DataElement(element.tag, vr, None)
     values: list = str(raw).split("\\")

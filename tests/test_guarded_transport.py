@@ -184,10 +184,12 @@ def test_slots_count_for_the_whole_node_across_process_rows() -> None:
     assert first.take("10.0.0.1").outcome == ADMITTED
 
 
-def test_finished_associations_need_no_forced_collection() -> None:
+def test_nothing_of_the_server_keeps_a_finished_association_alive() -> None:
     """GuardedServer drops pynetdicom's `gc.collect()` every 60 connections (a pause of
-    every association in the process): a finished association must still be freed, so
-    nothing of the server may keep a reference to it."""
+    every association in the process), leaving finished associations (reference cycles) to
+    Python's automatic collector: which frees them only if nothing of the server (handler,
+    slots, wake-ups, the server's own lists) still refers to them. One collection here
+    stands for the automatic ones."""
     import gc
     import threading
     import weakref

@@ -132,9 +132,8 @@ def _stream(
     try:
         with context.engine.connect() as conn:
             limited = prepared.limited(limit)
-            if writer is None or implicit_vr is None:
+            if writer is None:
                 matches: Iterator = limited.responses(conn, ae_title)
-                writer = None
             else:
                 # Identifiers encoded from the rows, sent in batches (node.dicom.find_stream).
                 matches = limited.encoded_responses(conn, ae_title, implicit_vr=implicit_vr)

@@ -34,7 +34,6 @@ from node.process.results import (
     ResultTask,
     ResultWriter,
     result_process_count,
-    result_uids,
 )
 from storage.jobs import ClaimedJob, JobQueue, worker_identity
 
@@ -51,9 +50,6 @@ class DecodedJob:
     dataset: Dataset
     grey8: Any  # numpy uint8 HxW
     model_input: Any = None  # the same on the model's device when decoded there
-
-
-__all__ = ["AnalysisWorker", "DecodedJob", "result_uids"]
 
 
 def _header_only(ds: Dataset) -> Dataset:
