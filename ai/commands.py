@@ -23,6 +23,15 @@ def _add_device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help=DEVICE_HELP)
 
 
+def _add_method(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--method",
+        default=None,
+        choices=CAM_METHODS,
+        help="default: the model's own (segmentation with a mask head, else gradcam)",
+    )
+
+
 def _console(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Run a handler with library warnings sent to the log (see `ai.console`)."""
 
@@ -211,12 +220,7 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
     )
     cam.add_argument("model", help="model directory")
     cam.add_argument("files", nargs="+", help="DICOM files")
-    cam.add_argument(
-        "--method",
-        default=None,
-        choices=CAM_METHODS,
-        help="default: the model's own (segmentation with a mask head, else gradcam)",
-    )
+    _add_method(cam)
     cam.add_argument(
         "--target", default=None, help="class name to explain (default: the model's positive class)"
     )
@@ -246,12 +250,7 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
         choices=["validation", "all"],
         help="positive images of the model's validation split, or all",
     )
-    localise.add_argument(
-        "--method",
-        default=None,
-        choices=CAM_METHODS,
-        help="default: the model's own (segmentation with a mask head, else gradcam)",
-    )
+    _add_method(localise)
     localise.add_argument(
         "--out", default=None, help="folder for localisation.json/.csv (default: <model>/reports)"
     )

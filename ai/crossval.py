@@ -27,7 +27,7 @@ from torch import nn
 
 from ai.artifact import describe, in_memory
 from ai.configs import TrainConfig
-from ai.data import POSITIVE, mask_for
+from ai.data import POSITIVE, mask_union
 from ai.folds import bootstrap_auc, mean_interval
 from ai.imagecache import CachedItem
 from ai.infer import Analyzer
@@ -296,8 +296,7 @@ def localise_fold(analyzer: Analyzer, valid: pd.DataFrame, entries: dict[str, Ca
                                     strict=True):
             uid = entries[path].sop_instance_uid
             if uid not in full_masks:
-                table = pd.DataFrame({"ImageId": uid, "EncodedPixels": masks[uid]})
-                full_masks[uid] = mask_for(table, uid, entries[path].shape)
+                full_masks[uid] = mask_union(masks[uid], entries[path].shape)
             peak, energy, area = score_heatmap(prediction.heatmap, full_masks[uid])
             rows.append({"path": path, "sop_instance_uid": uid, "method": method,
                          "probability": prediction.probability, "peak_in_mask": peak,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -124,9 +125,14 @@ def rle_decode(rle: str, shape: tuple[int, int] = MASK_SHAPE) -> np.ndarray:
     return flat.reshape(columns, rows).T
 
 
-def mask_for(table: pd.DataFrame, image_id: str, shape: tuple[int, int] = MASK_SHAPE) -> np.ndarray:
-    """Union of all masks of one image (an image can have several rows)."""
+def mask_union(codes: Iterable[str], shape: tuple[int, int] = MASK_SHAPE) -> np.ndarray:
+    """Union of the run-length masks `codes` of one image (an image can have several)."""
     mask = np.zeros(shape, dtype=bool)
-    for rle in table.loc[table["ImageId"] == image_id, "EncodedPixels"]:
+    for rle in codes:
         mask |= rle_decode(rle, shape)
     return mask
+
+
+def mask_for(table: pd.DataFrame, image_id: str, shape: tuple[int, int] = MASK_SHAPE) -> np.ndarray:
+    """Union of all masks of one image (an image can have several rows)."""
+    return mask_union(table.loc[table["ImageId"] == image_id, "EncodedPixels"], shape)

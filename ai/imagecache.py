@@ -84,11 +84,9 @@ def resized_mask(codes: Sequence[str], shape: tuple[int, int], size: int) -> np.
     import torch
     import torch.nn.functional as F
 
-    from ai.data import rle_decode
+    from ai.data import mask_union
 
-    full = np.zeros(shape, dtype=bool)
-    for code in codes:
-        full |= rle_decode(code, shape)
+    full = mask_union(codes, shape)
     if not full.any():
         return None
     tensor = torch.from_numpy(full.astype(np.float32))[None, None]
@@ -154,7 +152,8 @@ class ImageCache:
             return 0
         started = time.perf_counter()
         masks = masks or {}
-        if self.workers == 1 or len(missing) < self.process_threshold:
+        in_process = self.workers == 1 or len(missing) < self.process_threshold
+        if in_process:
             _init_worker(masks)
             for path in progress(missing, desc="decode", unit="file"):
                 _decode_entry(path, self.size, str(self.folder), keys[path])
@@ -167,10 +166,8 @@ class ImageCache:
                                        desc="decode", unit="file"):
                     future.result()
         seconds = time.perf_counter() - started
-        processes = 1 if self.workers == 1 or len(missing) < self.process_threshold \
-            else self.workers
         log.info("decoded %d files at %d px in %.1f s (%d process(es)) into %s", len(missing),
-                 self.size, seconds, processes, self.folder)
+                 self.size, seconds, 1 if in_process else self.workers, self.folder)
         return len(missing)
 
     def load(self, paths: Sequence[str]) -> dict[str, CachedItem]:
@@ -188,15 +185,3 @@ class ImageCache:
                 shape=tuple(header["shape"]),
             )
         return entries
-
-
-def decode_in_memory(paths: Sequence[str], size: int,
-                     masks: dict[str, list[str]] | None = None) -> dict[str, CachedItem]:
-    """The same entries without a disk cache, decoded in this process (bench/train's
-    baseline, and the fallback for a read-only home)."""
-    with tempfile.TemporaryDirectory(prefix="pneumonode-decode-") as folder:
-        cache = ImageCache(folder, size, workers=1)
-        cache.fill(paths, masks)
-        return {path: CachedItem(np.array(item.image), item.mask, item.sop_instance_uid,
-                                 item.patient_id, item.shape)
-                for path, item in cache.load(paths).items()}

@@ -164,24 +164,18 @@ def _auc(truth: np.ndarray, scores: np.ndarray) -> float | None:
     return rank_auc(truth, scores) if 0 < truth.sum() < truth.size else None
 
 
-def _called(folds: list[OuterFold], column: str) -> tuple[np.ndarray, np.ndarray]:
+def _rates(folds: list[OuterFold], column: str, threshold: float | None = None
+           ) -> dict[str, Any]:
+    """Pooled sensitivity and specificity of `column` ("refit" or "ensemble") with Wilson
+    intervals, each fold's probabilities called at its own nested threshold, or at
+    `threshold` for all (then also reported)."""
     truth = np.concatenate([f.truth for f in folds])
-    called = np.concatenate([getattr(f, column) >= f.choice.threshold for f in folds])
-    return truth, called
-
-
-def _rates(folds: list[OuterFold], column: str) -> dict[str, Any]:
-    truth, called = _called(folds, column)
-    return {"sensitivity": wilson(int((called & truth).sum()), int(truth.sum())),
-            "specificity": wilson(int((~called & ~truth).sum()), int((~truth).sum()))}
-
-
-def _fixed_rates(folds: list[OuterFold], column: str, threshold: float) -> dict[str, Any]:
-    truth = np.concatenate([f.truth for f in folds])
-    called = np.concatenate([getattr(f, column) for f in folds]) >= threshold
-    return {"threshold": threshold,
-            "sensitivity": wilson(int((called & truth).sum()), int(truth.sum())),
-            "specificity": wilson(int((~called & ~truth).sum()), int((~truth).sum()))}
+    called = np.concatenate([
+        getattr(f, column) >= (f.choice.threshold if threshold is None else threshold)
+        for f in folds])
+    rates = {"sensitivity": wilson(int((called & truth).sum()), int(truth.sum())),
+             "specificity": wilson(int((~called & ~truth).sum()), int((~truth).sum()))}
+    return rates if threshold is None else {"threshold": threshold, **rates}
 
 
 def summarise(folds: list[OuterFold], config: TrainConfig, n_outer: int, n_inner: int,
@@ -235,9 +229,9 @@ def summarise(folds: list[OuterFold], config: TrainConfig, n_outer: int, n_inner
             "difference": "ensemble minus refit; paired 95 % percentile bootstrap over images",
             "refit_at_nested_threshold": _rates(folds, "refit") if folds else None,
             "ensemble_at_nested_threshold": _rates(folds, "ensemble") if folds else None,
-            "refit_at_fixed_threshold": _fixed_rates(folds, "refit", config.threshold)
+            "refit_at_fixed_threshold": _rates(folds, "refit", config.threshold)
             if folds else None,
-            "ensemble_at_fixed_threshold": _fixed_rates(folds, "ensemble", config.threshold)
+            "ensemble_at_fixed_threshold": _rates(folds, "ensemble", config.threshold)
             if folds else None,
             "interval": "AUC: 95 % percentile bootstrap over images; rates: 95 % Wilson "
                         "interval",

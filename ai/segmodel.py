@@ -65,9 +65,6 @@ class ClassifySegment(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.unet.layers[0](x))
 
-    def mask_logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_both(x)[1]
-
 
 class BothOutputs(nn.Module):
     """What the learner trains: the model's two outputs as one prediction tuple."""

@@ -154,7 +154,7 @@ def test_the_grey_table_gives_the_per_pixel_pipeline(bits: int, photometric: str
     np.testing.assert_array_equal(to_grey8(ds, pixels), _grey8_of_values(ds, pixels))
 
 
-def test_the_cached_colour_scale_is_the_scale_drawn_in_place() -> None:
+def test_a_cached_colour_scale_gives_the_same_band_showing_the_scale_colours() -> None:
     texts = overlay.caption_texts(0.834, "Pneumothorax", "Pneumothorax probability", "model (1)")
     for width in (512, 700, 1024, 3000):
         caption._scale_block.cache_clear()
