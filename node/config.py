@@ -1,14 +1,18 @@
 """Load and validate config.toml.
 
-The node refuses to start on a config it does not fully understand: a typo in a key would
-otherwise silently fall back to a default and, say, expose the node on every interface.
-Every section and key is declared once here, with its type and check; the messages name the
-offending key as `section.key`.
+Every key has its documented default in the embedded defaults (node/defaults.toml); a config
+file sets only what it changes and is merged over them key by key, so a release that adds a
+key keeps every deployed config file working. The node still refuses a config it does not
+fully understand: a typo in a key would otherwise silently fall back to a default and, say,
+expose the node on every interface. Every section and key is declared once here, with its
+type and check; the messages name the offending key as `section.key`.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +22,7 @@ DEFAULT_CONFIG_NAME = "config.toml"
 
 
 class ConfigError(ValueError):
-    """The configuration file is missing, unreadable or has a wrong or missing key."""
+    """The configuration file is missing, unreadable or has an unknown or wrong key."""
 
 
 @dataclass(frozen=True)
@@ -292,7 +296,7 @@ def _check_section(
     if unknown:
         raise ConfigError(f"{name}.{unknown[0]}: unknown key")
     missing = [k for k in schema if k not in table]
-    if missing:
+    if missing:  # a [[peers]] entry's required keys, or a key the defaults lack
         raise ConfigError(f"{name}.{missing[0]}: missing key")
     checked = {k: check(f"{name}.{k}", table[k]) for k, check in schema.items()}
     for key, (check, default) in optional.items():
@@ -300,16 +304,40 @@ def _check_section(
     return checked
 
 
-def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
-    """Validate a parsed TOML document; relative paths are resolved against base_dir."""
+@functools.cache
+def _default_data() -> dict[str, Any]:
+    """The embedded defaults as parsed TOML (read once; callers must not modify it)."""
+    return tomllib.loads(default_config_text())
+
+
+def merge_over_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """A config file's document merged over the embedded defaults, key by key.
+
+    An absent section is all defaults; a present one keeps the defaults of the keys it
+    leaves out. `[[peers]]` (or `peers = []`) in the file replaces the default peers list
+    as a whole: peers are entries, not keys, and merging them would keep a peer the file
+    meant to drop.
+    """
     unknown = sorted(set(data) - set(_SCHEMA) - {"peers"})
     if unknown:
         raise ConfigError(f"{unknown[0]}: unknown section")
+    defaults = _default_data()
+    merged: dict[str, Any] = {}
     for name in _SCHEMA:
-        if name not in data:
-            raise ConfigError(f"[{name}]: missing section")
+        table = data.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{name}: must be a table")
+        merged[name] = {**defaults.get(name, {}), **table}
+    merged["peers"] = data["peers"] if "peers" in data else list(defaults.get("peers", []))
+    return merged
+
+
+def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
+    """Validate a parsed TOML document merged over the embedded defaults; relative paths
+    are resolved against base_dir."""
+    data = merge_over_defaults(data)
     sections = {name: _check_section(name, data[name], schema) for name, schema in _SCHEMA.items()}
-    raw_peers = data.get("peers", [])
+    raw_peers = data["peers"]
     if not isinstance(raw_peers, list):
         raise ConfigError("peers: must be an array of tables ([[peers]])")
     peers = tuple(
@@ -386,8 +414,7 @@ def load_config(path: str | Path | None) -> Config:
     if path is None:
         candidate = Path(DEFAULT_CONFIG_NAME)
         if not candidate.is_file():
-            data = tomllib.loads(default_config_text())
-            return parse_config(data, Path.cwd(), "<embedded defaults>")
+            return parse_config({}, Path.cwd(), "<embedded defaults>")
         path = candidate
     path = Path(path)
     try:
@@ -399,3 +426,54 @@ def load_config(path: str | Path | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     return parse_config(data, path.resolve().parent, str(path))
+
+def effective_data(config: Config) -> dict[str, Any]:
+    """Every key of `config` with its effective value, as a TOML document's tables: what
+    `config-check --show` prints, and a file that loads back to the same configuration."""
+    data: dict[str, Any] = {}
+    for name, schema in _SCHEMA.items():
+        settings = getattr(config, name)
+        table = {}
+        for key in schema:
+            value = getattr(settings, key)
+            if isinstance(value, tuple):
+                value = list(value)
+            elif isinstance(value, Path):
+                value = str(value)
+            elif value is None:  # an unset [tls] file
+                value = ""
+            table[key] = value
+        data[name] = table
+    data["peers"] = [
+        {"ae_title": p.ae_title, "host": p.host, "port": p.port}
+        | {key: getattr(p, key) for key in _PEER_OPTIONAL}
+        for p in config.peers
+    ]
+    return data
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        # A JSON string, ASCII-escaped, is a valid TOML basic string.
+        return json.dumps(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML form for {value!r}")
+
+
+def effective_toml(config: Config) -> str:
+    """The effective configuration as TOML text: every key, paths resolved, the peers."""
+    data = effective_data(config)
+    peers = data.pop("peers")
+    lines = [f"# Effective configuration of {config.source}: every key, paths resolved."]
+    if not peers:  # top-level keys come before the first table
+        lines.append("peers = []")
+    for name, table in data.items():
+        lines += ["", f"[{name}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
+    for peer in peers:
+        lines += ["", "[[peers]]"] + [f"{k} = {_toml_value(v)}" for k, v in peer.items()]
+    return "\n".join(lines) + "\n"

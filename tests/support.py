@@ -114,8 +114,9 @@ def _toml_value(value: Any) -> str:
 
 
 def dump_toml(data: Mapping[str, Any]) -> str:
-    """TOML text for the config's shape: tables of scalars/lists, and [[peers]]."""
-    lines: list[str] = []
+    """TOML text for the config's shape: tables of scalars/lists, and [[peers]]; an empty
+    peers list is written `peers = []` (no peers), as leaving it out keeps the default's."""
+    lines: list[str] = [f"{name} = []" for name, table in data.items() if table == []]
     for name, table in data.items():
         if isinstance(table, list):
             for item in table:
@@ -131,7 +132,7 @@ def dump_toml(data: Mapping[str, Any]) -> str:
 
 def config_data(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The shipped defaults with `overrides` ({section: {key: value}}, or "peers": [...])
-    applied; a value of None removes the key (to test the missing-key message)."""
+    applied; a value of None removes the key (it then takes its embedded default)."""
     data = tomllib.loads(DEFAULTS_TOML.read_text(encoding="utf-8"))
     for section, values in (overrides or {}).items():
         if section == "peers" or not isinstance(values, Mapping):

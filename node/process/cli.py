@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from node.config import Config, ConfigError, load_config
+from node.config import Config, ConfigError, effective_toml, load_config
 from node.log_policy import keep_phi_out_of_logs
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _load(args)
     print(f"{config.source}: OK")
+    if args.show:
+        # A file leaves most keys to the defaults: --show says what the node will run with.
+        print(effective_toml(config), end="")
+        return 0
     print(f"  AE title {config.node.ae_title} on {config.node.bind_address}:{config.node.port}")
     print(f"  storage {config.storage.folder}")
     print(f"  index {config.storage.database_url}")
@@ -256,6 +260,11 @@ def build_parser(with_ai_commands: bool = True) -> argparse.ArgumentParser:
 
     check = subparsers.add_parser(
         "config-check", parents=[common], help="validate the configuration and exit"
+    )
+    check.add_argument(
+        "--show",
+        action="store_true",
+        help="print the effective configuration as TOML (every key, defaults filled in)",
     )
     check.set_defaults(func=cmd_config_check)
 
