@@ -124,9 +124,11 @@ def model_card(config: TrainConfig, items: pd.DataFrame, summary: dict[str, Any]
 def train(config: TrainConfig, data_root: str | Path | None, out_dir: str | Path,
           device: str = "auto", cache_dir: str | Path | None = None,
           init_weights: str | Path | None = None, workers: int | None = None,
-          nested: bool = False, inner_folds: int | None = None) -> TrainResult:
+          nested: bool = False, inner_folds: int | None = None,
+          model_name: str | None = None) -> TrainResult:
     """Cross-validate `config`, fit it on all the data and write the artifact + reports.
 
+    `model_name` names the model in model.json (default: recipe and architecture).
     `nested`: also run the nested cross-validation of `ai.nested` (`inner_folds`, default
     folds - 1) and write reports/nested.json and reports/nested_predictions.csv.
     """
@@ -169,7 +171,7 @@ def train(config: TrainConfig, data_root: str | Path | None, out_dir: str | Path
         final = fit_model(items, config, target_device, entries, [], Path(work), init_weights,
                           reports=out / "reports")
     classes = sorted(items["label"].unique())
-    model_name = f"pneumonode pneumothorax {config.name} {config.arch.name}"
+    model_name = model_name or f"pneumonode pneumothorax {config.name} {config.arch.name}"
     card = model_card(config, items, summary)
     training_meta = {
         "config": config.to_json(),

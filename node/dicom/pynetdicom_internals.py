@@ -1,0 +1,88 @@
+"""The pynetdicom release whose internals the node adapts, checked before it serves.
+
+`guarded_transport`, `reactor_wakeups` and `find_stream` reach into pynetdicom's private
+code (how it reads a PDU, builds acceptor sockets, naps in its reactors, pauses around a
+send, copies its contexts). A different release may change any of these and the node would
+start and misbehave, so `serve` and `worker` refuse to start unless the installed pynetdicom
+is the one pinned in pyproject.toml and constraints.txt and still holds each piece of code
+relied on. `tests/test_guarded_transport.py` pins the same pieces with behaviour tests.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pynetdicom
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import RequestHandler
+
+REQUIRED_PYNETDICOM = "3.0.4"
+
+
+class UnsupportedPynetdicom(RuntimeError):
+    """The installed pynetdicom is not the release the node's adaptations were written for."""
+
+
+@dataclass(frozen=True)
+class ReliedOn:
+    """A piece of pynetdicom's code that one of the node's adaptations depends on."""
+
+    where: Callable
+    code: str
+    why: str
+
+
+RELIED_ON: tuple[ReliedOn, ...] = (
+    ReliedOn(DULServiceProvider._read_pdu_data, "self.socket.recv(6)",
+             "guarded_transport bounds the PDU header read"),
+    ReliedOn(DULServiceProvider._read_pdu_data, "self.socket.recv(pdu_length)",
+             "guarded_transport bounds the PDU body read"),
+    ReliedOn(RequestHandler._create_association,
+             "AssociationSocket(assoc, client_socket=self.request)",
+             "guarded_transport wraps each acceptor socket"),
+    ReliedOn(RequestHandler._create_association, "deepcopy(self.server.contexts)",
+             "the shared presentation contexts are not copied per association"),
+    ReliedOn(DULServiceProvider.run_reactor, "time.sleep(self._run_loop_delay)",
+             "reactor_wakeups replaces the DUL reactor's nap"),
+    ReliedOn(Association._run_reactor, "self.dimse.get_msg(block=False)",
+             "reactor_wakeups keeps a paused reactor off the sender's responses"),
+    ReliedOn(Association._run_reactor, "self._reactor_checkpoint.wait()",
+             "reactor_wakeups knows where the reactor pauses"),
+    ReliedOn(Association.send_c_store, "self._reactor_checkpoint.clear()",
+             "a send pauses the reactor before it reads its response"),
+    ReliedOn(DIMSEServiceProvider.receive_primitive, "self.msg_queue.put(",
+             "reactor_wakeups wakes the association reactor on a queued message"),
+    ReliedOn(DULServiceProvider._process_recv_primitive, "self.to_provider_queue.queue[0]",
+             "reactor_wakeups wakes the DUL on a queued primitive"),
+)
+
+
+def problems(version: str | None = None) -> list[str]:
+    """What differs from the pynetdicom the node was written for (empty when all is well)."""
+    found = pynetdicom.__version__ if version is None else version
+    if found != REQUIRED_PYNETDICOM:
+        return [f"pynetdicom {found} is installed"]
+    missing = []
+    for piece in RELIED_ON:
+        try:
+            source = inspect.getsource(piece.where)
+        except (OSError, TypeError):
+            source = ""
+        if piece.code not in source:
+            missing.append(f"{piece.where.__qualname__} no longer has {piece.code!r} ({piece.why})")
+    return missing
+
+
+def check_pynetdicom(version: str | None = None) -> None:
+    """Raise UnsupportedPynetdicom, naming the release needed, unless the internals match."""
+    found = problems(version)
+    if found:
+        raise UnsupportedPynetdicom(
+            f"pneumonode needs pynetdicom {REQUIRED_PYNETDICOM} (it adapts that release's "
+            f"internals), but {'; '.join(found)}: install it with "
+            f"`pip install -c constraints.txt -e .` or `pip install pynetdicom=={REQUIRED_PYNETDICOM}`"
+        )
