@@ -18,6 +18,8 @@ PYTHON="${PYTHON:-python3}"
 .venv/bin/python -m pip install -q --upgrade pip
 # torch and torchvision first, pinned together: a torchvision that does not match torch
 # fails to import.
-.venv/bin/python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-.venv/bin/python -m pip install -q -e '.[test]'
+.venv/bin/python -m pip install -q -c constraints.txt "torch==2.14.1" "torchvision==0.29.1"
+# Everything else from the pinned tree in constraints.txt: the node adapts pynetdicom's
+# internals and checks at start that they are the release it was written for.
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[test]'
 echo "pneumonode is installed: .venv/bin/pneumonode --help"

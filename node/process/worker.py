@@ -27,6 +27,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
+from ai.model_choice import DEMO_NOTICE, choose_model
 from node.context import NodeContext
 from node.process.results import (
     ResultModel,
@@ -39,7 +40,6 @@ from storage.jobs import ClaimedJob, JobQueue, worker_identity
 
 log = logging.getLogger(__name__)
 
-MODEL_FILES = ("model.json", "model.safetensors")
 WAITING_POLL_SECONDS = 2.0
 PIXEL_DATA = 0x7FE00010
 
@@ -80,7 +80,7 @@ class AnalysisWorker:
         self._threads: list[threading.Thread] = []
         self._analyzer: Any = None
         self._heatmap_method = "gradcam"  # what [analysis] heatmap means for the loaded model
-        self._model_stamp: tuple[float, ...] | None = None
+        self._model_stamp: tuple[str, tuple[float, ...]] | None = None
         self._waiting_logged = False
         self.device_uid = generate_uid(
             entropy_srcs=["pneumonode-device", context.config.node.ae_title]
@@ -129,19 +129,21 @@ class AnalysisWorker:
     # --- model ----------------------------------------------------------------------------
 
     def _model_ready(self) -> bool:
-        """Load the model once it exists (or reload it when its files change)."""
+        """Load the model once it exists (or reload it when its files change, or when a
+        user's model replaces the shipped demo)."""
         model_dir = Path(self.settings.model)
-        paths = [model_dir / name for name in MODEL_FILES]
-        if not all(p.is_file() for p in paths):
+        choice = choose_model(model_dir, self.settings.demo_model)
+        if choice is None:
             if not self._waiting_logged:
                 log.warning("analysis waits for a model at %s (none there yet)", model_dir)
                 self._waiting_logged = True
             return False
-        stamp = tuple(p.stat().st_mtime for p in paths)
+        stamp = choice.stamp()
         if stamp == self._model_stamp:
             # Loaded already, or this version failed to load: keep what is loaded, if any.
             return self._analyzer is not None
         self._model_stamp = stamp
+        model_dir = choice.folder
         from ai.artifact import ArtifactError
         from ai.infer import Analyzer
 
@@ -164,6 +166,13 @@ class AnalysisWorker:
             analyzer.loaded.version,
             analyzer.device,
         )
+        if choice.is_demo:
+            log.warning(
+                "analysis uses %s: put your own model at %s to replace it, or set "
+                "analysis.demo_model = false",
+                DEMO_NOTICE,
+                self.settings.model,
+            )
         return True
 
     # --- loader: claim + decode -----------------------------------------------------------
