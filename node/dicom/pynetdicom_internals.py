@@ -83,6 +83,6 @@ def check_pynetdicom(version: str | None = None) -> None:
     if found:
         raise UnsupportedPynetdicom(
             f"pneumonode needs pynetdicom {REQUIRED_PYNETDICOM} (it adapts that release's "
-            f"internals), but {'; '.join(found)}: install it with "
-            f"`pip install -c constraints.txt -e .` or `pip install pynetdicom=={REQUIRED_PYNETDICOM}`"
+            f"internals), but {'; '.join(found)}: install it with `pip install -c "
+            f"constraints.txt -e .` or `pip install pynetdicom=={REQUIRED_PYNETDICOM}`"
         )
