@@ -52,6 +52,9 @@ class NodeSettings:
     max_associations_per_address: int
     relational_queries: bool
     processes: int
+    # Give a presentation context to any SOP class UID the node does not know when it is
+    # offered under a storage transfer syntax, and store it like any other instance.
+    accept_unknown_sop_classes: bool = False
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,7 @@ class AnalysisSettings:
     sc_transfer_syntax: str
     heatmap: str
     result_processes: int = 0
+    demo_model: bool = True
 
 
 @dataclass(frozen=True)
@@ -232,6 +236,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "max_associations_per_address": _int_range(1, 1000),
         "relational_queries": _bool,
         "processes": _int_range(0, 256),
+        "accept_unknown_sop_classes": _bool,
     },
     "storage": {
         "folder": _string,
@@ -259,6 +264,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "sc_transfer_syntax": _choice("uncompressed", "jpeg-baseline"),
         "heatmap": _choice("auto", "gradcam", "cam", "segmentation"),
         "result_processes": _int_range(0, 256),
+        "demo_model": _bool,
     },
     "delivery": {
         "destination": _string,
@@ -426,6 +432,7 @@ def load_config(path: str | Path | None) -> Config:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     return parse_config(data, path.resolve().parent, str(path))
+
 
 def effective_data(config: Config) -> dict[str, Any]:
     """Every key of `config` with its effective value, as a TOML document's tables: what
