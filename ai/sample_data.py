@@ -11,6 +11,7 @@ all: everything is unpacked and checked under a temporary name next to it, then 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import tarfile
 import tempfile
@@ -21,14 +22,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 
-from ai.data import RLE_NAMES, load_items
+from ai.data import RLE_NAMES, find_rle_table, load_items, read_rle_table
 
 log = logging.getLogger(__name__)
 
 DOWNLOAD_TIMEOUT_SECONDS = 60
 CHUNK_BYTES = 1 << 20
-ARCHIVE_SUFFIXES = (".tgz", ".tar.gz", ".tar", ".zip")
+# The SIIM-ACR masks of the whole challenge set (ai/siim_masks/NOTICE.md says whence).
+SHIPPED_MASKS = (
+    Path(__file__).resolve().parent / "siim_masks" / "siim-pneumothorax-train-rle.csv.gz"
+)
+SOURCE_ENV = "PNEUMONODE_SAMPLE_DATA"
 
 
 class SampleDataError(RuntimeError):
@@ -51,7 +58,10 @@ class SampleData:
 
 
 def default_source() -> str:
-    """fastai's SIIM_SMALL archive (its URL constant, so both name the same file)."""
+    """$PNEUMONODE_SAMPLE_DATA (a mirror, archive or folder for sites without internet),
+    else fastai's SIIM_SMALL archive (its URL constant, so both name the same file)."""
+    if os.environ.get(SOURCE_ENV):
+        return os.environ[SOURCE_ENV]
     from fastai.data.external import URLs
 
     return URLs.SIIM_SMALL
@@ -69,6 +79,8 @@ def fetch_sample_data(folder: str | Path, source: str | Path | None = None) -> S
         work_dir = Path(work)
         unpacked = _unpack(str(source or default_source()), work_dir)
         _describe(unpacked, fetched=True)  # refuse a source that is not a labelled data set
+        if find_rle_table(unpacked) is None:
+            _add_masks(unpacked)
         if target.exists():
             target.rmdir()
         unpacked.rename(target)
@@ -136,6 +148,23 @@ def _data_root(unpacked: Path, source: str) -> Path:
     if not found:
         raise SampleDataError(f"{source}: no labels.csv in it, so not a labelled data set")
     return found[0].parent
+
+
+def _add_masks(root: Path) -> None:
+    """train-rle.csv.gz with the shipped SIIM masks of the images in `root` (fastai's archive
+    has none; the default recipe trains on them). Images SIIM has no row for get none."""
+    uids = set()
+    for path in load_items(root)["path"]:
+        try:
+            uids.add(str(dcmread(path, stop_before_pixels=True).SOPInstanceUID))
+        except (InvalidDicomError, AttributeError, OSError):
+            continue
+    table = read_rle_table(SHIPPED_MASKS)
+    rows = table[table["ImageId"].isin(uids)]
+    if rows.empty:
+        return
+    rows.to_csv(root / "train-rle.csv.gz", index=False, compression="gzip")
+    log.info("SIIM masks of %d images written to %s", rows["ImageId"].nunique(), root)
 
 
 def _describe(folder: Path, fetched: bool) -> SampleData:

@@ -14,8 +14,10 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from dicom_data import small_image
+from pydicom import dcmread
 from support import node_env
 
 from ai.data import load_items
@@ -133,6 +135,22 @@ def test_takes_a_local_archive_or_folder(tmp_path: Path, archive: Path) -> None:
     assert "with SIIM masks" in result.stdout
     _assert_layout(from_folder)
     assert (from_folder / "train-rle.csv").is_file()
+
+
+def test_an_archive_without_masks_gets_the_shipped_siim_masks(tmp_path: Path) -> None:
+    """fastai's archive has labels but no masks: the rows of its SIIM images are added."""
+    folder = _sample_folder(tmp_path / "src")
+    siim_uid = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819"  # a SIIM image, no mask
+    first = sorted((folder / "train" / "No Pneumothorax").glob("*.dcm"))[0]
+    image = dcmread(first)
+    image.SOPInstanceUID = image.file_meta.MediaStorageSOPInstanceUID = siim_uid
+    image.save_as(first, enforce_file_format=True)
+    target = tmp_path / "siim_small"
+    result = _sample_data(target, folder)
+    assert result.returncode == 0, result.stderr
+    assert "with SIIM masks" in result.stdout
+    masks = pd.read_csv(target / "train-rle.csv.gz", dtype=str)
+    assert masks.to_dict("records") == [{"ImageId": siim_uid, "EncodedPixels": "-1"}]
 
 
 def test_refuses_a_folder_holding_something_else(tmp_path: Path, archive: Path) -> None:
