@@ -59,8 +59,8 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
         parents=parents,
         help="cohort table (all tags + pixel statistics) and plots",
         description="One row per DICOM file (every top-level tag plus img_min, img_max, "
-        "img_mean, img_std, img_pct_window) as CSV (and Parquet when pyarrow is "
-        "installed), plus age, sex, view position and label plots.",
+        "img_mean, img_std, img_pct_window) as CSV (and Parquet with the 'parquet' extra: "
+        "pip install -e '.[parquet]'), plus age, sex, view position and label plots.",
     )
     stats.add_argument("sources", nargs="+", help="DICOM files or folders (searched for *.dcm)")
     stats.add_argument("--out", required=True, help="folder for cohort.csv and the PNGs")
@@ -252,7 +252,10 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
     )
     _add_method(localise)
     localise.add_argument(
-        "--out", default=None, help="folder for localisation.json/.csv (default: <model>/reports)"
+        "--out",
+        default=None,
+        help="folder for localisation-<scope>.json/.csv (default: <model>/reports; train's "
+        "own localisation.csv there is never replaced)",
     )
     localise.add_argument("--batch-size", type=int, default=8)
     _add_device(localise)
@@ -457,7 +460,7 @@ def run_cam(args: argparse.Namespace) -> int:
 
 def run_localise(args: argparse.Namespace) -> int:
     from ai.artifact import ArtifactError
-    from ai.localise import localise
+    from ai.localise import localise, output_files
 
     out = args.out or str(Path(args.model) / "reports")
     try:
@@ -475,4 +478,5 @@ def run_localise(args: argparse.Namespace) -> int:
         return 2
     for key, value in summary.items():
         print(f"{key}: {value}")
+    print("written: " + ", ".join(map(str, output_files(out, args.scope))))
     return 0

@@ -3,8 +3,10 @@
 For positive images with a mask in `train-rle.csv(.gz)`: how often the heatmap's peak
 (GradCAM, CAM or a mask head's map) falls inside the mask ("pointing game"), and the share
 of the map's energy inside it. `train` scores every fold's model this way on the images it
-did not see (reports/localisation.csv); this command scores a finished model. The mask's
-share of the image is reported alongside: it is what a uniform map would score.
+did not see (`<model>/reports/localisation.csv`); this command scores a finished model
+into files of its own, `localisation-<scope>.json` and `.csv`, so it never replaces the
+cross-validated figures `train` wrote. The mask's share of the image is reported
+alongside: it is what a uniform map would score.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from ai.preprocess import read_dataset, read_grey8
 from ai.results.overlay import upsample_bilinear
 
 log = logging.getLogger(__name__)
+
+# Written by `train` (ai.reports) from its folds' held-out images; never written here.
+TRAIN_LOCALISATION = Path("reports") / "localisation.csv"
 
 
 @dataclass
@@ -45,8 +50,18 @@ def score_heatmap(heatmap: np.ndarray, mask: np.ndarray) -> tuple[bool, float, f
     return bool(mask[peak]), energy, float(mask.mean())
 
 
-def select_files(model_meta: dict, items: pd.DataFrame, scope: str) -> pd.DataFrame:
-    """Positive images of the recorded validation split ('validation') or all ('all')."""
+def output_files(out: str | Path, scope: str) -> tuple[Path, Path]:
+    """(JSON, CSV) that `localise` writes for `scope`: named apart from train's
+    localisation.csv, so scoring a model never replaces its cross-validated figures."""
+    folder = Path(out)
+    return folder / f"localisation-{scope}.json", folder / f"localisation-{scope}.csv"
+
+
+def select_files(
+    model_meta: dict, items: pd.DataFrame, scope: str, model_dir: str | Path = "."
+) -> pd.DataFrame:
+    """Positive images of the recorded validation split ('validation') or all ('all');
+    `model_dir` only names train's own localisation file in the refusal."""
     positives = items[items["label"] == POSITIVE]
     if scope == "all":
         return positives
@@ -55,7 +70,8 @@ def select_files(model_meta: dict, items: pd.DataFrame, scope: str) -> pd.DataFr
     if not validation and "folds" in training:
         raise ValueError("the model was refitted on all images after cross-validation, so "
                          "none is held out: its folds' localisation is in "
-                         "reports/localisation.csv; use scope 'all' to score it anyway")
+                         f"{Path(model_dir) / TRAIN_LOCALISATION}; use scope 'all' to score "
+                         "it anyway")
     if not validation:
         raise ValueError("the model records no validation split; use scope 'all'")
     return positives[positives["file"].isin(validation)]
@@ -70,7 +86,8 @@ def localise(
     batch_size: int = 8,
     device: str = "auto",
 ) -> dict:
-    """Score the model's heatmaps against the masks; write JSON + CSV into `out` if given."""
+    """Score the model's heatmaps against the masks; write `output_files(out, scope)` if
+    `out` is given."""
     root = Path(data_root)
     rle_path = find_rle_table(root)
     if rle_path is None:
@@ -78,7 +95,7 @@ def localise(
     masks = read_rle_table(rle_path)
     analyzer = Analyzer(model_dir, device=device, batch_size=batch_size)
     method = method or analyzer.default_method()
-    chosen = select_files(analyzer.loaded.meta, load_items(root), scope)
+    chosen = select_files(analyzer.loaded.meta, load_items(root), scope, model_dir)
     results: list[LocalisationResult] = []
     for start in progress(range(0, len(chosen), batch_size), desc="localise", unit="batch"):
         rows = chosen.iloc[start : start + batch_size]
@@ -112,10 +129,10 @@ def localise(
         else None,
     }
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "localisation.json").write_text(json.dumps(summary, indent=2) + "\n")
-        pd.DataFrame([asdict(r) for r in results]).to_csv(out / "localisation.csv", index=False)
+        json_path, csv_path = output_files(out, scope)
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(summary, indent=2) + "\n")
+        pd.DataFrame([asdict(r) for r in results]).to_csv(csv_path, index=False)
     log.info(
         "localisation over %d images: peak in mask %.3f, energy in mask %.3f",
         len(results),

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 
 PARQUET_MISSING = (
     "cohort.parquet not written: Parquet needs pyarrow, which is not installed "
-    "(pip install pyarrow); cohort.csv holds the same table"
+    "(install the node's parquet extra: pip install -e '.[parquet]' in its folder); "
+    "cohort.csv holds the same table"
 )
 
 

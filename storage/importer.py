@@ -3,7 +3,9 @@
 Each file goes through `Archive.store_file_bytes` (header checks, UID checks, duplicate
 policy, atomic write, index commit), so an imported instance is indistinguishable from a
 received one. Files that cannot be archived are skipped and the reason is counted, so a
-large import reports what it left behind instead of stopping at the first odd file.
+large import reports what it left behind instead of stopping at the first odd file. A skip
+is a refusal unless the file is no DICOM instance at all (no DICM prefix, a DICOMDIR): the
+command exits non-zero when anything was refused.
 """
 
 from __future__ import annotations
@@ -23,6 +25,10 @@ log = logging.getLogger(__name__)
 
 _PREAMBLE_LENGTH = 128
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+NOT_DICOM = "not a DICOM file (no DICM prefix)"
+DICOMDIR = "a DICOMDIR, not an instance"
+# Skips that are not refusals: files beside the instances that are none (notes, indexes).
+NOT_INSTANCES = frozenset({NOT_DICOM, DICOMDIR})
 
 
 @dataclass
@@ -31,6 +37,17 @@ class ImportSummary:
 
     actions: Counter[str] = field(default_factory=Counter)
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def refused(self) -> list[tuple[Path, str]]:
+        """Skipped files that are DICOM instances the archive would not take (or could not
+        read): what makes `pneumonode import` exit non-zero."""
+        return [(path, reason) for path, reason in self.skipped if reason not in NOT_INSTANCES]
+
+    @property
+    def instances(self) -> int:
+        """DICOM instances found and archived (stored, replaced or kept as first)."""
+        return sum(self.actions.values())
 
     @property
     def skip_reasons(self) -> Counter[str]:
@@ -43,7 +60,11 @@ class ImportSummary:
             f"{action}: {self.actions.get(action, 0)}"
             for action in ("stored", "replaced", "kept-first")
         ]
-        out.append(f"skipped: {len(self.skipped)}")
+        skipped = f"skipped: {len(self.skipped)}"
+        if self.skipped:
+            refused = len(self.refused)
+            skipped += f" ({refused} refused, {len(self.skipped) - refused} not DICOM instances)"
+        out.append(skipped)
         out.extend(f"  {count} x {reason}" for reason, count in self.skip_reasons.most_common())
         return out
 
@@ -57,7 +78,7 @@ def iter_files(folder: Path) -> Iterator[Path]:
 
 def _skip_reason_before_store(data: bytes) -> str | None:
     if len(data) < _PREAMBLE_LENGTH + 4 or data[_PREAMBLE_LENGTH : _PREAMBLE_LENGTH + 4] != b"DICM":
-        return "not a DICOM file (no DICM prefix)"
+        return NOT_DICOM
     return None
 
 
@@ -65,7 +86,7 @@ def _mismatch(header) -> str | None:
     """The file meta must describe the dataset it carries, as a C-STORE request must."""
     meta = header.file_meta
     if str(meta.get("MediaStorageSOPClassUID", "") or "") == _MEDIA_STORAGE_DIRECTORY:
-        return "a DICOMDIR, not an instance"
+        return DICOMDIR
     return envelope_mismatch(
         header,
         sop_class=str(meta.get("MediaStorageSOPClassUID", "") or ""),

@@ -197,9 +197,11 @@ def test_cam_command_writes_picture(trained, tmp_path):
 
 
 def test_localise_command(trained, tmp_path, capsys):
-    # The final model saw every image: the validation scope is refused with the reason.
+    # The final model saw every image: the validation scope is refused with the reason,
+    # naming the cross-validated file train wrote.
+    train_file = trained / "reports" / "localisation.csv"
     assert run("localise", str(trained), "--data", str(SIIM), "--device", "cpu") == 2
-    assert "reports/localisation.csv" in capsys.readouterr().err
+    assert str(train_file) in capsys.readouterr().err
     assert (
         run(
             "localise", str(trained), "--data", str(SIIM), "--out", str(tmp_path), "--device",
@@ -207,10 +209,21 @@ def test_localise_command(trained, tmp_path, capsys):
         )
         == 0
     )
-    summary = json.loads((tmp_path / "localisation.json").read_text())
+    summary = json.loads((tmp_path / "localisation-all.json").read_text())
     assert summary["n_images"] == 60 and summary["method"] == "gradcam"
     assert 0.0 <= summary["peak_in_mask_rate"] <= 1.0
     assert 0.0 <= summary["mean_energy_in_mask"] <= 1.0
+    assert len(pd.read_csv(tmp_path / "localisation-all.csv")) == 60
+
+
+def test_localise_never_replaces_the_localisation_train_wrote(trained, capsys):
+    reports = trained / "reports"
+    written_by_train = (reports / "localisation.csv").read_bytes()
+    args = ("localise", str(trained), "--data", str(SIIM), "--device", "cpu", "--scope", "all")
+    assert run(*args) == 0  # into <model>/reports, its default
+    assert (reports / "localisation.csv").read_bytes() == written_by_train
+    assert (reports / "localisation-all.csv").is_file()
+    assert "localisation-all.json" in capsys.readouterr().out
 
 
 def test_stats_command(tmp_path, capsys, caplog, monkeypatch):
@@ -221,7 +234,9 @@ def test_stats_command(tmp_path, capsys, caplog, monkeypatch):
     with caplog.at_level(logging.INFO, logger="ai.console"):
         assert run("stats", *map(str, files), "--out", str(tmp_path)) == 0
     assert "stats: 3/3 files done" in caplog.text  # progress, as log lines off a terminal
-    assert "pyarrow" in capsys.readouterr().err  # says why there is no Parquet file
+    err = capsys.readouterr().err
+    assert "pyarrow" in err  # says why there is no Parquet file
+    assert "pip install -e '.[parquet]'" in err  # and how to get it, as the README says
     assert not (tmp_path / "cohort.parquet").exists()
     table = pd.read_csv(tmp_path / "cohort.csv")
     assert len(table) == 3

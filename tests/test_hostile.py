@@ -196,6 +196,12 @@ def test_wrong_called_ae_title_is_rejected(node: NodeProcess) -> None:
     result, _ = timed_echo(node, called="WRONGAE")
     assert result.returncode != 0
     assert "Called AE Title Not Recognized" in result.stderr
+    # The node's log line says why, in one line.
+    wait_for_log(
+        node,
+        f"association rejected: called AE title 'WRONGAE' not recognised (this node is "
+        f"{node.ae_title!r}; node.require_called_ae_title), calling AE 'ECHOSCU' from 127.0.0.1:",
+    )
 
 
 def test_any_called_ae_title_when_allowed(tmp_path: Path) -> None:

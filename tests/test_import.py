@@ -45,10 +45,12 @@ def test_import_folder_with_dicom_and_other_files(tmp_path: Path, siim_dicom_fil
         text=True,
         timeout=120,
     )
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 1, result.stderr  # three DICOM files were refused
+    assert "pneumonode import: 3 file(s) refused" in result.stderr
     out = result.stdout
     for count in ("stored: 11", "replaced: 1", "skipped: 4"):
         assert re.search(rf"\b{count}\b", out), (count, out)
+    assert "skipped: 4 (3 refused, 1 not DICOM instances)" in out
     assert "not a DICOM file (no DICM prefix)" in out
     assert "cannot parse" in out
     assert "SOPInstanceUID is missing" in out
@@ -64,3 +66,49 @@ def test_import_folder_with_dicom_and_other_files(tmp_path: Path, siim_dicom_fil
     for relative in paths:
         assert dcmread(storage / "files" / relative).SOPInstanceUID in relative
     assert not (tmp_path / "escape").exists()
+
+
+def _import(tmp_path: Path, source: Path) -> subprocess.CompletedProcess:
+    config = write_config(
+        tmp_path / "config.toml",
+        {"storage": {"folder": str(tmp_path / "storage"), "fsync": False}},
+    )
+    return subprocess.run(
+        node_command(config, "import", str(source), "--no-progress"),
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_import_exit_status_says_whether_anything_was_left_behind(tmp_path: Path) -> None:
+    source = tmp_path / "incoming"
+    source.mkdir()
+    (source / "a.dcm").write_bytes(file_bytes(small_image()))
+    (source / "README.txt").write_text("not DICOM: skipped, not refused")
+    result = _import(tmp_path, source)
+    assert result.returncode == 0, result.stderr
+    assert "skipped: 1 (0 refused, 1 not DICOM instances)" in result.stdout
+
+    no_uid = small_image()
+    del no_uid.SOPInstanceUID
+    (source / "no-uid.dcm").write_bytes(file_bytes(no_uid))
+    result = _import(tmp_path, source)
+    assert result.returncode == 1
+    assert "1 file(s) refused (--list-skipped names them)" in result.stderr
+
+    nothing = tmp_path / "nothing"
+    nothing.mkdir()
+    (nothing / "notes.txt").write_text("no instance here")
+    result = _import(tmp_path, nothing)
+    assert result.returncode == 1
+    assert f"no DICOM instance in {nothing}" in result.stderr
+    usage = subprocess.run(
+        node_command(tmp_path / "config.toml", "import", "--help"),
+        env=node_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert "1 when any file was refused" in " ".join(usage.split())

@@ -55,7 +55,9 @@ class Admission:
     def __call__(self, calling: str, called: str, address: str) -> str | None:
         peer = self.peers.get(calling)
         if peer is None:
-            return None if self.accept_unknown else "not a [[peers]] AE title"
+            if self.accept_unknown:
+                return None
+            return "not a [[peers]] AE title (node.accept_unknown_callers is false)"
         if peer.any_address:
             return None
         remote = _normalised(address)

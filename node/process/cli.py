@@ -135,6 +135,15 @@ def cmd_import(args: argparse.Namespace) -> int:
     if args.list_skipped:
         for path, reason in summary.skipped:
             print(f"skipped {path}: {reason}")
+    # A script or a user must see that files were left behind without reading the counts.
+    refused = len(summary.refused)
+    if refused:
+        hint = "" if args.list_skipped else " (--list-skipped names them)"
+        print(f"pneumonode import: {refused} file(s) refused{hint}", file=sys.stderr)
+        return 1
+    if not summary.instances:
+        print(f"pneumonode import: no DICOM instance in {folder}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -221,7 +230,14 @@ def build_parser(with_ai_commands: bool = True) -> argparse.ArgumentParser:
     serve.set_defaults(func=cmd_serve)
 
     importer = subparsers.add_parser(
-        "import", parents=[common], help="archive and index a folder of DICOM files"
+        "import",
+        parents=[common],
+        help="archive and index a folder of DICOM files",
+        description="Archive and index every DICOM file below DIR by the rules of C-STORE. "
+        "Exit status 0 when every DICOM instance found was archived; 1 when any file was "
+        "refused (a DICOM file the archive would not take, or an unreadable file) or DIR "
+        "holds no DICOM instance. Files without the DICM prefix and DICOMDIRs are skipped, "
+        "not refused. The summary counts both.",
     )
     importer.add_argument("folder", metavar="DIR", help="folder to import (recursively)")
     importer.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -1,10 +1,11 @@
 """The DICOM application entity: what the node accepts, and the serve loop.
 
 `DicomNode` builds the pynetdicom AE from the configuration (AE title, limits, timeouts,
-the presentation contexts of Verification, Storage and Query/Retrieve FIND, MOVE and GET),
-binds the service handlers to a shared `NodeContext` and runs the server with any
-background services (the analysis worker, the result sender) beside it. `serve` runs one
-until SIGINT or SIGTERM.
+the presentation contexts of Verification, Storage and Query/Retrieve FIND, MOVE and GET;
+the storage classes are node.dicom.storage_classes', unknown ones added per association
+when `node.accept_unknown_sop_classes` is on), binds the service handlers to a shared
+`NodeContext` and runs the server with any background services (the analysis worker, the
+result sender) beside it. `serve` runs one until SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
-from pydicom import uid
-from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
+from pynetdicom import AE, _config, evt
+from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -36,56 +37,20 @@ from node.dicom.guarded_transport import GuardedRequestHandler, GuardedServer, G
 from node.dicom.move_scp import handle_move
 from node.dicom.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES
 from node.dicom.slots import AssociationSlots
+from node.dicom.storage_classes import (
+    STORAGE_SOP_CLASSES,
+    STORAGE_TRANSFER_SYNTAXES,
+    UNCOMPRESSED_TRANSFER_SYNTAXES,
+    UnknownSopClasses,
+    is_unknown,
+    register_retired_storage,
+)
 from node.dicom.storage_scp import handle_store
 from node.dicom.tls import server_context
 from storage.consistency import RecoveryReport, log_recovery, recover
 
 log = logging.getLogger(__name__)
 
-# Stored as received, so any encoding a sender uses is fine as long as the pixel data is in
-# the dataset: uncompressed, deflated, every JPEG family, RLE, and the video encodings.
-# Left out: the JPIP "referenced" syntaxes, whose pixel data lives on a remote server.
-UNCOMPRESSED_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    uid.ExplicitVRLittleEndian,
-    uid.ImplicitVRLittleEndian,
-    uid.DeflatedExplicitVRLittleEndian,
-    uid.ExplicitVRBigEndian,
-)
-COMPRESSED_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    uid.JPEGBaseline8Bit,
-    uid.JPEGExtended12Bit,
-    uid.JPEGLossless,
-    uid.JPEGLosslessSV1,
-    uid.JPEGLSLossless,
-    uid.JPEGLSNearLossless,
-    uid.JPEG2000Lossless,
-    uid.JPEG2000,
-    uid.JPEG2000MCLossless,
-    uid.JPEG2000MC,
-    uid.HTJ2KLossless,
-    uid.HTJ2KLosslessRPCL,
-    uid.HTJ2K,
-    uid.RLELossless,
-    uid.MPEG2MPML,
-    uid.MPEG2MPMLF,
-    uid.MPEG2MPHL,
-    uid.MPEG2MPHLF,
-    uid.MPEG4HP41,
-    uid.MPEG4HP41F,
-    uid.MPEG4HP41BD,
-    uid.MPEG4HP41BDF,
-    uid.MPEG4HP422D,
-    uid.MPEG4HP422DF,
-    uid.MPEG4HP423D,
-    uid.MPEG4HP423DF,
-    uid.MPEG4HP42STEREO,
-    uid.MPEG4HP42STEREOF,
-    uid.HEVCMP51,
-    uid.HEVCM10P51,
-)
-STORAGE_TRANSFER_SYNTAXES: tuple[str, ...] = (
-    UNCOMPRESSED_TRANSFER_SYNTAXES + COMPRESSED_TRANSFER_SYNTAXES
-)
 QUERY_SOP_CLASSES = (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -154,10 +119,10 @@ def build_ae(config: Config) -> AE:
     ae.add_supported_context(Verification, UNCOMPRESSED_TRANSFER_SYNTAXES)
     # Both roles: a C-GET requester proposes to be the Storage SCP on its own association
     # (SCP/SCU role selection); a sender proposes nothing and keeps the default roles.
-    for context in AllStoragePresentationContexts:
-        ae.add_supported_context(
-            context.abstract_syntax, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True
-        )
+    # pynetdicom's storage classes and the retired ones (node.dicom.storage_classes).
+    register_retired_storage()
+    for sop_class in STORAGE_SOP_CLASSES:
+        ae.add_supported_context(sop_class, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
     for sop_class in QUERY_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES:
         ae.add_supported_context(sop_class, UNCOMPRESSED_TRANSFER_SYNTAXES)
     return ae
@@ -168,11 +133,89 @@ def _peer_of(event: evt.Event) -> str:
     return f"calling AE {requestor.ae_title!r} from {requestor.address}:{requestor.port}"
 
 
-def _log_association(outcome: str) -> Callable[[evt.Event], None]:
-    def handler(event: evt.Event) -> None:
-        log.info("association %s: %s", outcome, _peer_of(event))
+# A-ASSOCIATE-RJ (result source, diagnostic) -> why, PS3.8 9.3.4 (pynetdicom's rejections;
+# node.dicom.guarded_transport logs those it answers itself).
+_REJECTION_REASONS = {
+    (1, 1): "no reason given",
+    (1, 2): "application context name not supported",
+    (1, 3): "calling AE title not recognised",
+    (2, 1): "user identity not accepted",
+    (2, 2): "protocol version not supported",
+    (3, 1): "temporary congestion",
+    (3, 2): "local limit exceeded (node.max_associations)",
+}
+# A-ASSOCIATE-AC presentation context results (PS3.8 9.3.3.2).
+_CONTEXT_RESULTS = {
+    1: "user rejection",
+    2: "no reason",
+    3: "SOP class not supported",
+    4: "transfer syntaxes not supported",
+}
+MAX_LOGGED_CONTEXTS = 4  # refused contexts named in an accepted association's line
 
-    return handler
+
+class AssociationLog:
+    """One log line per association: who called, and why it was rejected or which
+    presentation contexts were refused. UIDs and AE titles only, never patient data."""
+
+    def __init__(self, config: Config) -> None:
+        self.ae_title = config.node.ae_title
+        self.unknown_accepted = config.node.accept_unknown_sop_classes
+
+    def handlers(self) -> list[tuple]:
+        return [
+            (evt.EVT_ACCEPTED, self.accepted),
+            (evt.EVT_REJECTED, self.rejected),
+            (evt.EVT_RELEASED, self.released),
+            (evt.EVT_ABORTED, self.aborted),
+        ]
+
+    def accepted(self, event: evt.Event) -> None:
+        log.info("association accepted: %s%s", _peer_of(event), self._refused(event))
+
+    def rejected(self, event: evt.Event) -> None:
+        log.info("association rejected: %s, %s", self.reason(event), _peer_of(event))
+
+    def released(self, event: evt.Event) -> None:
+        log.info("association released: %s", _peer_of(event))
+
+    def aborted(self, event: evt.Event) -> None:
+        log.info("association aborted: %s", _peer_of(event))
+
+    def reason(self, event: evt.Event) -> str:
+        """Why pynetdicom answered the request with the A-ASSOCIATE-RJ it sent."""
+        answer = event.assoc.acceptor.primitive
+        source, diagnostic = answer.result_source, answer.diagnostic
+        if (source, diagnostic) == (1, 7):
+            called = str(event.assoc.requestor.primitive.called_ae_title).strip()
+            return (
+                f"called AE title {called!r} not recognised (this node is {self.ae_title!r};"
+                " node.require_called_ae_title)"
+            )
+        known = _REJECTION_REASONS.get((source, diagnostic))
+        return known or f"result {answer.result}, source {source}, diagnostic {diagnostic}"
+
+    def _refused(self, event: evt.Event) -> str:
+        """'; refused contexts: <SOP class UID> (<why>), ...' or '' when none was."""
+        refused = event.assoc.rejected_contexts
+        if not refused:
+            return ""
+        named = list(
+            dict.fromkeys(
+                f"{context.abstract_syntax} ({self._context_result(context)})"
+                for context in refused
+            )
+        )
+        shown = named[:MAX_LOGGED_CONTEXTS]
+        more = f" and {len(named) - len(shown)} more" if len(named) > len(shown) else ""
+        return f"; refused contexts: {', '.join(shown)}{more}"
+
+    def _context_result(self, context: PresentationContext) -> str:
+        result = context.result
+        text = _CONTEXT_RESULTS.get(result or 0, f"result {result}")
+        if result == 3 and not self.unknown_accepted and is_unknown(str(context.abstract_syntax)):
+            text += "; node.accept_unknown_sop_classes is off"
+        return text
 
 
 def _handle_echo(event: evt.Event) -> int:
@@ -181,18 +224,18 @@ def _handle_echo(event: evt.Event) -> int:
 
 def event_handlers(context: NodeContext) -> list[tuple]:
     """The pynetdicom handler bindings of the node's services."""
-    return [
+    handlers = [
         (evt.EVT_C_ECHO, _handle_echo),
         (evt.EVT_C_STORE, handle_store, [context]),
         (evt.EVT_C_FIND, handle_find, [context]),
         (evt.EVT_C_MOVE, handle_move, [context]),
         (evt.EVT_C_GET, handle_get, [context]),
         (evt.EVT_SOP_EXTENDED, handle_sop_extended, [context]),
-        (evt.EVT_ACCEPTED, _log_association("accepted")),
-        (evt.EVT_REJECTED, _log_association("rejected")),
-        (evt.EVT_RELEASED, _log_association("released")),
-        (evt.EVT_ABORTED, _log_association("aborted")),
+        *AssociationLog(context.config).handlers(),
     ]
+    if context.config.node.accept_unknown_sop_classes:
+        handlers += UnknownSopClasses().handlers()
+    return handlers
 
 
 class DicomNode:
