@@ -54,6 +54,23 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
     parents = parents or []
     from ai.configs import CONFIGS, DEFAULT_RECIPE
 
+    sample = subparsers.add_parser(
+        "sample-data",
+        parents=parents,
+        help="fetch the sample chest X-rays (fastai's SIIM_SMALL) into a folder",
+        description="Download fastai's SIIM_SMALL (250 chest X-ray DICOMs and labels.csv) "
+        "into DIR, or take it from --source: an http(s) URL, a local .tgz/.zip, or a folder "
+        "in the same layout (its train-rle.csv(.gz) masks are copied too). DIR then holds "
+        "labels.csv and train/<label>/*.dcm, which storescu, stats and train read. A DIR that "
+        "already holds the data is left as it is.",
+    )
+    sample.add_argument("folder", metavar="DIR", help="where to put the data")
+    sample.add_argument(
+        "--source", default=None,
+        help="URL, archive or folder to take the data from (default: fastai's SIIM_SMALL URL)",
+    )
+    sample.set_defaults(func=_console(run_sample_data))
+
     stats = subparsers.add_parser(
         "stats",
         parents=parents,
@@ -113,6 +130,12 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
     train.add_argument("--lr", type=float, default=None, help="learning rate")
     train.add_argument("--batch-size", type=int, default=None)
     train.add_argument("--seed", type=int, default=None, help="seed of the split and the init")
+    train.add_argument(
+        "--name",
+        default=None,
+        help="the model's name in model.json, the results' captions and the SR's algorithm "
+        "name (default: pneumonode pneumothorax RECIPE ARCH)",
+    )
     train.add_argument(
         "--folds", type=int, default=None, help="cross-validation folds (default 5; >= 2)"
     )
@@ -262,6 +285,18 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
     localise.set_defaults(func=_console(run_localise))
 
 
+def run_sample_data(args: argparse.Namespace) -> int:
+    from ai.sample_data import SampleDataError, fetch_sample_data
+
+    try:
+        fetched = fetch_sample_data(args.folder, args.source)
+    except SampleDataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(fetched.summary())
+    return 0
+
+
 def run_stats(args: argparse.Namespace) -> int:
     from ai.stats import write_cohort_report
 
@@ -309,7 +344,8 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         result = train(config, args.data, args.out, device=args.device,
                        cache_dir=args.cache_dir, init_weights=args.init_weights,
-                       workers=args.workers, nested=args.nested, inner_folds=args.inner_folds)
+                       workers=args.workers, nested=args.nested, inner_folds=args.inner_folds,
+                       model_name=args.name)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -239,6 +240,10 @@ def _start_child(config: Config, log_level: int) -> None:
     """A pool process: its own logging, index engine and archive; one torch thread (the
     overlay's interpolation), since the pool's processes are the parallelism."""
     global _child_context
+    # A Ctrl-C in serve's terminal reaches the whole process group: the worker that owns
+    # this pool stops it in order (what was handed over is still written), so the pool's
+    # processes leave SIGINT to it instead of dying with a traceback mid-result.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     from ai.console import route_library_warnings
     from node.context import build_context
