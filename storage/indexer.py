@@ -380,17 +380,3 @@ class IndexWriter:
                 ],
             )
 
-
-def backfill_folded_names(conn: Connection) -> int:
-    """Fill the folded-name columns of rows indexed before they existed; returns how many."""
-    filled = 0
-    for table, name, folded in (
-        (Patient.__table__, "patient_name", "patient_name_folded"),
-        (Study.__table__, "referring_physician_name", "referring_physician_name_folded"),
-    ):
-        rows = conn.execute(select(table.c.id, table.c[name]).where(table.c[folded].is_(None)))
-        updates = [{"pk_": pk, folded: fold_case(value or "")} for pk, value in rows]
-        if updates:
-            conn.execute(_update_by_pk(table), updates)
-            filled += len(updates)
-    return filled

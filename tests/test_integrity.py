@@ -221,8 +221,9 @@ def test_an_index_from_before_checksums_gains_the_column(tmp_path: Path) -> None
     engine = create_index_engine(url)
     archive = Archive(FileStore(tmp_path, fsync=False), engine)
     archive.store_file_bytes(file_bytes(small_image()))
-    with engine.begin() as conn:
+    with engine.begin() as conn:  # as a release before checksums (and schema versions) left it
         conn.exec_driver_sql("ALTER TABLE instance DROP COLUMN file_sha256")
+        conn.exec_driver_sql("DROP TABLE alembic_version")
     engine.dispose()
     engine = create_index_engine(url)  # as a newer node opening an older index
     try:

@@ -21,10 +21,12 @@ from pathlib import Path
 
 from node.config import Config, ConfigError, effective_toml, load_config
 from node.log_policy import keep_phi_out_of_logs
+from storage.migrations import IndexVersionError
 
 log = logging.getLogger(__name__)
 
 EXIT_CONFIG_ERROR = 2
+EXIT_INDEX_TOO_NEW = 4
 
 # Subcommand handlers take the parsed arguments and return the exit status.
 Command = Callable[[argparse.Namespace], int]
@@ -302,6 +304,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pneumonode: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except IndexVersionError as exc:  # a newer pneumonode's index: left as it is
+        print(f"pneumonode: {exc}", file=sys.stderr)
+        return EXIT_INDEX_TOO_NEW
     except KeyboardInterrupt:
         return 130
 
