@@ -20,12 +20,14 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from node.config import Config, ConfigError, effective_toml, load_config
+from node.dicom.pynetdicom_internals import UnsupportedPynetdicom
 from node.log_policy import keep_phi_out_of_logs
 from storage.migrations import IndexVersionError
 
 log = logging.getLogger(__name__)
 
 EXIT_CONFIG_ERROR = 2
+EXIT_WRONG_DEPENDENCY = 3
 EXIT_INDEX_TOO_NEW = 4
 
 # Subcommand handlers take the parsed arguments and return the exit status.
@@ -70,17 +72,22 @@ def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from node.dicom.pynetdicom_internals import check_pynetdicom
     from node.process.server import serve
     from node.process.services import node_services
 
     config = _with_overrides(_load(args), args)
+    check_pynetdicom()
     return serve(config, node_services(config))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    from node.dicom.pynetdicom_internals import check_pynetdicom
     from node.process.services import run_worker
 
-    return run_worker(_load(args))
+    config = _load(args)
+    check_pynetdicom()  # the worker's result sender uses the same adaptations
+    return run_worker(config)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -93,7 +100,21 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(format_report(queue_report(engine, last=args.last)))
     finally:
         engine.dispose()
+    print(analysis_model_line(config))
     return 0
+
+
+def analysis_model_line(config: Config) -> str:
+    """Which model analyses arriving images, as `status` says it (the demo is named)."""
+    from ai.model_choice import choose_model
+
+    analysis = config.analysis
+    if not analysis.enabled:
+        return "analysis: off (analysis.enabled = false)"
+    choice = choose_model(analysis.model, analysis.demo_model)
+    if choice is None:
+        return f"analysis model: none yet at {analysis.model}; analysis waits for one"
+    return f"analysis model: {choice.describe()}"
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
@@ -304,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"pneumonode: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
+    except UnsupportedPynetdicom as exc:
+        print(f"pneumonode: {exc}", file=sys.stderr)
+        return EXIT_WRONG_DEPENDENCY
     except IndexVersionError as exc:  # a newer pneumonode's index: left as it is
         print(f"pneumonode: {exc}", file=sys.stderr)
         return EXIT_INDEX_TOO_NEW
