@@ -107,6 +107,7 @@ class Shells:
         self.env = _environment(folder)
         self.running: list[Background] = []
         self._stopped: list[str] = []  # the output of programs stopped on the way
+        self._started = 0
 
     def run(self, block: Block) -> subprocess.CompletedProcess:
         return subprocess.run(
@@ -116,7 +117,8 @@ class Shells:
         )
 
     def start(self, block: Block) -> Background:
-        log = self.folder / f"background-{len(self.running)}.log"
+        self._started += 1
+        log = self.folder / f"background-{self._started}.log"
         with log.open("wb") as out:
             process = subprocess.Popen(
                 ["bash", "-e", "-c", block.command()],
