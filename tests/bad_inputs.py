@@ -17,7 +17,6 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pytest
 from dicom_data import DX, encode_body, small_image
 from pydicom import dcmread
 from pydicom.dataset import Dataset
@@ -573,10 +572,7 @@ def two_pixel_data_elements() -> Payload:
 def jpeg_frame_cut_to_a_third() -> Payload:
     """A real SIIM JPEG Baseline image whose frame lost its last two thirds; the item
     lengths agree with the bytes, so only the codec markers tell."""
-    files = siim_files()
-    if not files:
-        pytest.skip("SIIM data not found (set PNEUMONODE_SIIM_DIR)")
-    ds = dcmread(files[0])
+    ds = dcmread(siim_files()[0])  # skips the test, with the reason, without the sample
     assert ds.file_meta.TransferSyntaxUID == JPEGBaseline8Bit
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.SOPInstanceUID = generate_uid()

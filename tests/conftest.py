@@ -4,6 +4,10 @@
 folder) and stops them with SIGTERM at teardown, checking that they exit cleanly.
 `siim_node` is one node for the whole session that already holds all 200 SIIM images,
 sent with `storescu -xy` over one association, for the query tests to share.
+
+Tiers: a test that starts processes (a node, storescp, Orthanc, a training run, the CLI)
+is marked `slow`, so `pytest -m "not slow"` runs the in-process tests alone in a minute
+or two; plain `pytest` runs everything.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from sqlalchemy.engine import make_url
 from support import (
     NodeProcess,
     count_instances,
-    siim_dir,
+    require_siim,
     siim_files,
     start_node,
     storescu,
@@ -32,14 +36,72 @@ SIIM_COUNT = 200
 
 StartNode = Callable[..., NodeProcess]
 
+# Fixtures that start a `pneumonode serve`, a dcmtk or Orthanc server, or a training run,
+# here or in a test module: a test using one (directly or through another fixture) is slow.
+PROCESS_FIXTURES = frozenset(
+    {
+        "node_factory",
+        "node",
+        "siim_node",
+        "bad_node",  # test_bad_input
+        "synthetic_node",  # test_find_scp
+        "large_node",  # test_find_scp
+        "limited_node",  # test_find_stream
+        "open_node",  # test_find_stream
+        "shared_node",  # test_store
+        "analysed_node",  # test_retrieve_viewers
+        "setup",  # test_get_scp, test_move_scp: a node holding the retrieve archive
+        "trained",  # test_ai_train: a training run
+    }
+)
+# Modules whose tests start such processes (or the CLI) in their own bodies, with no
+# fixture to say so; where the others use a fixture above, the module is listed too.
+PROCESS_MODULES = frozenset(
+    {
+        "test_ai_train.py",  # training runs and the CLI
+        "test_e2e_orthanc.py",
+        "test_hostile.py",
+        "test_import.py",
+        "test_move_scp.py",
+        "test_sample_data.py",  # the CLI
+        "test_scale_out.py",
+        "test_serve_processes.py",
+        "test_tls.py",
+    }
+)
+# Single tests of otherwise in-process modules that start processes or train a model.
+PROCESS_TESTS = frozenset(
+    {
+        "test_ai_cv.py::test_a_given_threshold_is_kept_fixed",
+        "test_ai_cv.py::test_kaggle_layout_cross_validates_with_the_tiny_mask_recipe",
+        "test_ai_cv.py::test_kaggle_layout_is_read_and_cached_in_parallel",
+        "test_ai_cv.py::test_lr_find_sets_the_rate_and_init_weights_reach_the_fit",
+        "test_ai_cv.py::test_the_model_carries_the_cv_chosen_threshold_and_nested_cv_reports",
+        "test_config.py::test_an_earlier_release_config_starts_the_node",
+        "test_config.py::test_serve_refuses_a_bad_config_before_starting",
+        "test_dependencies.py::test_serve_refuses_to_start_on_another_pynetdicom",
+        "test_guarded_transport.py::test_woken_requestor_gets_every_response_from_a_fast_peer",
+        "test_results_reuse.py::test_a_pool_still_starting_does_not_hold_up_the_worker_stopping",
+        "test_results_reuse.py::test_result_processes_store_results_and_give_back_the_job_of_one_that_died",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` every test that starts processes (see PROCESS_FIXTURES and the lists)."""
+    for item in items:
+        module = item.path.name
+        test = f"{module}::{item.originalname}" if isinstance(item, pytest.Function) else ""
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if fixtures & PROCESS_FIXTURES or module in PROCESS_MODULES or test in PROCESS_TESTS:
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def siim_path() -> Path:
-    """Folder holding train/ (the 200 SIIM DICOM files) and labels.csv."""
-    path = siim_dir()
-    if not (path / "train").is_dir():
-        pytest.skip(f"SIIM data not found at {path} (set PNEUMONODE_SIIM_DIR)")
-    return path
+    """Folder holding train/ (the 200 SIIM DICOM files) and labels.csv; its users skip,
+    with the reason, where there is none."""
+    return require_siim()
 
 
 @pytest.fixture(scope="session")

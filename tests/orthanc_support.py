@@ -2,12 +2,17 @@
 
 Used by the end-to-end tests and the benchmarks: Orthanc plays the hospital PACS that
 sends images to the node and receives its results. Only its REST API on loopback is used.
+
+Orthanc cannot bind port 0 and report the port, so it gets ports outside the kernel's
+ephemeral range and starts again on others if it loses one. A node under test binds its
+own port, so it is declared to Orthanc once it runs (`set_modality`), not beforehand.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import time
 import urllib.error
@@ -16,7 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from support import DCMTK_ENV, free_port
+from support import DCMTK_ENV, SERVER_START_TRIES, ServerDidNotStart, server_port
+
+# A modality as (AE title, host, port), or Orthanc's object form (e.g. with "UseDicomTls").
+Modality = tuple[str, str, int] | dict[str, Any]
 
 
 def orthanc_binary() -> str:
@@ -59,6 +67,14 @@ class OrthancProcess:
         data = self.request("POST", path, json.dumps(payload).encode(), timeout=timeout)
         return json.loads(data) if data else None
 
+    def set_modality(self, name: str, modality: Modality) -> None:
+        """Declare (or redeclare) a DICOM modality through the REST API, e.g. a node that
+        has just logged the port it bound."""
+        if isinstance(modality, tuple):
+            ae_title, host, port = modality
+            modality = {"AET": ae_title, "Host": host, "Port": port}
+        self.request("PUT", f"/modalities/{name}", json.dumps(modality).encode())
+
     def upload(self, dicom_file: Path) -> dict[str, Any]:
         """POST /instances: store a file in Orthanc; returns its answer (ID, ParentStudy...)."""
         answer = self.request("POST", "/instances", dicom_file.read_bytes(), "application/dicom")
@@ -78,61 +94,85 @@ def start_orthanc(
     workdir: Path,
     *,
     ae_title: str = "ORTHANC",
-    modalities: dict[str, tuple[str, str, int] | dict[str, Any]] | None = None,
+    modalities: dict[str, Modality] | None = None,
     sync_storage: bool = True,
     extra: dict[str, Any] | None = None,
 ) -> OrthancProcess:
-    """Start Orthanc with storage and SQLite index under `workdir`; wait for its REST API.
+    """Start Orthanc with storage and SQLite index under `workdir`; wait for its REST API
+    and its DICOM port. Its ports are chosen here (on a failed start, others are tried)
+    unless `extra` sets "HttpPort" or "DicomPort".
 
     A modality is (AE title, host, port), or Orthanc's object form (e.g. with "UseDicomTls");
     `extra` adds or overrides configuration keys (e.g. "DicomTlsEnabled").
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    http_port, dicom_port = free_port(), free_port()
-    config = {
-        "Name": "pneumonode-test-pacs",
-        "StorageDirectory": str(workdir / "storage"),
-        "IndexDirectory": str(workdir / "index"),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "DicomAet": ae_title,
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "HttpServerEnabled": True,
-        "DicomServerEnabled": True,
-        "DicomCheckCalledAet": False,
-        "DicomAlwaysAllowStore": True,
-        "DicomAlwaysAllowEcho": True,
-        "StorageCompression": False,
-        "SyncStorageArea": sync_storage,
-        "Plugins": [],
-        "DicomModalities": {
-            name: list(value) if isinstance(value, tuple) else value
-            for name, value in (modalities or {}).items()
-        },
-        "StableAge": 2,
-        **(extra or {}),
-    }
+    fixed = {"HttpPort", "DicomPort"} & set(extra or {})
+    tries = 1 if fixed else SERVER_START_TRIES
+    failures: list[str] = []
+    for _ in range(tries):
+        config = {
+            "Name": "pneumonode-test-pacs",
+            "StorageDirectory": str(workdir / "storage"),
+            "IndexDirectory": str(workdir / "index"),
+            "HttpPort": server_port(),
+            "DicomPort": server_port(),
+            "DicomAet": ae_title,
+            "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False,
+            "HttpServerEnabled": True,
+            "DicomServerEnabled": True,
+            "DicomCheckCalledAet": False,
+            "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True,
+            "StorageCompression": False,
+            "SyncStorageArea": sync_storage,
+            "Plugins": [],
+            "DicomModalities": {
+                name: list(value) if isinstance(value, tuple) else value
+                for name, value in (modalities or {}).items()
+            },
+            "StableAge": 2,
+            **(extra or {}),
+        }
+        try:
+            return _start(workdir, config)
+        except ServerDidNotStart as exc:
+            failures.append(str(exc))
+    raise RuntimeError(f"Orthanc did not start in {tries} tries:\n" + "\n".join(failures))
+
+
+def _start(workdir: Path, config: dict[str, Any], timeout: float = 30) -> OrthancProcess:
+    """Orthanc with `config`, once its REST API answers and its DICOM port accepts."""
     config_path = workdir / "orthanc.json"
     config_path.write_text(json.dumps(config, indent=2), encoding="utf-8")
-    log = (workdir / "orthanc.log").open("ab")
-    # Orthanc's DICOM layer is dcmtk: without TCP_NODELAY each message waits ~40 ms.
-    process = subprocess.Popen(
-        [orthanc_binary(), str(config_path)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        cwd=workdir,
-        env=DCMTK_ENV,
+    log_path = workdir / "orthanc.log"
+    with log_path.open("ab") as log:
+        # Orthanc's DICOM layer is dcmtk: without TCP_NODELAY each message waits ~40 ms.
+        process = subprocess.Popen(
+            [orthanc_binary(), str(config_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=workdir,
+            env=DCMTK_ENV,
+        )
+    orthanc = OrthancProcess(
+        config["HttpPort"], config["DicomPort"], config["DicomAet"], workdir, process
     )
-    orthanc = OrthancProcess(http_port, dicom_port, ae_title, workdir, process)
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"Orthanc exited: {(workdir / 'orthanc.log').read_text()[-2000:]}")
+            raise ServerDidNotStart(
+                f"Orthanc exited with {process.returncode} (HTTP port {orthanc.http_port}, "
+                f"DICOM port {orthanc.dicom_port}): {log_path.read_text()[-2000:]}"
+            )
         try:
             orthanc.get_json("/system")
-            return orthanc
+            with socket.create_connection(("127.0.0.1", orthanc.dicom_port), timeout=2):
+                return orthanc
         except (urllib.error.URLError, ConnectionError, OSError):
             time.sleep(0.2)
     orthanc.stop()
-    raise RuntimeError("Orthanc did not start within 30 s")
+    raise ServerDidNotStart(
+        f"Orthanc did not answer on HTTP port {orthanc.http_port} and DICOM port "
+        f"{orthanc.dicom_port} within {timeout} s"
+    )

@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from support import PROBABILITY_TOLERANCE
 
 from ai.artifact import META_FILE, WEIGHTS_FILE, ArtifactError, load_artifact, read_meta
 from ai.infer import Analyzer
@@ -52,7 +53,9 @@ def test_same_seed_same_model(tiny, tmp_path, images):
 def test_batch_size_does_not_change_results(tiny, images):
     one = Analyzer(tiny, device="cpu", batch_size=1).predict(images)
     all_at_once = Analyzer(tiny, device="cpu", batch_size=8).predict(images)
-    np.testing.assert_allclose(one, all_at_once, atol=1e-5)
+    # Equal to float32 precision, not to the bit: a convolution's last bits may depend on
+    # the batch it runs in.
+    np.testing.assert_allclose(one, all_at_once, atol=PROBABILITY_TOLERANCE, rtol=0)
 
 
 def test_corrupt_weights_are_refused(tiny, tmp_path):

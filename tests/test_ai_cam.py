@@ -7,6 +7,7 @@ import pytest
 import torch
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from support import PROBABILITY_TOLERANCE
 
 from ai.architectures import build_model, default_cam_layer, final_linear
 from ai.cam import cam, gradcam, scale_maps
@@ -98,7 +99,7 @@ def test_analyzer_explain_matches_predict(tmp_path):
     explained = analyzer.explain(images)
     assert len(explained) == 5
     for probability, prediction in zip(probabilities, explained, strict=True):
-        assert prediction.probability == pytest.approx(probability, abs=1e-5)
+        assert prediction.probability == pytest.approx(probability, abs=PROBABILITY_TOLERANCE)
         assert prediction.heatmap.shape == (64, 64) and prediction.heatmap.dtype == np.float32
         assert prediction.heatmap.min() >= 0.0 and prediction.heatmap.max() <= 1.0
         expected = "Pneumothorax" if probability >= analyzer.threshold else "No Pneumothorax"

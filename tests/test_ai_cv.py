@@ -14,6 +14,7 @@ import torch
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from sklearn.metrics import roc_auc_score
+from support import require_siim, siim_file
 
 from ai.architectures import ArchSpec, build_model
 from ai.artifact import describe, in_memory, load_artifact, save_artifact
@@ -274,15 +275,11 @@ def test_init_weights_from_densenet_and_from_our_xresnet_into_the_mask_encoder(t
     assert report.loaded >= len(ours.state_dict())
 
 
-SIIM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim_small"
-
-
-@pytest.mark.skipif(not SIIM.is_dir(), reason="siim_small data not available")
 def test_sc_and_sr_say_which_method_made_the_map():
     from ai.results import build_finding_sr, build_heatmap_sc, render_picture
     from ai.results.finding_sr import read_finding
 
-    source = pydicom.dcmread(SIIM / "train" / "Pneumothorax" / "000001.dcm")
+    source = pydicom.dcmread(siim_file("train/Pneumothorax/000001.dcm"))
     grey = np.zeros((64, 64), dtype=np.uint8)
     picture = render_picture(grey, np.zeros((8, 8), np.float32), 0.8, POSITIVE,
                              method="segmentation mask")
@@ -311,13 +308,12 @@ def test_sc_and_sr_say_which_method_made_the_map():
     assert read_finding(sr).heatmap_method == "segmentation mask"
 
 
-@pytest.mark.skipif(not SIIM.is_dir(), reason="siim_small data not available")
 def test_lr_find_sets_the_rate_and_init_weights_reach_the_fit(tmp_path):
     from ai.training import fit_model
     from ai.workflow import prepare
 
     config = get_config("tiny").with_overrides(lr_find=True)
-    items, entries, _masks, _root = prepare(config, SIIM, tmp_path / "cache", workers=1)
+    items, entries, _masks, _root = prepare(config, require_siim(), tmp_path / "cache", workers=1)
     torch.manual_seed(0)
     start = build_model(config.arch)
     torch.save(start.state_dict(), tmp_path / "start.pt")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +11,9 @@ import torch
 from pydicom.dataset import FileMetaDataset
 from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from support import siim_file
 
 from ai.preprocess import UnsupportedImageError, read_grey8, resize_grey8, to_model_input
-
-SIIM = Path(
-    os.environ.get(
-        "PNEUMONODE_SIIM_DIR",
-        Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim_small",
-    )
-)
 
 
 def make_dicom(
@@ -155,9 +148,8 @@ def test_unsupported_input_is_refused_clearly(tmp_path, kind):
     assert issubclass(UnsupportedImageError, ValueError)
 
 
-@pytest.mark.skipif(not SIIM.is_dir(), reason="siim_small data not available")
 def test_jpeg_baseline_siim_file_matches_decoded_pixels():
-    path = SIIM / "train" / "No Pneumothorax" / "000000.dcm"
+    path = siim_file("train/No Pneumothorax/000000.dcm")
     grey = read_grey8(path)
     assert grey.shape == (1024, 1024)
     # 8-bit data without a window comes out as decoded (by Pillow, see decode_pixels) ...

@@ -16,7 +16,7 @@ import pytest
 from analysis_support import analysed, analysing_alone, predict_with_cli, wait_for
 from orthanc_support import start_orthanc
 from pydicom.uid import SecondaryCaptureImageStorage
-from support import DCMTK_ENV, dcmtk, free_port, start_node
+from support import DCMTK_ENV, PROBABILITY_TOLERANCE, dcmtk, start_node
 
 from ai.results import read_finding
 
@@ -32,20 +32,17 @@ def _sources(siim_path: Path) -> list[Path]:
 def test_orthanc_receives_sc_and_sr_in_the_same_study(
     tmp_path: Path, siim_path: Path, tiny_model: Path
 ) -> None:
-    node_port = free_port()
-    orthanc = start_orthanc(
-        tmp_path / "orthanc", modalities={"pneumonode": ("PNEUMONODE", "127.0.0.1", node_port)}
-    )
+    orthanc = start_orthanc(tmp_path / "orthanc")
     node = None
     try:
         node = start_node(
             tmp_path / "node",
             {
                 **analysing_alone(tiny_model),
-                "node": {"port": node_port},
                 "peers": [{"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}],
             },
         )
+        orthanc.set_modality("pneumonode", ("PNEUMONODE", "127.0.0.1", node.port))
         files = _sources(siim_path)
         uploaded = [orthanc.upload(f) for f in files]
         orthanc.post_json(
@@ -91,8 +88,12 @@ def test_orthanc_receives_sc_and_sr_in_the_same_study(
 
             finding = read_finding(sr)
             assert finding.referenced_sop_instance_uid == source.SOPInstanceUID
-            # predict's CSV has every digit; the SR's DS value holds 16 characters of it.
-            assert finding.probability == pytest.approx(expected[source.SOPInstanceUID], abs=1e-13)
+            # The SR's DS value holds 16 characters of the worker's probability; `predict`
+            # ran the same model in another process, on other batches with other thread
+            # counts, so the two agree to float32 precision, not to the bit.
+            assert finding.probability == pytest.approx(
+                expected[source.SOPInstanceUID], abs=PROBABILITY_TOLERANCE
+            )
             assert finding.present == (finding.probability >= finding.threshold)
             assert finding.algorithm_name and finding.algorithm_version
             concept_codes = _codes(sr)
@@ -112,7 +113,7 @@ def test_orthanc_receives_sc_and_sr_in_the_same_study(
                 "-aec",
                 "PNEUMONODE",
                 "127.0.0.1",
-                str(node_port),
+                str(node.port),
                 "-k",
                 "QueryRetrieveLevel=SERIES",
                 "-k",

@@ -44,16 +44,18 @@ from sqlalchemy import create_engine, select
 from support import (
     DCMTK_ENV,
     NodeProcess,
+    ServerDidNotStart,
     StoreSCP,
     dcmtk,
-    free_port,
     index_connection,
+    server_port,
     start_node,
+    start_on_server_port,
     stored_path,
     storescu,
     wait_for_log,
 )
-from tls_support import make_pki
+from tls_support import Pki, make_pki
 
 from storage.deliveries import enqueue
 from storage.models import Delivery, DeliveryState
@@ -103,8 +105,10 @@ def setup(tmp_path_factory: pytest.TempPathFactory, siim_dicom_files: list[Path]
     items = build_archive(siim_dicom_files, root / "archive")
     exact = StoreSCP(root / "exact", "STORESCP", ("+xa", "+B"))
     implicit = StoreSCP(root / "implicit", "IMPLICITONLY", ("+xi",))
-    strict_port, strict_received, strict_refuses = free_port(), [], set()
-    strict = _strict_destination(strict_port, strict_received, strict_refuses)
+    strict_received: list[str] = []
+    strict_refuses: set[str] = set()
+    strict = _strict_destination(0, strict_received, strict_refuses)
+    strict_port = int(strict.server_address[1])
     node = None
     try:
         exact.start()
@@ -114,7 +118,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory, siim_dicom_files: list[Path]
             for scp in (exact, implicit)
         ] + [
             {"ae_title": "STRICT", "host": "127.0.0.1", "port": strict_port},
-            {"ae_title": "DOWN", "host": "127.0.0.1", "port": free_port()},  # nobody listens
+            # Nobody listens there: a port outside the ephemeral range, handed to no one else.
+            {"ae_title": "DOWN", "host": "127.0.0.1", "port": server_port()},
         ]
         node = start_node(root / "node", {"peers": peers})
         send_as_stored(node, [item.path for item in items])
@@ -317,14 +322,27 @@ def test_partial_failure_is_b000_with_the_failed_instances(setup: Setup) -> None
     assert log.count("STRICT takes only JPEG Baseline (Process 1)") == 2
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 10) -> None:
+def _tls_storescp(
+    port: int, pki: Pki, folder: Path, timeout: float = 10
+) -> tuple[subprocess.Popen, int]:
+    """dcmtk's storescp over TLS on `port`, once it accepts connections there; with it."""
+    process = subprocess.Popen(
+        [dcmtk("storescp"), "+tls", str(pki.client.key), str(pki.client.certificate)]
+        + ["+cf", str(pki.ca), "-aet", "TLSSCP", "+xa", "-od", str(folder), str(port)],
+        env=DCMTK_ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + timeout
     while True:
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
+                return process, port
         except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, "storescp +tls"
+            if process.poll() is not None or time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise ServerDidNotStart(f"storescp +tls did not listen on port {port}") from None
             time.sleep(0.05)
 
 
@@ -332,18 +350,13 @@ def test_a_peer_with_tls_gets_the_move_over_dicom_tls(
     tmp_path: Path, siim_dicom_files: list[Path]
 ) -> None:
     pki = make_pki(tmp_path / "pki")
-    port, folder = free_port(), tmp_path / "received"
+    folder = tmp_path / "received"
     folder.mkdir()
-    tls_scp = subprocess.Popen(
-        [dcmtk("storescp"), "+tls", str(pki.client.key), str(pki.client.certificate)]
-        + ["+cf", str(pki.ca), "-aet", "TLSSCP", "+xa", "-od", str(folder), str(port)],
-        env=DCMTK_ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    tls_scp, port = start_on_server_port(
+        lambda port: _tls_storescp(port, pki, folder), "storescp +tls"
     )
     node = None
     try:
-        _wait_for_port(port, tls_scp)
         tls = {"certificate": str(pki.node.certificate), "private_key": str(pki.node.key)}
         node = start_node(
             tmp_path / "node",

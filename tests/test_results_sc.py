@@ -12,19 +12,13 @@ import pydicom
 import pytest
 from PIL import Image
 from pydicom.uid import JPEGBaseline8Bit, generate_uid
-from support import assert_same_patient_and_study
+from support import assert_same_patient_and_study, siim_file
 
 from ai.preprocess import read_grey8
 from ai.results import HEATMAP_SERIES_DESCRIPTION, build_heatmap_sc, render_picture
 
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* person name:UserWarning")
 
-SIIM_DIR = Path(
-    os.environ.get(
-        "PNEUMONODE_SIIM_DIR",
-        Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim_small",
-    )
-)
 SOURCE_FILES = ["train/Pneumothorax/000153.dcm", "train/No Pneumothorax/000000.dcm"]
 
 # dciodvfy warnings that come from the SIIM source's own values, copied as they are
@@ -37,10 +31,7 @@ EXPLAINED_WARNINGS = (
 
 
 def read_source(relative: str) -> pydicom.Dataset:
-    path = SIIM_DIR / relative
-    if not path.exists():
-        pytest.skip(f"SIIM data not found at {path}")
-    return pydicom.dcmread(path)
+    return pydicom.dcmread(siim_file(relative))
 
 
 def display_grey(source: pydicom.Dataset) -> np.ndarray:

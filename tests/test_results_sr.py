@@ -1,7 +1,6 @@
 """The finding's Structured Report: valid for dciodvfy and dcmtk's SR parser, coded as the
 issue asks, in the source's patient and study, and readable back by `read_finding`."""
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -9,18 +8,12 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.uid import ComprehensiveSRStorage, generate_uid
-from support import assert_same_patient_and_study
+from support import assert_same_patient_and_study, siim_file
 
 from ai.results import Finding, build_finding_sr, read_finding
 
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* person name:UserWarning")
 
-SIIM_DIR = Path(
-    os.environ.get(
-        "PNEUMONODE_SIIM_DIR",
-        Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim_small",
-    )
-)
 CASES = [  # (file, probability, present)
     ("train/Pneumothorax/000153.dcm", 0.91, True),
     ("train/No Pneumothorax/000000.dcm", 0.12, False),
@@ -32,10 +25,7 @@ DEVICE_UID = "1.2.826.0.1.3680043.8.498.1"
 
 
 def read_source(relative: str) -> pydicom.Dataset:
-    path = SIIM_DIR / relative
-    if not path.exists():
-        pytest.skip(f"SIIM data not found at {path}")
-    return pydicom.dcmread(path, stop_before_pixels=True)
+    return pydicom.dcmread(siim_file(relative), stop_before_pixels=True)
 
 
 def build(source: pydicom.Dataset, **overrides) -> pydicom.Dataset:

@@ -21,7 +21,6 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage
 from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet, Verification
-from support import free_port
 
 from node.dicom.dimse import status_dataset
 from node.dicom.retrieve import refuse, unsendable
@@ -50,16 +49,15 @@ def get_scp() -> Iterator[tuple[int, list]]:
     ae.add_supported_context(
         SecondaryCaptureImageStorage, [ExplicitVRLittleEndian], scu_role=True, scp_role=True
     )
-    port = free_port()
 
     def handle_get(event: evt.Event) -> Iterator:
         yield from script
 
     server = ae.start_server(
-        ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_GET, handle_get)]
+        ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_GET, handle_get)]
     )
     try:
-        yield port, script
+        yield int(server.server_address[1]), script
     finally:
         server.shutdown()
 
@@ -125,8 +123,8 @@ def test_a_failure_status_after_the_count_reaches_the_requester(get_scp) -> None
 def test_accepted_fires_before_associate_returns_and_sockets_are_reachable() -> None:
     scp = AE(ae_title="PINECHO")
     scp.add_supported_context(Verification)
-    port = free_port()
-    server = scp.start_server(("127.0.0.1", port), block=False)
+    server = scp.start_server(("127.0.0.1", 0), block=False)
+    port = int(server.server_address[1])
     seen: list = []
     acceptor_sockets: list[socket.socket] = []
 

@@ -29,7 +29,6 @@ from support import (
     NodeProcess,
     StoreSCP,
     dcmtk,
-    free_port,
     index_connection,
     start_node,
     storescu,
@@ -58,11 +57,8 @@ def analysed_node(
     root = tmp_path_factory.mktemp("viewers")
     source = sorted((siim_path / "train" / "Pneumothorax").glob("*.dcm"))[0]
     header = dcmread(source, stop_before_pixels=True)
-    node_port = free_port()
     implicit = StoreSCP(root / "implicit", "IMPLICITONLY", ("+xi",))
-    orthanc = start_orthanc(
-        root / "orthanc", modalities={"pneumonode": ("PNEUMONODE", "127.0.0.1", node_port)}
-    )
+    orthanc = start_orthanc(root / "orthanc")
     node = None
     try:
         implicit.start()
@@ -70,7 +66,6 @@ def analysed_node(
             root / "node",
             {
                 **analysing_alone(tiny_model, sc_transfer_syntax="jpeg-baseline"),
-                "node": {"port": node_port},
                 "delivery": {
                     "destination": implicit.ae_title,
                     "retry_initial_seconds": 0.3,
@@ -82,6 +77,7 @@ def analysed_node(
                 ],
             },
         )
+        orthanc.set_modality("pneumonode", ("PNEUMONODE", "127.0.0.1", node.port))
         assert storescu(node, [source]).returncode == 0
         wait_for(analysed(node, 1), 180, "the node to analyse the image")
         with index_connection(node.db_url) as conn:

@@ -2,13 +2,13 @@
 caption band, colour only where the map is hot, a colour scale with its values, and a caption
 that is never clipped, from a 10 px to a 3,000 px source."""
 
-import os
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import pytest
 from PIL import Image
+from support import siim_file
 
 from ai.preprocess import read_grey8
 from ai.results import render_picture
@@ -23,12 +23,6 @@ from ai.results.overlay import (
     upsample_bilinear,
 )
 
-SIIM_DIR = Path(
-    os.environ.get(
-        "PNEUMONODE_SIIM_DIR",
-        Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim_small",
-    )
-)
 POSITIVE = "train/Pneumothorax/000153.dcm"
 MODEL = "pneumonode pneumothorax seed xresnet50 (0.1.0+8c445d94fa8b)"
 
@@ -46,10 +40,7 @@ def gradient(rows: int, columns: int) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def xray() -> np.ndarray:
-    path = SIIM_DIR / POSITIVE
-    if not path.exists():
-        pytest.skip(f"SIIM data not found at {path}")
-    return read_grey8(path)
+    return read_grey8(siim_file(POSITIVE))
 
 
 def test_the_xray_is_whole_and_unchanged_below_a_band_of_its_own(xray: np.ndarray) -> None:

@@ -12,7 +12,7 @@ import pytest
 from dicom_data import file_bytes, small_image
 from orthanc_support import start_orthanc
 from sqlalchemy import create_engine
-from support import DCMTK_ENV, NodeProcess, count_instances, dcmtk, free_port, start_node
+from support import DCMTK_ENV, NodeProcess, count_instances, dcmtk, server_port, start_node
 from tls_support import Pki, make_pki
 
 from storage.deliveries import enqueue
@@ -23,10 +23,10 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def tls_section(pki: Pki, port: int, **extra) -> dict:
+def tls_section(pki: Pki, **extra) -> dict:
+    """TLS on, with the node's certificate; start_node binds its TLS port (node.tls_port)."""
     return {
         "enabled": True,
-        "port": port,
         "certificate": str(pki.node.certificate),
         "private_key": str(pki.node.key),
         "ca_bundle": str(pki.ca),
@@ -67,8 +67,9 @@ def dcmtk_tls(
 
 
 def test_dcmtk_echo_store_and_find_over_tls(tmp_path: Path, pki: Pki) -> None:
-    port = free_port()
-    node = start_node(tmp_path / "node", {"tls": tls_section(pki, port)})
+    node = start_node(tmp_path / "node", {"tls": tls_section(pki)})
+    port = node.tls_port
+    assert port is not None
     try:
         assert dcmtk_tls("echoscu", node, port, pki).returncode == 0
         image = tmp_path / "image.dcm"
@@ -105,12 +106,18 @@ def test_dcmtk_echo_store_and_find_over_tls(tmp_path: Path, pki: Pki) -> None:
 
 
 def test_mutual_tls_requires_a_certificate_from_the_trusted_ca(tmp_path: Path, pki: Pki) -> None:
-    port = free_port()
+    # A port with no listener, so that the check below that nothing answers there means
+    # something: the node must not open it.
+    plain_port = server_port()
     node = start_node(
         tmp_path / "node",
-        {"tls": tls_section(pki, port, verify_clients=True, plain_listener=False)},
-        ready_log="with DICOM TLS",
+        {
+            "node": {"port": plain_port},
+            "tls": tls_section(pki, verify_clients=True, plain_listener=False),
+        },
     )
+    port = node.tls_port
+    assert port is not None and node.port == plain_port
     try:
         assert dcmtk_tls("echoscu", node, port, pki).returncode == 0
         assert dcmtk_tls("echoscu", node, port, pki, identity="anonymous").returncode != 0
@@ -131,20 +138,9 @@ def test_mutual_tls_requires_a_certificate_from_the_trusted_ca(tmp_path: Path, p
 
 
 def test_orthanc_dicom_tls_both_ways(tmp_path: Path, pki: Pki) -> None:
-    node_tls_port = free_port()
-    orthanc_port = free_port()
     orthanc = start_orthanc(
         tmp_path / "orthanc",
-        modalities={
-            "pneumonode": {
-                "AET": "PNEUMONODE",
-                "Host": "127.0.0.1",
-                "Port": node_tls_port,
-                "UseDicomTls": True,
-            }
-        },
         extra={
-            "DicomPort": orthanc_port,
             "DicomTlsEnabled": True,
             "DicomTlsCertificate": str(pki.client.certificate),
             "DicomTlsPrivateKey": str(pki.client.key),
@@ -155,13 +151,22 @@ def test_orthanc_dicom_tls_both_ways(tmp_path: Path, pki: Pki) -> None:
     node = start_node(
         tmp_path / "node",
         {
-            "tls": tls_section(pki, node_tls_port, verify_clients=True),
+            "tls": tls_section(pki, verify_clients=True),
             "peers": [
-                {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc_port, "tls": True}
+                {
+                    "ae_title": "ORTHANC",
+                    "host": "127.0.0.1",
+                    "port": orthanc.dicom_port,
+                    "tls": True,
+                }
             ],
         },
     )
     try:
+        orthanc.set_modality(
+            "pneumonode",
+            {"AET": "PNEUMONODE", "Host": "127.0.0.1", "Port": node.tls_port, "UseDicomTls": True},
+        )
         # Orthanc -> node, over TLS.
         ds = small_image()
         source = tmp_path / "source.dcm"
