@@ -7,27 +7,23 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import stat
 import subprocess
 from pathlib import Path
 
 import pandas as pd
 import pytest
-from support import node_command, node_env
+from support import node_command, node_env, siim_dir, siim_missing_reason
 
 from ai.artifact import load_artifact
 from ai.commands import register
 from ai.infer import Analyzer
 from ai.preprocess import read_grey8
 
-SIIM = Path(
-    os.environ.get(
-        "PNEUMONODE_SIIM_DIR",
-        Path(__file__).resolve().parents[1].parent / "shared" / "data" / "siim_small",
-    )
+SIIM = siim_dir()
+pytestmark = pytest.mark.skipif(
+    siim_missing_reason() is not None, reason=siim_missing_reason() or ""
 )
-pytestmark = pytest.mark.skipif(not SIIM.is_dir(), reason="siim_small data not available")
 
 
 def run(*argv: str) -> int:
