@@ -79,6 +79,7 @@ PROCESS_TESTS = frozenset(
         "test_ai_cv.py::test_the_model_carries_the_cv_chosen_threshold_and_nested_cv_reports",
         "test_config.py::test_an_earlier_release_config_starts_the_node",
         "test_config.py::test_serve_refuses_a_bad_config_before_starting",
+        "test_demo_model.py::test_the_model_reproduces_its_recorded_predictions",
         "test_dependencies.py::test_serve_refuses_to_start_on_another_pynetdicom",
         "test_guarded_transport.py::test_woken_requestor_gets_every_response_from_a_fast_peer",
         "test_results_reuse.py::test_a_pool_still_starting_does_not_hold_up_the_worker_stopping",

@@ -640,3 +640,25 @@ class StoreSCP:
             if path.is_file():
                 uids[str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)] += 1
         return uids
+
+
+def c_find(
+    node: NodeProcess, model: str, keys: Mapping[str, str], calling: str = "FINDTEST"
+) -> tuple[int, list[Dataset]]:
+    """A C-FIND over pynetdicom: the final status and the identifiers of the matches."""
+    from pynetdicom import AE
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(model)
+    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+    assert assoc.is_established
+    identifier = Dataset()
+    for keyword, value in keys.items():
+        setattr(identifier, keyword, value)
+    matches, final = [], None
+    for status, answer in assoc.send_c_find(identifier, model):
+        final = status.Status
+        if status.Status in (0xFF00, 0xFF01):
+            matches.append(answer)
+    assoc.release()
+    return final, matches

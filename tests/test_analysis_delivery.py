@@ -129,7 +129,7 @@ def test_analysis_waits_for_a_model_then_catches_up(
     tmp_path: Path, node_factory, tiny_model: Path
 ) -> None:
     model_dir = tmp_path / "later-model"
-    node = node_factory(analysing_alone(model_dir))
+    node = node_factory(analysing_alone(model_dir, demo_model=False))
     files = siim_files()[:2]
     assert storescu(node, files).returncode == 0  # stored and queryable without a model
     wait_for(lambda: "waits for a model" in node.log_text(), 30, "the waiting-for-model line")

@@ -12,13 +12,12 @@ from pathlib import Path
 import pytest
 from analysis_support import analysed, analysing_alone, job_counts, wait_for
 from find_data import all_studies, synthetic_instances
-from pydicom import Dataset
 from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
-from support import NodeProcess, siim_files, storescu
+from support import NodeProcess, c_find, siim_files, storescu
 
 from ai.testing import build_tiny_artifact
 from storage.models import JobState
@@ -77,19 +76,8 @@ QUERIES = [
 
 
 def find(node: NodeProcess, model: str, keys: dict[str, str]) -> tuple[int, list[tuple]]:
-    ae = AE(ae_title="PGTEST")
-    ae.add_requested_context(model)
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
-    assert assoc.is_established
-    identifier = Dataset()
-    for keyword, value in keys.items():
-        setattr(identifier, keyword, value)
-    matches, final = [], None
-    for status, answer in assoc.send_c_find(identifier, model):
-        final = status.Status
-        if status.Status in (0xFF00, 0xFF01):
-            matches.append(tuple(str(answer.get(k, "")) for k in sorted(keys)))
-    assoc.release()
+    final, answers = c_find(node, model, keys, calling="PGTEST")
+    matches = [tuple(str(answer.get(k, "")) for k in sorted(keys)) for answer in answers]
     return final, sorted(matches)
 
 

@@ -22,7 +22,6 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from analysis_support import delivery_counts, job_counts, wait_for
 from pydicom import Dataset
-from pynetdicom import AE
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
@@ -31,6 +30,7 @@ from sqlalchemy import Engine, inspect, select, text
 from support import (
     NodeProcess,
     StoreSCP,
+    c_find,
     index_connection,
     node_command,
     node_env,
@@ -87,19 +87,7 @@ def schema_differences(engine: Engine) -> list:
 
 
 def find(node: NodeProcess, model: str, keys: dict[str, str]) -> list[Dataset]:
-    ae = AE(ae_title="UPGRADETEST")
-    ae.add_requested_context(model)
-    assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
-    assert assoc.is_established
-    identifier = Dataset()
-    for keyword, value in keys.items():
-        setattr(identifier, keyword, value)
-    matches, final = [], None
-    for status, answer in assoc.send_c_find(identifier, model):
-        final = status.Status
-        if status.Status in (0xFF00, 0xFF01):
-            matches.append(answer)
-    assoc.release()
+    final, matches = c_find(node, model, keys, calling="UPGRADETEST")
     assert final == 0x0000
     return matches
 
