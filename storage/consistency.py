@@ -51,6 +51,9 @@ class VerifyReport:
     without_checksum: int = 0
     orphans: list[str] = field(default_factory=list)
     temporaries: list[str] = field(default_factory=list)
+    # Temporary files while other processes write (a live node): writes under way, not
+    # problems; the start-up recovery pass removes what a crash leaves.
+    in_progress: int = 0
 
     @property
     def problems(self) -> int:
@@ -79,6 +82,8 @@ class VerifyReport:
         )
         if self.without_checksum:
             summary += f"; {self.without_checksum} rows predate checksums (size checked only)"
+        if self.in_progress:
+            summary += f"; {self.in_progress} writes under way by a running node"
         return [*out, summary]
 
 
@@ -175,17 +180,26 @@ def log_recovery(report: RecoveryReport) -> None:
 
 
 def verify(files: FileStore, engine: Engine, *, checksums: bool = True) -> VerifyReport:
-    """Check every index row against its file, and every file against the index."""
+    """Check every index row against its file, and every file against the index.
+
+    Also right while a node runs: its writes under way leave temporary files, a file is
+    linked a moment before its row commits, and a replaced copy's old file goes a moment
+    after its row moves. So while other processes hold the writer lock, temporary files are
+    counted as writes under way, and a file without a row, or a row without its file, is a
+    problem only if a second look at the index, taken after the files were seen, agrees.
+    """
     report = VerifyReport()
+    live = _writers_active(files)
     on_disk = list(files.walk())
     indexed = _indexed(engine)
     report.rows = len(indexed)
+    missing = []
     for relative, (sop, size, checksum) in sorted(indexed.items()):
         path = files.absolute(relative)
         try:
             actual = path.stat().st_size
         except FileNotFoundError:
-            report.missing.append((sop, relative))
+            missing.append((sop, relative))
             continue
         if actual != size:
             report.wrong_size.append((sop, relative, size, actual))
@@ -193,9 +207,20 @@ def verify(files: FileStore, engine: Engine, *, checksums: bool = True) -> Verif
             report.without_checksum += 1
         elif checksums and _sha256(path) != checksum:
             report.wrong_checksum.append((sop, relative))
+    again = _indexed(engine) if live and (missing or on_disk) else indexed
+    report.missing = [(sop, relative) for sop, relative in missing if relative in again]
     for relative, temporary in sorted(on_disk):
         if temporary:
-            report.temporaries.append(relative)
-        elif relative not in indexed:
+            if live:
+                report.in_progress += 1
+            else:
+                report.temporaries.append(relative)
+        elif relative not in indexed and relative not in again:
             report.orphans.append(relative)
     return report
+
+
+def _writers_active(files: FileStore) -> bool:
+    """Whether another process holds the store's writer lock right now (a running node)."""
+    with files.writer_lock(exclusive=True) as acquired:
+        return not acquired

@@ -234,6 +234,30 @@ def test_an_index_from_before_checksums_gains_the_column(tmp_path: Path) -> None
         engine.dispose()
 
 
+def test_verify_beside_a_running_node_counts_writes_under_way_not_problems(
+    tmp_path: Path,
+) -> None:
+    """While another process holds the writer lock, a temporary file is a write under way
+    and a file whose row commits a moment later is no orphan; without a writer, both are."""
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    files = FileStore(tmp_path, fsync=False)
+    archive = Archive(files, engine)
+    archive.store_file_bytes(file_bytes(small_image()))
+    stored = next(relative for relative, _ in files.walk())
+    temporary = files.absolute(stored).parent / ".incoming-under-way.tmp"
+    temporary.write_bytes(b"half")
+    files.release_writer_lock()  # this process writes no more
+    try:
+        with FileStore(tmp_path, fsync=False).writer_lock(exclusive=False):  # a node writing
+            live = verify(files, engine)
+        assert live.problems == 0 and live.in_progress == 1
+        assert "1 writes under way by a running node" in live.lines()[-1]
+        alone = verify(files, engine)
+        assert alone.problems == 1 and alone.temporaries
+    finally:
+        engine.dispose()
+
+
 def test_folder_entries_are_synced_once_per_process_before_the_first_success(
     tmp_path: Path, monkeypatch
 ) -> None:
