@@ -175,6 +175,10 @@ def _bindable(port: int) -> bool:
     return True
 
 
+# The node's documented ports (DICOM, DICOM TLS), which tests/test_readme.py uses as written.
+NODE_DEFAULT_PORTS = frozenset({11112, 2762})
+
+
 def server_port() -> int:
     """A port for a server that cannot bind port 0 itself: free now, and outside the
     ephemeral range, so no outgoing connection can take it before the server binds it.
@@ -196,7 +200,7 @@ def server_port() -> int:
                 port = candidates[index]
                 break
             index -= len(candidates)
-        if port not in _handed_out and _bindable(port):
+        if port not in _handed_out and port not in NODE_DEFAULT_PORTS and _bindable(port):
             _handed_out.add(port)
             return port
     raise RuntimeError(f"no free port outside the ephemeral range {low}-{high}")
