@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 from readme_blocks import Block, readme_blocks
-from support import REPO_ROOT, siim_dir
+from support import REPO_ROOT, require_siim, siim_dir
 
 pytestmark = pytest.mark.slow
 
@@ -82,8 +82,7 @@ def _wait(condition: Callable[[], bool], timeout: float, what: str) -> None:
 @pytest.fixture
 def checkout(tmp_path: Path) -> Path:
     """A folder the README's relative paths work in: the venv and config.toml of the repo."""
-    if not (siim_dir() / "labels.csv").is_file():
-        pytest.skip(f"SIIM sample not found at {siim_dir()} (set PNEUMONODE_SIIM_DIR)")
+    require_siim()
     busy = [port for port in README_PORTS if _port_in_use(port)]
     if busy:
         pytest.skip(f"the README's ports {busy} are held by another program")
