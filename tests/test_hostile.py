@@ -90,7 +90,7 @@ def test_ten_of_each_hostile_kind_lock_nobody_out(node: NodeProcess, tmp_path: P
         time.sleep(TIMEOUTS["association_request_timeout"] + 1)
         assert_served(node, tmp_path)  # while the drip still drips
     # Which of the 30 get a slot depends on timing; beyond its share, the address is refused.
-    assert f"refused connection from {HOSTILE_ADDRESS}" in node.log_text()
+    wait_for_log(node, f"refused connection from {HOSTILE_ADDRESS}", timeout=10)
 
 
 def test_a_drip_fed_association_request_is_dropped_at_its_deadline(node: NodeProcess) -> None:
@@ -184,7 +184,7 @@ def test_one_address_holds_at_most_its_share(tmp_path: Path) -> None:
         for a in held:
             if a.is_established:
                 a.release()
-        assert "refused connection from 127.0.0.2: it holds 2 associations" in node.log_text()
+        wait_for_log(node, "refused connection from 127.0.0.2: it holds 2 associations", timeout=10)
     finally:
         assert node.stop() == 0
 

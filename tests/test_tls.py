@@ -12,7 +12,15 @@ import pytest
 from dicom_data import file_bytes, small_image
 from orthanc_support import start_orthanc
 from sqlalchemy import create_engine
-from support import DCMTK_ENV, NodeProcess, count_instances, dcmtk, server_port, start_node
+from support import (
+    DCMTK_ENV,
+    NodeProcess,
+    count_instances,
+    dcmtk,
+    server_port,
+    start_node,
+    wait_for_log,
+)
 from tls_support import Pki, make_pki
 
 from storage.deliveries import enqueue
@@ -189,7 +197,9 @@ def test_orthanc_dicom_tls_both_ways(tmp_path: Path, pki: Pki) -> None:
         ):
             assert time.monotonic() < deadline, node.log_text()[-2000:]
             time.sleep(0.2)
-        assert f"delivered SOP {ds.SOPInstanceUID} to ORTHANC" in node.log_text()
+        # The node logs the delivery once Orthanc's response is in, a moment after Orthanc
+        # has stored the instance.
+        wait_for_log(node, f"delivered SOP {ds.SOPInstanceUID} to ORTHANC", timeout=30)
     finally:
         assert node.stop() == 0
         orthanc.stop()
