@@ -53,6 +53,14 @@ class Background:
             raise
 
 
+def _as_in_a_terminal() -> None:
+    """Ctrl-C as in the user's shell: a test run started in the background (CI, `cmd &`)
+    inherits SIGINT and SIGQUIT ignored, and an ignored signal stays ignored across exec, so
+    storescp would not stop on the Ctrl-C the README asks for."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGQUIT, signal.SIG_DFL)
+
+
 def _port_in_use(port: int) -> bool:
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -122,7 +130,7 @@ class Shells:
             process = subprocess.Popen(
                 ["bash", "-e", "-c", block.command()],
                 cwd=self.folder, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,
+                start_new_session=True, preexec_fn=_as_in_a_terminal,
             )
         started = Background(block, process, log)
         self.running.append(started)
