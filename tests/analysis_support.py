@@ -27,6 +27,22 @@ def analysing_alone(model: Path, **analysis: object) -> dict:
     return {"analysis": settings, "peers": []}
 
 
+def analysing_and_delivering(
+    model: Path, destination: str, destination_port: int, **delivery: object
+) -> dict:
+    """Config overrides: `analysing_alone`, with results delivered to the AE `destination`
+    listening on loopback at `destination_port`, retried quickly."""
+    return analysing_alone(model) | {
+        "delivery": {
+            "destination": destination,
+            "retry_initial_seconds": 0.3,
+            "retry_max_seconds": 1.0,
+            **delivery,
+        },
+        "peers": [{"ae_title": destination, "host": "127.0.0.1", "port": destination_port}],
+    }
+
+
 def wait_for(condition: Callable[[], bool], timeout: float, what: str, step: float = 0.25) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -14,6 +14,7 @@ import pydicom
 from analysis_support import (
     analysed,
     analysing_alone,
+    analysing_and_delivering,
     delivered,
     delivery_counts,
     job_counts,
@@ -39,32 +40,13 @@ from storage.models import Delivery, DeliveryState, JobState
 DESTINATION = "STORESCP"
 
 
-def _analysis_config(model: Path, scp_port: int, **delivery: object) -> dict:
-    return {
-        "analysis": {
-            "enabled": True,
-            "model": str(model),
-            "device": "cpu",
-            "batch_size": 4,
-            "max_wait_seconds": 0.2,
-        },
-        "delivery": {
-            "destination": DESTINATION,
-            "retry_initial_seconds": 0.3,
-            "retry_max_seconds": 1.0,
-            **delivery,
-        },
-        "peers": [{"ae_title": DESTINATION, "host": "127.0.0.1", "port": scp_port}],
-    }
-
-
 def test_every_result_arrives_once_across_destination_and_node_restarts(
     tmp_path: Path, node_factory, tiny_model: Path
 ) -> None:
     scp = StoreSCP(tmp_path / "received")
     scp.start()
     try:
-        node = node_factory(_analysis_config(tiny_model, scp.port))
+        node = node_factory(analysing_and_delivering(tiny_model, DESTINATION, scp.port))
         files = siim_files()[:12]
         first, second = files[:6], files[6:]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from analysis_support import delivery_counts, job_counts, wait_for
+from analysis_support import analysing_and_delivering, delivery_counts, job_counts, wait_for
 from pydicom import Dataset
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -140,21 +140,7 @@ def test_previous_release_node_finds_everything_and_carries_on(
     scp.start()
     try:
         node = node_factory(
-            {
-                "analysis": {
-                    "enabled": True,
-                    "model": str(tiny_model),
-                    "device": "cpu",
-                    "batch_size": 4,
-                    "max_wait_seconds": 0.2,
-                },
-                "delivery": {
-                    "destination": DESTINATION,
-                    "retry_initial_seconds": 0.3,
-                    "retry_max_seconds": 1.0,
-                },
-                "peers": [{"ae_title": DESTINATION, "host": "127.0.0.1", "port": scp.port}],
-            },
+            analysing_and_delivering(tiny_model, DESTINATION, scp.port),
             name="node",
         )
         wait_for_log(node, "index schema upgraded from an index from before schema versions")
