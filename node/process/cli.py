@@ -15,13 +15,12 @@ import importlib.util
 import inspect
 import logging
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from node.config import Config, ConfigError, effective_toml, load_config
 from node.dicom.pynetdicom_internals import UnsupportedPynetdicom
-from node.log_policy import keep_phi_out_of_logs
+from node.process.logs import configure_logging
 from storage.migrations import IndexVersionError
 
 log = logging.getLogger(__name__)
@@ -32,22 +31,6 @@ EXIT_INDEX_TOO_NEW = 4
 
 # Subcommand handlers take the parsed arguments and return the exit status.
 Command = Callable[[argparse.Namespace], int]
-
-
-def configure_logging(level: str, process_tag: str = "") -> None:
-    """Log lines to stderr; `process_tag` names one of several serve processes."""
-    tag = f" [{process_tag}]" if process_tag else ""
-    logging.basicConfig(
-        level=level.upper(),
-        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
-        stream=sys.stderr,
-    )
-    # highdicom logs each module it copies at INFO and names patients in its warnings:
-    # the node logs one line per result itself, with UIDs only.
-    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
-    logging.captureWarnings(False)
-    warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent")
-    keep_phi_out_of_logs()
 
 
 def _load(args: argparse.Namespace) -> Config:

@@ -30,6 +30,7 @@ from pydicom.uid import generate_uid
 
 from node.config import Config
 from node.context import NodeContext
+from node.process.logs import configure_logging
 from storage import deliveries
 from storage.jobs import MAX_ATTEMPTS, ClaimedJob, JobQueue
 
@@ -247,8 +248,6 @@ def _start_child(config: Config, log_level: int) -> None:
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     from ai.console import route_library_warnings
     from node.context import build_context
-    from node.process.cli import configure_logging
-
     configure_logging(logging.getLevelName(log_level))
     route_library_warnings()
     import torch

@@ -27,13 +27,13 @@ from collections.abc import Sequence
 from node.config import Config
 from node.context import NodeContext, build_context
 from node.dicom.slots import AssociationSlots
+from node.process.logs import configure_logging, quiet_pynetdicom
 from node.process.server import (
     SHUTDOWN_GRACE_SECONDS,
     BackgroundServices,
     DicomNode,
     ServiceFactory,
     listener_ports,
-    quiet_pynetdicom,
     recover_storage,
     run_until_signalled,
 )
@@ -69,8 +69,6 @@ def _serve_process_main(
 ) -> None:
     """Entry point of one serve process (a fresh interpreter: spawn)."""
     _die_with_parent(parent_pid)
-    from node.process.cli import configure_logging
-
     configure_logging(logging.getLevelName(log_level), process_tag=f"serve {number + 1}")
     node = DicomNode(
         config, slots=slots.for_process(number), listening_sockets=sockets, recover_at_start=False

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Protocol
 
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
@@ -47,6 +47,7 @@ from node.dicom.storage_classes import (
 )
 from node.dicom.storage_scp import handle_store
 from node.dicom.tls import server_context
+from node.process.logs import quiet_pynetdicom
 from storage.consistency import RecoveryReport, log_recovery, recover
 
 log = logging.getLogger(__name__)
@@ -93,16 +94,6 @@ class BackgroundServices:
             except Exception:
                 log.exception("error while stopping %s", type(service).__name__)
         self._running.clear()
-
-
-def quiet_pynetdicom() -> None:
-    """pynetdicom's own handlers log every message, identifiers included (patient names):
-    the node logs its own summary lines instead, which also saves time per instance.
-    (What its loggers may say at all is node.log_policy's business.)"""
-    _config.LOG_HANDLER_LEVEL = "none"
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 def build_ae(config: Config) -> AE:

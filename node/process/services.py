@@ -21,6 +21,7 @@ import time
 from node.config import Config
 from node.context import NodeContext, build_context
 from node.dicom.sender import DeliverySender
+from node.process.logs import configure_logging
 from node.process.server import ServiceFactory, run_until_signalled
 from node.process.worker import AnalysisWorker
 
@@ -33,8 +34,6 @@ STOP_TIMEOUT_SECONDS = 60.0
 
 def _worker_process_main(config: Config, log_level: int) -> None:
     """Entry point of the supervised worker process (a fresh interpreter: spawn)."""
-    from node.process.cli import configure_logging
-
     configure_logging(logging.getLevelName(log_level))
     raise SystemExit(run_worker(config, share_cpu=True))
 

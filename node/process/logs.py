@@ -1,19 +1,51 @@
-"""What the node's logs may say: one line per event, UIDs but never patient data.
+"""How every pneumonode process logs, and what its logs may say: one line per event, UIDs
+but never patient data. Each process (the CLI, a serve process, an analysis worker, a
+result process) calls `configure_logging` once at start; nothing else sets up logging.
 
 pydicom warns about invalid values by quoting them (a malformed birth date, a name that
 does not decode), and logs them again on its own logger: both are silenced in every
 pneumonode process, since the node logs its own line for each refusal. pynetdicom logs a
 traceback when a sender breaks an association (an over-long UID in a request, a cut PDU):
-the traceback is dropped and the message kept, so a hostile sender costs one line.
+the traceback is dropped and the message kept, so a hostile sender costs one line; and
+where a process runs an AE, `quiet_pynetdicom` keeps its handlers from logging each
+message's identifiers.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
 
 _PYDICOM_MODULES = r"pydicom(\..*)?$"
 _REDUNDANT = frozenset({"Received an invalid DIMSE message"})
+
+
+def configure_logging(level: str, process_tag: str = "") -> None:
+    """Log lines to stderr; `process_tag` names one of several serve processes."""
+    tag = f" [{process_tag}]" if process_tag else ""
+    logging.basicConfig(
+        level=level.upper(),
+        format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
+        stream=sys.stderr,
+    )
+    # highdicom logs each module it copies at INFO and names patients in its warnings:
+    # the node logs one line per result itself, with UIDs only.
+    logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    logging.captureWarnings(False)
+    warnings.filterwarnings("ignore", message=r"The string .* is unlikely to represent")
+    keep_phi_out_of_logs()
+
+
+def quiet_pynetdicom() -> None:
+    """pynetdicom's own handlers log every message, identifiers included (patient names):
+    the node logs its own summary lines instead, which also saves time per instance."""
+    from pynetdicom import _config
+
+    _config.LOG_HANDLER_LEVEL = "none"
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
 
 
 class _OneLinePerPynetdicomError(logging.Filter):
