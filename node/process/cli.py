@@ -56,7 +56,7 @@ def _with_overrides(config: Config, args: argparse.Namespace) -> Config:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from node.dicom.pynetdicom_internals import check_pynetdicom
-    from node.process.server import serve
+    from node.process.serve_processes import serve
     from node.process.services import node_services
 
     config = _with_overrides(_load(args), args)

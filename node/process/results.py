@@ -248,6 +248,7 @@ def _start_child(config: Config, log_level: int) -> None:
     threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
     from ai.console import route_library_warnings
     from node.context import build_context
+
     configure_logging(logging.getLevelName(log_level))
     route_library_warnings()
     import torch

@@ -1,4 +1,5 @@
-"""`serve` as several processes accepting on one port, so parallel associations use every core.
+"""`serve`: the node in this process, or as several processes accepting on one port, so
+parallel associations use every core.
 
 pynetdicom runs each association in a thread of one interpreter: four senders at once go no
 faster than one. Here the supervising `serve` process binds the listening socket(s), runs
@@ -22,7 +23,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 from node.config import Config
 from node.context import NodeContext, build_context
@@ -35,8 +36,8 @@ from node.process.server import (
     ServiceFactory,
     listener_ports,
     recover_storage,
-    run_until_signalled,
 )
+from node.process.supervision import run_until_signalled
 from storage.consistency import RecoveryReport, log_recovery
 
 log = logging.getLogger(__name__)
@@ -216,3 +217,19 @@ class ServeProcesses:
         if self.context is not None:
             self.context.engine.dispose()
         log.info("stopped")
+
+
+def serve_process_count(config: Config) -> int:
+    """node.processes, with 0 meaning one per CPU core."""
+    return config.node.processes or os.cpu_count() or 1
+
+
+def serve(config: Config, services: Iterable[ServiceFactory] = ()) -> int:
+    """Run the node (server and background services) until SIGINT or SIGTERM: in this
+    process, or in `node.processes` serve processes on the same port(s)."""
+    processes = serve_process_count(config)
+    if processes > 1:
+        supervisor = ServeProcesses(config, tuple(services), processes)
+        return run_until_signalled(supervisor.start, supervisor.stop)
+    node = DicomNode(config, tuple(services))
+    return run_until_signalled(node.start, node.stop)

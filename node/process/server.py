@@ -1,23 +1,22 @@
-"""The DICOM application entity: what the node accepts, and the serve loop.
+"""The DICOM application entity: what the node accepts, and the node in one process.
 
 `DicomNode` builds the pynetdicom AE from the configuration (AE title, limits, timeouts,
 the presentation contexts of Verification, Storage and Query/Retrieve FIND, MOVE and GET;
 the storage classes are node.dicom.storage_classes', unknown ones added per association
 when `node.accept_unknown_sop_classes` is on), binds the service handlers to a shared
 `NodeContext` and runs the server with any background services (the analysis worker, the
-result sender) beside it. `serve` runs one until SIGINT or SIGTERM.
+result sender) beside it. `serve` (node.process.serve_processes) runs one, or several
+serve processes of one.
 """
 
 from __future__ import annotations
 
 import logging
-import os
-import signal
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from pynetdicom import AE, evt
@@ -343,46 +342,3 @@ def listener_ports(config: Config) -> list[tuple[int, bool]]:
     if tls.enabled:
         ports.append((tls.port, True))
     return ports
-
-
-def run_until_signalled(
-    start: Callable[[], None], stop: Callable[[], None], what: str = "node"
-) -> int:
-    """Call `start`, wait for SIGINT or SIGTERM, call `stop`; returns the exit code.
-
-    The handlers stay installed until the process exits: a second signal during the
-    shutdown (an impatient supervisor) must not kill it halfway through.
-    """
-    stop_requested = threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info("received %s, stopping the %s", signal.Signals(signum).name, what)
-        stop_requested.set()
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, request_stop)
-    start()
-    try:
-        while not stop_requested.wait(timeout=1.0):
-            pass
-    finally:
-        stop()
-    return 0
-
-
-def serve_process_count(config: Config) -> int:
-    """node.processes, with 0 meaning one per CPU core."""
-    return config.node.processes or os.cpu_count() or 1
-
-
-def serve(config: Config, services: Iterable[ServiceFactory] = ()) -> int:
-    """Run the node (server and background services) until SIGINT or SIGTERM: in this
-    process, or in `node.processes` serve processes on the same port(s)."""
-    processes = serve_process_count(config)
-    if processes > 1:
-        from node.process.serve_processes import ServeProcesses
-
-        supervisor = ServeProcesses(config, tuple(services), processes)
-        return run_until_signalled(supervisor.start, supervisor.stop)
-    node = DicomNode(config, tuple(services))
-    return run_until_signalled(node.start, node.stop)

@@ -22,7 +22,8 @@ from node.config import Config
 from node.context import NodeContext, build_context
 from node.dicom.sender import DeliverySender
 from node.process.logs import configure_logging
-from node.process.server import ServiceFactory, run_until_signalled
+from node.process.server import ServiceFactory
+from node.process.supervision import run_until_signalled
 from node.process.worker import AnalysisWorker
 
 log = logging.getLogger(__name__)
