@@ -3,7 +3,8 @@
 `node.processes = 2` starts two serve processes accepting on the supervisor's socket. The
 association limits are the node's, counted across both; a serve process that dies is
 restarted with its slots freed, and `kill -9` of the supervisor takes its serve processes
-with it, so a restart finds the port free and nobody else writing.
+(and its analysis worker, and that worker's result processes) with it, so a restart finds
+the port free and nobody else writing or claiming jobs.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import socket
 import time
 from pathlib import Path
 
-from analysis_support import wait_for
+from analysis_support import analysing_alone, wait_for
 from dicom_data import DX, small_image
 from pynetdicom import AE
 from support import echo, restart_node, start_node, wait_for_log
@@ -23,9 +24,9 @@ from support import echo, restart_node, start_node, wait_for_log
 HOSTILE_ADDRESS = "127.0.0.2"
 
 
-def _serve_pids(supervisor_pid: int) -> list[int]:
-    """PIDs of the supervisor's serve processes (children whose name says so)."""
-    pids = []
+def _processes() -> dict[int, tuple[int, bytes]]:
+    """{PID: (its parent's PID, its command line)} of every process."""
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -34,10 +35,42 @@ def _serve_pids(supervisor_pid: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes()
         except OSError:
             continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        if parent == supervisor_pid and b"spawn_main" in cmdline:
-            pids.append(int(entry.name))
-    return pids
+        found[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), cmdline)
+    return found
+
+
+def _spawned_children(parent_pid: int) -> list[int]:
+    """PIDs of the children `parent_pid` started with multiprocessing's spawn (serve
+    processes, an analysis worker, result processes: children whose name says so)."""
+    return [
+        pid
+        for pid, (parent, cmdline) in _processes().items()
+        if parent == parent_pid and b"spawn_main" in cmdline
+    ]
+
+
+def _descendants(root: int) -> set[int]:
+    """PIDs of every process below `root` (children, their children, ...)."""
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _cmdline) in _processes().items():
+        children.setdefault(parent, []).append(pid)
+    found: set[int] = set()
+    pending = [root]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            if child not in found:
+                found.add(child)
+                pending.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie waiting for its reaper does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 def _start(workdir: Path, node_settings: dict):
@@ -114,13 +147,11 @@ def test_the_node_limit_holds_across_processes(tmp_path: Path) -> None:
 
 
 def test_a_dead_serve_process_is_replaced_and_its_slots_freed(tmp_path: Path) -> None:
-    node = _start(
-        tmp_path / "replace", {"max_associations": 4, "max_associations_per_address": 2}
-    )
+    node = _start(tmp_path / "replace", {"max_associations": 4, "max_associations_per_address": 2})
     try:
         held = [_associate(node, "HOLDER", HOSTILE_ADDRESS) for _ in range(2)]
         assert all(a.is_established for a in held)
-        for pid in _serve_pids(node.process.pid):
+        for pid in _spawned_children(node.process.pid):
             os.kill(pid, signal.SIGKILL)
         wait_for(
             lambda: node.log_text().count("restarting it") >= 2, 30, "both serve processes back"
@@ -136,7 +167,7 @@ def test_a_dead_serve_process_is_replaced_and_its_slots_freed(tmp_path: Path) ->
 
 def test_kill_9_of_serve_leaves_no_serve_process_behind(tmp_path: Path) -> None:
     node = _start(tmp_path / "orphans", {})
-    children = _serve_pids(node.process.pid)
+    children = _spawned_children(node.process.pid)
     assert len(children) == 2
     node.kill()
 
@@ -151,3 +182,26 @@ def test_kill_9_of_serve_leaves_no_serve_process_behind(tmp_path: Path) -> None:
         assert echo(again.host, again.port, again.ae_title)
     finally:
         assert again.stop() == 0
+
+
+def test_kill_9_of_serve_leaves_no_child_process_behind(tmp_path: Path) -> None:
+    """Every child dies with `serve`: the serve processes, the analysis worker, and the
+    worker's result process (whose parent is the worker, not `serve`)."""
+    analysis = analysing_alone(
+        tmp_path / "no-model", demo_model=False, result_processes=1, worker_processes=1
+    )
+    node = start_node(tmp_path / "family", {"node": {"processes": 2}, **analysis})
+    try:
+        wait_for_log(node, "in 2 serve processes", timeout=60)
+        wait_for_log(node, "results built by 1 processes", timeout=120)
+        children = _spawned_children(node.process.pid)  # two serve processes, the worker
+        result_processes = [p for child in children for p in _spawned_children(child)]
+        assert (len(children), len(result_processes)) == (3, 1)
+        family = _descendants(node.process.pid)  # with any helper process of multiprocessing
+    finally:
+        node.kill()
+
+    def gone() -> bool:
+        return not any(_alive(pid) for pid in family)
+
+    wait_for(gone, 30, "every child process to die with serve")

@@ -18,7 +18,6 @@ import logging
 import os
 import signal
 import threading
-import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from pydicom.uid import generate_uid
 from node.config import Config
 from node.context import NodeContext
 from node.process.logs import configure_logging
+from node.process.supervision import tie_to_parent
 from storage import deliveries
 from storage.jobs import MAX_ATTEMPTS, ClaimedJob, JobQueue
 
@@ -229,15 +229,7 @@ class ResultWriter:
 _child_context: NodeContext | None = None
 
 
-def _exit_with(parent: int) -> None:
-    """A pool process outlives a killed worker otherwise (it waits on a queue whose other
-    end it holds itself); its images' jobs are then requeued by the next worker."""
-    while os.getppid() == parent:
-        time.sleep(1.0)
-    os._exit(0)
-
-
-def _start_child(config: Config, log_level: int) -> None:
+def _start_child(config: Config, log_level: int, parent_pid: int) -> None:
     """A pool process: its own logging, index engine and archive; one torch thread (the
     overlay's interpolation), since the pool's processes are the parallelism."""
     global _child_context
@@ -245,7 +237,9 @@ def _start_child(config: Config, log_level: int) -> None:
     # this pool stops it in order (what was handed over is still written), so the pool's
     # processes leave SIGINT to it instead of dying with a traceback mid-result.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_exit_with, args=(os.getppid(),), daemon=True).start()
+    # Left alone it would outlive a killed worker (it waits on a queue whose other end it
+    # holds itself); its images' jobs are then requeued by the next worker.
+    tie_to_parent(parent_pid)
     from ai.console import route_library_warnings
     from node.context import build_context
 
@@ -284,7 +278,11 @@ class ResultPool:
                 max_workers=self.processes,
                 mp_context=get_context("spawn"),  # the worker has threads (and maybe CUDA)
                 initializer=_start_child,
-                initargs=(self.context.config, logging.getLogger().getEffectiveLevel()),
+                initargs=(
+                    self.context.config,
+                    logging.getLogger().getEffectiveLevel(),
+                    os.getpid(),
+                ),
             )
         return self._pool
 

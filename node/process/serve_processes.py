@@ -8,14 +8,12 @@ interpreter) that accept on those same sockets; the kernel hands each new connec
 one of them. The supervisor keeps the background services (the result sender, the analysis
 workers) and restarts a serve process that dies. The association limits stay node-wide:
 the processes count in shared memory (`node.dicom.slots`), and a dead process's slots are
-cleared. A serve process dies with its supervisor (PR_SET_PDEATHSIG), so `kill -9` of
-`serve` leaves no process behind still holding the port or writing files.
+cleared. A serve process dies with its supervisor (node.process.supervision), so `kill -9`
+of `serve` leaves no process behind still holding the port or writing files.
 """
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import logging
 import multiprocessing
 import os
@@ -37,7 +35,7 @@ from node.process.server import (
     listener_ports,
     recover_storage,
 )
-from node.process.supervision import run_until_signalled
+from node.process.supervision import run_until_signalled, tie_to_parent
 from storage.consistency import RecoveryReport, log_recovery
 
 log = logging.getLogger(__name__)
@@ -47,16 +45,6 @@ READY_TIMEOUT_SECONDS = 60.0
 RESTART_DELAY_SECONDS = 1.0
 # A process killed mid-write may still hold the writer lock for a moment after a restart.
 RECOVERY_LOCK_WAIT_SECONDS = 5.0
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask Linux to SIGKILL this process when its supervisor dies (no orphan listeners)."""
-    with contextlib.suppress(OSError, AttributeError):
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the supervisor died before prctl took effect
-        os._exit(1)
 
 
 def _serve_process_main(
@@ -69,7 +57,7 @@ def _serve_process_main(
     parent_pid: int,
 ) -> None:
     """Entry point of one serve process (a fresh interpreter: spawn)."""
-    _die_with_parent(parent_pid)
+    tie_to_parent(parent_pid)
     configure_logging(logging.getLevelName(log_level), process_tag=f"serve {number + 1}")
     node = DicomNode(
         config, slots=slots.for_process(number), listening_sockets=sockets, recover_at_start=False

@@ -2,9 +2,10 @@
 
 `serve` always runs the result sender (deliveries may be queued by a worker elsewhere)
 and, when analysis is enabled and `analysis.run_in_serve` is true, the analysis worker as
-a child process that it supervises. The worker is a process rather than a thread because
-decoding, GradCAM and building the result objects are seconds of Python per batch: in the
-Storage SCP's process they would hold the GIL and slow ingest several times over.
+a child process that it supervises and that dies with it. The worker is a process rather
+than a thread because decoding, GradCAM and building the result objects are seconds of
+Python per batch: in the Storage SCP's process they would hold the GIL and slow ingest
+several times over.
 `pneumonode worker` runs the same worker on its own, against the same database and storage
 folder, for example on a GPU machine.
 """
@@ -23,7 +24,7 @@ from node.context import NodeContext, build_context
 from node.dicom.sender import DeliverySender
 from node.process.logs import configure_logging
 from node.process.server import ServiceFactory
-from node.process.supervision import run_until_signalled
+from node.process.supervision import run_until_signalled, tie_to_parent
 from node.process.worker import AnalysisWorker
 
 log = logging.getLogger(__name__)
@@ -33,8 +34,9 @@ RESTART_DELAY_SECONDS = 5.0
 STOP_TIMEOUT_SECONDS = 60.0
 
 
-def _worker_process_main(config: Config, log_level: int) -> None:
+def _worker_process_main(config: Config, log_level: int, parent_pid: int) -> None:
     """Entry point of the supervised worker process (a fresh interpreter: spawn)."""
+    tie_to_parent(parent_pid)
     configure_logging(logging.getLevelName(log_level))
     raise SystemExit(run_worker(config, share_cpu=True))
 
@@ -52,7 +54,7 @@ class WorkerProcess:
     def _spawn(self) -> None:
         self._process = self._context.Process(
             target=_worker_process_main,
-            args=(self.config, logging.getLogger().getEffectiveLevel()),
+            args=(self.config, logging.getLogger().getEffectiveLevel(), os.getpid()),
             name="pneumonode-worker",
         )
         self._process.start()
