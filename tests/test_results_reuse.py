@@ -26,7 +26,7 @@ import ai.results.finding_sr as finding_sr
 from ai.preprocess import _grey8_of_values, gpu_decodable, to_grey8
 from ai.results import caption, overlay
 from ai.results.finding_sr import build_finding_sr, read_finding
-from node.process.results import result_process_count, result_uids
+from node.process.result_processes import result_process_count, result_uids
 
 _BUILD_TIMES = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
 
@@ -239,7 +239,7 @@ def test_result_processes_store_results_and_give_back_the_job_of_one_that_died(
     from ai.preprocess import read_grey8
     from node.config import load_config
     from node.context import build_context
-    from node.process.results import ResultModel, ResultPool, ResultTask
+    from node.process.result_processes import ResultModel, ResultPool, ResultTask
     from node.process.worker import _header_only
     from storage.jobs import JobQueue
     from storage.models import AnalysisJob
@@ -297,7 +297,7 @@ def test_a_pool_still_starting_does_not_hold_up_the_worker_stopping(tmp_path: Pa
 
     from node.config import load_config
     from node.context import build_context
-    from node.process.results import ResultPool
+    from node.process.result_processes import ResultPool
 
     config = load_config(write_config(tmp_path / "config.toml", {
         "storage": {"folder": str(tmp_path / "storage")},

@@ -5,8 +5,8 @@ It runs in its own process: under `pneumonode serve` (see node.process.services)
 storage folder). A loader thread claims a batch and decodes its pixels (on the GPU when
 the model runs there and the image is plain JPEG Baseline) while the model works on the
 previous batch, so decoding stays off the accelerator's critical path; the results of each
-image are built and stored by `analysis.result_processes` processes (node.process.results)
-while the model goes on with the next batch.
+image are built and stored by `analysis.result_processes` processes
+(node.process.result_processes) while the model goes on with the next batch.
 
 Nothing is analysed twice: result UIDs are derived from the source UID and the model
 version, so a batch re-run after a crash replaces the same result instances, and the
@@ -29,7 +29,7 @@ from pydicom.uid import generate_uid
 
 from ai.model_choice import DEMO_NOTICE, choose_model
 from node.context import NodeContext
-from node.process.results import (
+from node.process.result_processes import (
     ResultModel,
     ResultPool,
     ResultTask,
