@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from sqlalchemy import Engine
 
 from node.config import Config
+from node.eligibility import Eligibility
 from storage.archive import Archive, JobDecision
 from storage.database import create_index_engine
 from storage.filestore import FileStore
@@ -28,8 +29,6 @@ def job_decision(config: Config) -> JobDecision | None:
     """The eligibility rule that queues analysis jobs, when analysis is enabled."""
     if not config.analysis.enabled:
         return None
-    from ai.eligibility import Eligibility
-
     return Eligibility(config.analysis.modalities, config.analysis.body_parts)
 
 

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select, update
 from support import siim_files
 
-from ai.eligibility import Eligibility
+from node.eligibility import Eligibility
 from storage.archive import Archive
 from storage.database import create_index_engine
 from storage.deliveries import DeliveryQueue, enqueue

@@ -1,4 +1,4 @@
-"""Which stored instances the classifier should look at, decided from the index header.
+"""Which stored instances the node queues for the classifier, decided from the index header.
 
 Runs inside the storing transaction (see storage.archive.JobDecision), so it must be cheap
 and must not read pixels: everything it needs is in the header record.
