@@ -9,6 +9,7 @@ The rooms, in the order a query passes through them (each imports only those abo
     keys         a request's keys, the keys the index answers, their VRs
     request      FindRequest (transport-neutral) and the checks every constructor runs
     identifier   FindRequest from a DIMSE identifier + Q/R SOP class; the DIMSE statuses
+    parameters   FindRequest from query parameters (QIDO-RS, a command line)
     like         DICOM wildcards as case-sensitive SQL LIKE/GLOB
     sql          PreparedFind: a request as one SQL statement
     encode_dimse response identifiers as pydicom Datasets or bytes (C-FIND)
