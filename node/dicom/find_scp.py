@@ -16,11 +16,16 @@ from collections.abc import Iterator
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pynetdicom import evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.context import NodeContext
 from node.dicom.dimse import status_dataset
 from node.dicom.find_stream import PendingWriter, fast_path_implicit_vr
+from node.dicom.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES
 from storage.query.encode_dimse import encoded_responses, response_datasets
 from storage.query.errors import QueryError, UnprocessableQueryError
 from storage.query.identifier import (
@@ -179,15 +184,12 @@ def _writer(event: evt.Event, pending: int) -> PendingWriter | None:
 
 # Query/Retrieve SOP classes whose extended negotiation byte 1 means relational queries
 # (FIND) or relational retrieval (MOVE, GET), PS3.4 C.5.1.1, C.5.2.1, C.5.3.1.
+FIND_SOP_CLASSES = (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 _RELATIONAL_NEGOTIATION_CLASSES = frozenset(
-    {
-        "1.2.840.10008.5.1.4.1.2.1.1",  # Patient Root FIND
-        "1.2.840.10008.5.1.4.1.2.2.1",  # Study Root FIND
-        "1.2.840.10008.5.1.4.1.2.1.2",  # Patient Root MOVE
-        "1.2.840.10008.5.1.4.1.2.2.2",  # Study Root MOVE
-        "1.2.840.10008.5.1.4.1.2.1.3",  # Patient Root GET
-        "1.2.840.10008.5.1.4.1.2.2.3",  # Study Root GET
-    }
+    (*FIND_SOP_CLASSES, *MOVE_SOP_CLASSES, *GET_SOP_CLASSES)
 )
 
 
