@@ -1,4 +1,4 @@
-"""storage/query.py on its own: an index filled through storage.archive.Archive, no network.
+"""storage/query/ on its own: an index filled through storage.archive.Archive, no network.
 
 The index holds a few SIIM files and the synthetic instances of find_data, so every
 matching rule can be checked against known values.
@@ -16,6 +16,10 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 from sqlalchemy import Engine, event
 from sqlalchemy.dialects import postgresql
 from support import siim_files
@@ -23,15 +27,12 @@ from support import siim_files
 from storage.archive import Archive
 from storage.database import create_index_engine
 from storage.filestore import FileStore
-from storage.query import (
-    IdentifierMismatchError,
-    Level,
-    QueryModel,
-    UnprocessableQueryError,
-    _CaseSensitiveLike,
-    find,
-    prepare_find,
-)
+from storage.query.encode_dimse import encoded_responses, response_datasets
+from storage.query.errors import IdentifierMismatchError, UnprocessableQueryError
+from storage.query.identifier import request_from_identifier
+from storage.query.like import CaseSensitiveLike
+from storage.query.model import Level
+from storage.query.sql import PreparedFind, prepare
 
 # Query values such as 'D*' or '20200101-20201231' are valid C-FIND keys, not valid
 # attribute values, and pydicom says so; these tests write them on purpose.
@@ -41,9 +42,21 @@ pytestmark = [
 ]
 
 SIIM_SAMPLE = 5
-PATIENT = QueryModel.PATIENT_ROOT
-STUDY = QueryModel.STUDY_ROOT
+PATIENT = PatientRootQueryRetrieveInformationModelFind
+STUDY = StudyRootQueryRetrieveInformationModelFind
 AE_TITLE = "UNITNODE"
+
+
+def prepare_find(identifier: Dataset, model: str, *, relational: bool = True) -> PreparedFind:
+    """What the FIND SCP does with an identifier before it answers."""
+    return prepare(request_from_identifier(identifier, model, relational=relational))
+
+
+def find(engine: Engine, identifier: Dataset, model: str, ae_title: str) -> Iterator[Dataset]:
+    """Prepare and stream the matches of one identifier on a fresh connection."""
+    prepared = prepare_find(identifier, model)
+    with engine.connect() as conn:
+        yield from response_datasets(prepared, conn, ae_title)
 
 
 @pytest.fixture(scope="module")
@@ -67,21 +80,21 @@ def identifier(level: str, **keys: object) -> Dataset:
     return ds
 
 
-def run(engine: Engine, model: QueryModel, level: str, **keys: object) -> list[Dataset]:
+def run(engine: Engine, model: str, level: str, **keys: object) -> list[Dataset]:
     query = identifier(level, **keys)
     matches = list(find(engine, query, model, AE_TITLE))
     assert_encoded_like_pydicom(engine, query, model)
     return matches
 
 
-def assert_encoded_like_pydicom(engine: Engine, query: Dataset, model: QueryModel) -> None:
-    """The identifiers encoded straight from rows (storage.find_rows, what the SCP sends)
+def assert_encoded_like_pydicom(engine: Engine, query: Dataset, model: str) -> None:
+    """The identifiers encoded straight from rows (encode_dimse, what the SCP sends)
     are byte for byte what pydicom writes for the Datasets of `responses`."""
     prepared = prepare_find(query, model)
     with engine.connect() as conn:
-        datasets = list(prepared.responses(conn, AE_TITLE))
+        datasets = list(response_datasets(prepared, conn, AE_TITLE))
         for implicit_vr in (True, False):
-            encoded = list(prepared.encoded_responses(conn, AE_TITLE, implicit_vr=implicit_vr))
+            encoded = list(encoded_responses(prepared, conn, AE_TITLE, implicit_vr=implicit_vr))
             assert encoded == [encode(ds, implicit_vr, True) for ds in datasets]
 
 
@@ -109,7 +122,7 @@ def study_ids(engine: Engine, **keys: object) -> list[str]:
         (STUDY, {"QueryRetrieveLevel": "IMAGE", "StudyInstanceUID": study_uid("S1")}),
     ],
 )
-def test_level_and_hierarchy_errors(model: QueryModel, keys: dict[str, str]) -> None:
+def test_level_and_hierarchy_errors(model: str, keys: dict[str, str]) -> None:
     ds = Dataset()
     for keyword, value in keys.items():
         setattr(ds, keyword, value)
@@ -227,7 +240,7 @@ def test_wildcards_treat_sql_wildcards_literally(
 def test_like_pattern_escapes_for_other_databases() -> None:
     from storage.models import Patient
 
-    clause = _CaseSensitiveLike(Patient.__table__.c.patient_id, "A%_!*?")
+    clause = CaseSensitiveLike(Patient.__table__.c.patient_id, "A%_!*?")
     compiled = clause.compile(dialect=postgresql.dialect())
     assert " LIKE " in str(compiled) and str(compiled).endswith(" ESCAPE '!'")
     assert list(compiled.params.values()) == ["A!%!_!!%_"]
@@ -628,9 +641,9 @@ def test_every_index_column_is_a_query_key() -> None:
     """An attribute the columns hold is kept out of instance_attribute: if the query code
     did not know it as a key, it could be neither matched nor returned."""
     from storage.indexer import COLUMN_KEYWORDS
-    from storage.query import _KEY_SPECS
+    from storage.query.keys import KEY_SPECS
 
-    assert COLUMN_KEYWORDS - {"SpecificCharacterSet"} <= set(_KEY_SPECS)
+    assert COLUMN_KEYWORDS - {"SpecificCharacterSet"} <= set(KEY_SPECS)
 
 
 # --- identifiers encoded from rows ------------------------------------------------------
@@ -674,7 +687,7 @@ def test_every_index_column_is_a_query_key() -> None:
     ],
 )  # fmt: skip
 def test_encoded_identifiers_equal_what_pydicom_writes(
-    engine: Engine, model: QueryModel, level: str, keys: dict[str, object]
+    engine: Engine, model: str, level: str, keys: dict[str, object]
 ) -> None:
     query = identifier(level, **keys)
     query.add_new(0x00091010, "LO", "")  # a private key nobody can answer
@@ -685,8 +698,8 @@ def test_encoded_identifiers_equal_what_pydicom_writes(
 def test_limited_stops_one_past_the_limit(engine: Engine) -> None:
     prepared = prepare_find(identifier("STUDY", StudyInstanceUID=""), STUDY)
     with engine.connect() as conn:
-        every = list(prepared.responses(conn, AE_TITLE))
-        assert len(list(prepared.limited(2).responses(conn, AE_TITLE))) == 3
-        assert len(list(prepared.limited(0).responses(conn, AE_TITLE))) == len(every)
-        encoded = list(prepared.limited(1).encoded_responses(conn, AE_TITLE, implicit_vr=True))
+        every = list(response_datasets(prepared, conn, AE_TITLE))
+        assert len(list(response_datasets(prepared.limited(2), conn, AE_TITLE))) == 3
+        assert len(list(response_datasets(prepared.limited(0), conn, AE_TITLE))) == len(every)
+        encoded = list(encoded_responses(prepared.limited(1), conn, AE_TITLE, implicit_vr=True))
     assert encoded == [encode(ds, True, True) for ds in every[:2]]

@@ -1,6 +1,6 @@
 """Query/Retrieve FIND SCP: Patient Root and Study Root C-FIND over the index.
 
-The matching lives in storage/query.py; this handler reads the request, streams the
+The matching lives in storage/query/; this handler reads the request, streams the
 matches as Pending responses, stops on C-CANCEL, and turns an identifier it cannot
 process into a failure status with an ErrorComment rather than an exception. Where it can
 (plain TCP, Little Endian), the Pending responses are identifiers encoded from the rows
@@ -16,19 +16,26 @@ from collections.abc import Iterator
 from pydicom.datadict import keyword_for_tag
 from pydicom.dataset import Dataset
 from pynetdicom import evt
+from pynetdicom.sop_class import (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 from sqlalchemy.exc import SQLAlchemyError
 
 from node.context import NodeContext
 from node.dicom.dimse import status_dataset
 from node.dicom.find_stream import PendingWriter, fast_path_implicit_vr
-from storage.query import (
-    IdentifierMismatchError,
-    PreparedFind,
-    QueryError,
-    QueryModel,
-    UnprocessableQueryError,
-    prepare_find,
+from node.dicom.retrieve import GET_SOP_CLASSES, MOVE_SOP_CLASSES
+from storage.query.encode_dimse import encoded_responses, response_datasets
+from storage.query.errors import QueryError, UnprocessableQueryError
+from storage.query.identifier import (
+    STATUS_IDENTIFIER_MISMATCH,
+    STATUS_UNABLE_TO_PROCESS,
+    failure_status,
+    query_model,
+    request_from_identifier,
 )
+from storage.query.sql import PreparedFind, prepare
 
 log = logging.getLogger(__name__)
 
@@ -37,8 +44,6 @@ STATUS_PENDING = 0xFF00
 STATUS_PENDING_KEYS_UNSUPPORTED = 0xFF01  # matches go on; some optional keys were ignored
 STATUS_CANCEL = 0xFE00
 STATUS_OUT_OF_RESOURCES = 0xA700
-STATUS_IDENTIFIER_MISMATCH = 0xA900
-STATUS_UNABLE_TO_PROCESS = 0xC000
 
 FindResponse = tuple[int | Dataset, Dataset | None]
 
@@ -72,8 +77,9 @@ class _FindOutcome:
 
 
 def _answer(event: evt.Event, context: NodeContext, outcome: _FindOutcome) -> Iterator:
+    sop_class = event.request.AffectedSOPClassUID
     try:
-        model = QueryModel.from_sop_class(event.request.AffectedSOPClassUID)
+        model = query_model(sop_class, ("Find",))
     except ValueError:
         outcome.status = STATUS_IDENTIFIER_MISMATCH
         comment = "SOP class is not a supported FIND model"
@@ -81,15 +87,12 @@ def _answer(event: evt.Event, context: NodeContext, outcome: _FindOutcome) -> It
         return
     outcome.model = model.value
     try:
-        prepared = prepare_find(
-            _identifier(event), model, relational=context.config.node.relational_queries
+        request = request_from_identifier(
+            _identifier(event), sop_class, relational=context.config.node.relational_queries
         )
+        prepared = prepare(request)
     except QueryError as exc:
-        outcome.status = (
-            STATUS_IDENTIFIER_MISMATCH
-            if isinstance(exc, IdentifierMismatchError)
-            else STATUS_UNABLE_TO_PROCESS
-        )
+        outcome.status = failure_status(exc)
         # The comment may quote a query value (a birth date): the log names only the keys.
         log.warning("C-FIND refused (0x%04X) on %s", outcome.status, _tag_names(exc.offending))
         yield status_dataset(outcome.status, exc.comment, exc.offending), None
@@ -112,7 +115,8 @@ def _tag_names(tags: tuple[int, ...]) -> str:
 
 
 def _identifier(event: evt.Event) -> Dataset:
-    # pydicom decodes elements lazily; prepare_find reports one it cannot read by name.
+    # pydicom decodes elements lazily; request_from_identifier reports one it cannot read
+    # by name.
     try:
         identifier = event.identifier
     except Exception as exc:
@@ -133,10 +137,10 @@ def _stream(
         with context.engine.connect() as conn:
             limited = prepared.limited(limit)
             if writer is None:
-                matches: Iterator = limited.responses(conn, ae_title)
+                matches: Iterator = response_datasets(limited, conn, ae_title)
             else:
                 # Identifiers encoded from the rows, sent in batches (node.dicom.find_stream).
-                matches = limited.encoded_responses(conn, ae_title, implicit_vr=implicit_vr)
+                matches = encoded_responses(limited, conn, ae_title, implicit_vr=implicit_vr)
             for identifier in matches:
                 if event.is_cancelled:  # true once: pynetdicom forgets the C-CANCEL it reports
                     cancelled = True
@@ -180,15 +184,12 @@ def _writer(event: evt.Event, pending: int) -> PendingWriter | None:
 
 # Query/Retrieve SOP classes whose extended negotiation byte 1 means relational queries
 # (FIND) or relational retrieval (MOVE, GET), PS3.4 C.5.1.1, C.5.2.1, C.5.3.1.
+FIND_SOP_CLASSES = (
+    PatientRootQueryRetrieveInformationModelFind,
+    StudyRootQueryRetrieveInformationModelFind,
+)
 _RELATIONAL_NEGOTIATION_CLASSES = frozenset(
-    {
-        "1.2.840.10008.5.1.4.1.2.1.1",  # Patient Root FIND
-        "1.2.840.10008.5.1.4.1.2.2.1",  # Study Root FIND
-        "1.2.840.10008.5.1.4.1.2.1.2",  # Patient Root MOVE
-        "1.2.840.10008.5.1.4.1.2.2.2",  # Study Root MOVE
-        "1.2.840.10008.5.1.4.1.2.1.3",  # Patient Root GET
-        "1.2.840.10008.5.1.4.1.2.2.3",  # Study Root GET
-    }
+    (*FIND_SOP_CLASSES, *MOVE_SOP_CLASSES, *GET_SOP_CLASSES)
 )
 
 

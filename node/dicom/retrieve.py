@@ -6,7 +6,7 @@ response that carries the remaining, completed, failed and warning counts, and e
 0x0000, 0xB000 and the Failed SOP Instance UID List, 0xA702 when every sub-operation
 failed, or 0xFE00 (with the counts so far) when the handler yields Cancel after a C-CANCEL.
 
-The instances are those C-FIND matches (storage.query.retrieve_instances); each goes as
+The instances are those C-FIND matches (storage.query.selection); each goes as
 node.dicom.send_instances prepares it for the association. Two behaviours of pynetdicom this
 relies on, pinned by tests/test_retrieve_pynetdicom.py:
 - An instance that cannot go (no context for it, no conversion) is yielded as
@@ -39,13 +39,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.context import NodeContext
 from node.dicom.dimse import status_dataset
 from node.dicom.send_instances import Outgoing, StoredInstance, prepare
-from storage.query import (
-    IdentifierMismatchError,
-    QueryError,
-    QueryModel,
-    UnprocessableQueryError,
-    retrieve_instances,
+from storage.query.errors import QueryError, UnprocessableQueryError
+from storage.query.identifier import (
+    STATUS_IDENTIFIER_MISMATCH,
+    STATUS_UNABLE_TO_PROCESS,
+    failure_status,
+    query_model,
+    request_from_identifier,
 )
+from storage.query.selection import retrieve_instances
 
 log = logging.getLogger(__name__)
 
@@ -57,20 +59,12 @@ GET_SOP_CLASSES = (
     PatientRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelGet,
 )
-_MODELS = {
-    PatientRootQueryRetrieveInformationModelMove: QueryModel.PATIENT_ROOT,
-    PatientRootQueryRetrieveInformationModelGet: QueryModel.PATIENT_ROOT,
-    StudyRootQueryRetrieveInformationModelMove: QueryModel.STUDY_ROOT,
-    StudyRootQueryRetrieveInformationModelGet: QueryModel.STUDY_ROOT,
-}
 
 _LEVELS = ("PATIENT", "STUDY", "SERIES", "IMAGE")
 
 STATUS_PENDING = 0xFF00
 STATUS_CANCEL = 0xFE00
 STATUS_OUT_OF_RESOURCES = 0xA701  # unable to calculate the number of matches
-STATUS_IDENTIFIER_MISMATCH = 0xA900
-STATUS_UNABLE_TO_PROCESS = 0xC000
 C_STORE_RSP = 0x8001
 
 
@@ -142,8 +136,10 @@ def select_instances(
     event: evt.Event, context: NodeContext, retrieve: Retrieve
 ) -> list[StoredInstance] | Dataset:
     """The instances the request's identifier selects, or the failure status to answer."""
-    model = _MODELS.get(str(event.request.AffectedSOPClassUID))
-    if model is None:
+    sop_class = str(event.request.AffectedSOPClassUID)
+    try:
+        model = query_model(sop_class, ("Move", "Get"))
+    except ValueError:
         return _failure(retrieve, STATUS_IDENTIFIER_MISMATCH, "not a MOVE or GET SOP class")
     retrieve.model = model.value
     try:
@@ -151,16 +147,12 @@ def select_instances(
         level = str(identifier.get("QueryRetrieveLevel", "")).strip()
         retrieve.level = level if level in _LEVELS else "?"  # logged: no free text
         with context.engine.connect() as conn:
-            instances = retrieve_instances(
-                conn, identifier, model, relational=context.config.node.relational_queries
+            request = request_from_identifier(
+                identifier, sop_class, relational=context.config.node.relational_queries
             )
+            instances = retrieve_instances(conn, request)
     except QueryError as exc:
-        code = (
-            STATUS_IDENTIFIER_MISMATCH
-            if isinstance(exc, IdentifierMismatchError)
-            else STATUS_UNABLE_TO_PROCESS
-        )
-        return _failure(retrieve, code, exc.comment, exc.offending)
+        return _failure(retrieve, failure_status(exc), exc.comment, exc.offending)
     except SQLAlchemyError as exc:
         log.error("%s index query failed: %s", retrieve.service, type(exc).__name__)
         return _failure(retrieve, STATUS_OUT_OF_RESOURCES, "index unavailable, try again")

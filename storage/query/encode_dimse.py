@@ -1,4 +1,11 @@
-"""C-FIND response identifiers encoded straight from index rows, without a Dataset per match.
+"""DIMSE response identifiers of a prepared find: pydicom Datasets, or the same identifiers
+encoded straight from index rows, without a Dataset per match.
+
+Responses hold exactly the requested keys, plus QueryRetrieveLevel and RetrieveAETitle,
+plus SpecificCharacterSet "ISO_IR 192" when a returned value is not plain ASCII (else the
+character set the query named). A key the node does not answer is returned zero-length
+(an empty sequence for SQ). Another protocol's encoder (DICOM JSON for QIDO-RS) reads the
+same rows of the same PreparedFind and sits beside this one.
 
 Building a pydicom Dataset for every match and letting pydicom write it costs more than the
 SQL that found the match: at 10,000 studies it is most of a query's time. The keys of a
@@ -7,7 +14,7 @@ key, its tag, its VR, the element header and how a row value becomes bytes; each
 costs a few string operations and one join. QueryRetrieveLevel and RetrieveAETitle are the
 same for every match and are encoded once.
 
-The bytes are exactly what pydicom writes for the Dataset that `PreparedFind.responses`
+The bytes are exactly what pydicom writes for the Dataset that `response_datasets`
 builds (tests/test_find_query.py compares both on every key kind): elements in tag order,
 text padded with a space and UIDs with a NUL to even length, binary numbers (US, SL, FD...)
 packed, the values of a multi-valued key joined with backslashes, and SpecificCharacterSet
@@ -19,13 +26,25 @@ explicit VR) are encoded here; anything else goes through pydicom.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
 
 from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from sqlalchemy import Connection
 
-if TYPE_CHECKING:
-    from storage.query import PreparedFind
+from storage.query.keys import (
+    CHARSET_TAG,
+    QUERY_LEVEL_TAG,
+    RETRIEVE_AE_TAG,
+    KeySpec,
+    QueryKey,
+    attribute_vr,
+    empty_key_vr,
+)
+from storage.query.matching import MatchKind
+from storage.query.sql import PreparedFind
 
 # VRs whose explicit VR encoding has two reserved bytes and a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = frozenset(
@@ -42,9 +61,6 @@ _BINARY = {
     "FD": ("<d", float),
 }
 UTF8_CHARSET = "ISO_IR 192"
-_CHARSET_TAG = 0x00080005
-_QUERY_LEVEL_TAG = 0x00080052
-_RETRIEVE_AE_TAG = 0x00080054
 
 # A value converter: row value -> (encoded bytes, needs UTF-8). Text converters return str.
 _Convert = Callable[[object], "tuple[bytes | str, bool]"]
@@ -95,7 +111,7 @@ def _binary(vr: str) -> _Convert:
         try:
             return b"".join(pack(cast(v)) for v in str(value).split("\\")), False
         except (ValueError, struct.error):
-            return b"", False  # as PreparedFind.responses: a value it cannot read is empty
+            return b"", False  # as response_datasets: a value it cannot read is empty
 
     return convert
 
@@ -110,29 +126,117 @@ def _spec_binary(vr: str) -> _Convert:
     return convert
 
 
+def response_datasets(
+    prepared: PreparedFind, conn: Connection, retrieve_ae_title: str
+) -> Iterator[Dataset]:
+    """Yield one response identifier per match, streaming rows from the database."""
+    result = conn.execution_options(yield_per=256).execute(prepared.statement)
+    for row in result:
+        yield _identifier(prepared, row._mapping, retrieve_ae_title)
+
+
+def encoded_responses(
+    prepared: PreparedFind, conn: Connection, retrieve_ae_title: str, *, implicit_vr: bool
+) -> Iterator[bytes]:
+    """The identifiers of `response_datasets`, already encoded in a Little Endian transfer
+    syntax: the same bytes, without a Dataset per match."""
+    encode = IdentifierEncoder(prepared, retrieve_ae_title, implicit_vr=implicit_vr).encode
+    result = conn.execution_options(yield_per=1024).execute(prepared.statement)
+    for partition in result.partitions():
+        for row in partition:
+            yield encode(row)
+
+
+# --- as pydicom Datasets -----------------------------------------------------------------
+
+
+def _identifier(prepared: PreparedFind, row, retrieve_ae_title: str) -> Dataset:
+    ds = Dataset()
+    needs_utf8 = False
+    for key in prepared.return_keys:
+        if key.spec is None and key.label is not None:
+            attribute = _attribute_element(key.key, row[key.label])
+            needs_utf8 = needs_utf8 or _needs_utf8(attribute.value)
+            ds.add(attribute)
+            continue
+        if key.spec is None:
+            ds.add(_empty_element(key.key))
+            continue
+        value = _response_value(key.spec, row[key.label])
+        needs_utf8 = needs_utf8 or _needs_utf8(value)
+        ds.add(DataElement(key.key.tag, dictionary_VR(key.key.tag), value))
+    ds.QueryRetrieveLevel = prepared.level.name
+    ds.RetrieveAETitle = retrieve_ae_title
+    character_sets = prepared.request.character_sets
+    if needs_utf8:
+        ds.SpecificCharacterSet = UTF8_CHARSET
+    elif character_sets:
+        ds.SpecificCharacterSet = list(character_sets)
+    return ds
+
+
+def _attribute_element(key: QueryKey, raw: object) -> DataElement:
+    vr = attribute_vr(key)
+    if raw is None or raw == "":
+        return DataElement(key.tag, vr, None)
+    values: list = str(raw).split("\\")
+    binary = _BINARY.get(vr)
+    if binary is not None:
+        try:
+            values = [binary[1](v) for v in values]
+        except ValueError:
+            return DataElement(key.tag, vr, None)
+    return DataElement(key.tag, vr, values if len(values) > 1 else values[0])
+
+
+def _response_value(spec: KeySpec, raw: object) -> object:
+    if raw is None or raw == "":
+        return None
+    if spec.kind in (MatchKind.MODALITIES, MatchKind.SOP_CLASSES):
+        return sorted(set(str(raw).split("\\")))
+    return raw
+
+
+def _empty_element(key: QueryKey) -> DataElement:
+    """The requested element, zero-length (an empty sequence for SQ)."""
+    vr = empty_key_vr(key)
+    if vr == "SQ":
+        return DataElement(key.tag, "SQ", DicomSequence())
+    return DataElement(key.tag, vr, None)
+
+
+def _needs_utf8(value: object) -> bool:
+    if isinstance(value, str):
+        return not value.isascii()
+    if isinstance(value, list):
+        return any(_needs_utf8(v) for v in value)
+    return False
+
+
+# --- as bytes ----------------------------------------------------------------------------
+
+
 class IdentifierEncoder:
     """Encodes the response identifier of one match from its row, for one transfer syntax."""
 
     def __init__(
         self, prepared: PreparedFind, retrieve_ae_title: str, *, implicit_vr: bool
     ) -> None:
-        from storage.query import MatchKind, attribute_vr, empty_element_vr
-
         self.implicit_vr = implicit_vr
-        self.requested_charset = prepared.requested_charset
+        self.requested_charset = prepared.request.character_sets
         positions = {
             column.key: index for index, column in enumerate(prepared.statement.selected_columns)
         }
         # (tag, position in the row or None for a fixed element, head, converter or bytes, pad)
         parts: list[tuple[int, int | None, _Head, _Convert | bytes, bytes]] = []
         for key in prepared.return_keys:
-            tag = int(key.element.tag)
+            tag = key.key.tag
             if key.spec is None and key.label is None:
-                vr = empty_element_vr(key.element)
+                vr = empty_key_vr(key.key)
                 parts.append((tag, None, _Head(tag, vr, implicit_vr), b"", b""))
                 continue
             if key.spec is None:
-                vr = attribute_vr(key.element)
+                vr = attribute_vr(key.key)
                 convert: _Convert = _binary(vr) if vr in _BINARY else _text
             else:
                 vr = dictionary_VR(tag)
@@ -144,13 +248,13 @@ class IdentifierEncoder:
             parts.append((tag, position, _Head(tag, vr, implicit_vr), convert, _pad(vr)))
         level = prepared.level.name.encode()
         ae_title = retrieve_ae_title.encode("ascii", "replace")
-        parts.append((_QUERY_LEVEL_TAG, None, _Head(_QUERY_LEVEL_TAG, "CS", implicit_vr),
+        parts.append((QUERY_LEVEL_TAG, None, _Head(QUERY_LEVEL_TAG, "CS", implicit_vr),
                       _padded(level, b" "), b""))  # fmt: skip
-        parts.append((_RETRIEVE_AE_TAG, None, _Head(_RETRIEVE_AE_TAG, "AE", implicit_vr),
+        parts.append((RETRIEVE_AE_TAG, None, _Head(RETRIEVE_AE_TAG, "AE", implicit_vr),
                       _padded(ae_title, b" "), b""))  # fmt: skip
         parts.sort(key=lambda part: part[0])
         self._parts = [(position, head, value, pad) for _, position, head, value, pad in parts]
-        self._charset_head = _Head(_CHARSET_TAG, "CS", implicit_vr)
+        self._charset_head = _Head(CHARSET_TAG, "CS", implicit_vr)
         self._utf8_charset = self._charset_head.element(_padded(UTF8_CHARSET.encode(), b" "))
         self._requested = (
             self._charset_head.element(_padded("\\".join(self.requested_charset).encode(), b" "))
