@@ -8,7 +8,7 @@ Implicit VR Little Endian. The SOP Instance UID stays: a change of transfer synt
 same instance (PS3.5 10), and the receiver must be able to match it to what it asked for.
 
 Pixel data is decoded by pydicom's own choice of plugin, as the analysis decodes it
-(ai.preprocess), so a converted copy holds the pixels the model saw. (Pillow alone decodes
+(ai.data.preprocess), so a converted copy holds the pixels the model saw. (Pillow alone decodes
 JPEG Baseline about four times faster here, but differs by 1 in about 3 % of the pixels.)
 
 What cannot be converted raises `ConversionError` with a reason short enough for a log

@@ -115,7 +115,7 @@ def siim_dicom_files(siim_path: Path) -> list[Path]:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A deterministic untrained model artifact, so analysis runs without training."""
-    from ai.testing import build_tiny_artifact
+    from ai.train.tiny_artifact import build_tiny_artifact
 
     return build_tiny_artifact(tmp_path_factory.mktemp("model") / "tiny", seed=0)
 

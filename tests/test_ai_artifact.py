@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from support import PROBABILITY_TOLERANCE
 
-from ai.artifact import META_FILE, WEIGHTS_FILE, ArtifactError, load_artifact, read_meta
-from ai.infer import Analyzer
-from ai.testing import build_tiny_artifact
+from ai.analysis.infer import Analyzer
+from ai.model.artifact import META_FILE, WEIGHTS_FILE, ArtifactError, load_artifact, read_meta
+from ai.train.tiny_artifact import build_tiny_artifact
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from support import PROBABILITY_TOLERANCE
 
-from ai.architectures import build_model, default_cam_layer, final_linear
-from ai.cam import cam, gradcam, scale_maps
-from ai.configs import get_config
-from ai.infer import Analyzer
-from ai.testing import build_tiny_artifact
+from ai.analysis.cam import cam, gradcam, scale_maps
+from ai.analysis.infer import Analyzer
+from ai.model.architectures import build_model, default_cam_layer, final_linear
+from ai.train.recipes import get_config
+from ai.train.tiny_artifact import build_tiny_artifact
 
 SIZE = 128
 

@@ -16,15 +16,15 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 from sklearn.metrics import roc_auc_score
 from support import require_siim, siim_file
 
-from ai.architectures import ArchSpec, build_model
-from ai.artifact import describe, in_memory, load_artifact, save_artifact
-from ai.configs import get_config
-from ai.data import NEGATIVE, POSITIVE, load_items
-from ai.folds import assign_folds, bootstrap_auc, mean_interval, rank_auc
-from ai.imagecache import ImageCache, entry_key
-from ai.infer import Analyzer
-from ai.segmodel import ClassifySegment
-from ai.weights import load_init_weights
+from ai.analysis.infer import Analyzer
+from ai.data.imagecache import ImageCache, entry_key
+from ai.data.labelled import NEGATIVE, POSITIVE, load_items
+from ai.model.architectures import ArchSpec, build_model
+from ai.model.artifact import describe, in_memory, load_artifact, save_artifact
+from ai.model.segmodel import ClassifySegment
+from ai.model.weights import load_init_weights
+from ai.train.folds import assign_folds, bootstrap_auc, mean_interval, rank_auc
+from ai.train.recipes import get_config
 
 SIZE = 64
 
@@ -123,7 +123,7 @@ def kaggle(tmp_path_factory) -> Path:
 def test_kaggle_layout_is_read_and_cached_in_parallel(kaggle, tmp_path):
     items = load_items(kaggle)
     assert len(items) == 240 and items["label"].eq(POSITIVE).sum() == 80
-    from ai.workflow import mask_codes
+    from ai.train.workflow import mask_codes
 
     masks = mask_codes(kaggle)
     assert len(masks) == 80
@@ -139,7 +139,7 @@ def test_kaggle_layout_is_read_and_cached_in_parallel(kaggle, tmp_path):
     assert all(entries[p].mask is not None and entries[p].mask.sum() > 0 for p in with_mask)
     assert all(entries[p].mask is None for p in set(paths) - set(with_mask))
     # the cached pixels are the node's: read_grey8 + resize_grey8
-    from ai.preprocess import read_grey8, resize_grey8
+    from ai.data.preprocess import read_grey8, resize_grey8
 
     expected = resize_grey8([read_grey8(paths[0])], 32)[0].numpy()
     np.testing.assert_array_equal(np.asarray(first.image), expected)
@@ -150,7 +150,7 @@ def test_kaggle_layout_is_read_and_cached_in_parallel(kaggle, tmp_path):
 
 
 def test_kaggle_layout_cross_validates_with_the_tiny_mask_recipe(kaggle, tmp_path):
-    from ai.workflow import train
+    from ai.train.workflow import train
 
     config = get_config("tiny-mask").with_overrides(max_items=48, size=32, lr=3e-3)
     result = train(config, kaggle, tmp_path / "model", device="cpu",
@@ -277,7 +277,7 @@ def test_init_weights_from_densenet_and_from_our_xresnet_into_the_mask_encoder(t
 
 def test_sc_and_sr_say_which_method_made_the_map():
     from ai.results import build_finding_sr, build_heatmap_sc, render_picture
-    from ai.results.finding_sr import read_finding
+    from ai.results.sr.sop import read_finding
 
     source = pydicom.dcmread(siim_file("train/Pneumothorax/000001.dcm"))
     grey = np.zeros((64, 64), dtype=np.uint8)
@@ -309,8 +309,8 @@ def test_sc_and_sr_say_which_method_made_the_map():
 
 
 def test_lr_find_sets_the_rate_and_init_weights_reach_the_fit(tmp_path):
-    from ai.training import fit_model
-    from ai.workflow import prepare
+    from ai.train.fit import fit_model
+    from ai.train.workflow import prepare
 
     config = get_config("tiny").with_overrides(lr_find=True)
     items, entries, _masks, _root = prepare(config, require_siim(), tmp_path / "cache", workers=1)
@@ -325,8 +325,8 @@ def test_lr_find_sets_the_rate_and_init_weights_reach_the_fit(tmp_path):
 
 
 def test_the_colour_scale_says_what_a_mask_map_means() -> None:
-    from ai.cam import METHOD_TITLES
-    from ai.results.overlay import SEGMENTATION_TITLE, colour_scale
+    from ai.analysis.cam import METHOD_TITLES
+    from ai.results.sc.picture import SEGMENTATION_TITLE, colour_scale
 
     assert METHOD_TITLES["segmentation"] == SEGMENTATION_TITLE
     assert "probability per pixel" in colour_scale(method=SEGMENTATION_TITLE).title
@@ -336,8 +336,8 @@ def test_the_colour_scale_says_what_a_mask_map_means() -> None:
 def test_the_model_carries_the_cv_chosen_threshold_and_nested_cv_reports(kaggle, tmp_path):
     import json
 
-    from ai.crossval import choose_threshold
-    from ai.workflow import train
+    from ai.train.crossval import choose_threshold
+    from ai.train.workflow import train
 
     config = get_config("tiny").with_overrides(max_items=24, size=32, lr=3e-3)
     result = train(config, kaggle, tmp_path / "model", device="cpu",
@@ -382,7 +382,7 @@ def test_the_model_carries_the_cv_chosen_threshold_and_nested_cv_reports(kaggle,
 def test_a_given_threshold_is_kept_fixed(kaggle, tmp_path, capsys):
     import argparse
 
-    from ai.commands import register
+    from ai.cli.commands import register
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers())

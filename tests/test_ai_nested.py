@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_curve
 
-from ai.crossval import choose_threshold, fixed_threshold, rates_at
-from ai.data import NEGATIVE, POSITIVE
-from ai.folds import assign_folds, rank_auc
-from ai.nested import inner_folds, paired_auc_difference, wilson
+from ai.data.labelled import NEGATIVE, POSITIVE
+from ai.train.crossval import choose_threshold, fixed_threshold, rates_at
+from ai.train.folds import assign_folds, rank_auc
+from ai.train.nested import inner_folds, paired_auc_difference, wilson
 
 
 def test_perfect_separation_puts_the_threshold_between_the_classes():

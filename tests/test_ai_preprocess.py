@@ -13,7 +13,7 @@ from pydicom.pixels import pixel_array
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 from support import siim_file
 
-from ai.preprocess import UnsupportedImageError, read_grey8, resize_grey8, to_model_input
+from ai.data.preprocess import UnsupportedImageError, read_grey8, resize_grey8, to_model_input
 
 
 def make_dicom(

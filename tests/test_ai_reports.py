@@ -10,8 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 
-from ai.configs import CONFIGS
-from ai.reports import (
+from ai.train.evaluation_report import (
     TrainingHistory,
     confusion_figure,
     learning_curve,
@@ -19,6 +18,7 @@ from ai.reports import (
     results_grid,
     roc_curve_figure,
 )
+from ai.train.recipes import CONFIGS
 
 POSITIVE = "Pneumothorax"
 NEGATIVE = "No Pneumothorax"

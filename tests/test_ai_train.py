@@ -15,10 +15,10 @@ import pandas as pd
 import pytest
 from support import node_command, node_env, siim_dir, siim_missing_reason
 
-from ai.artifact import load_artifact
-from ai.commands import register
-from ai.infer import Analyzer
-from ai.preprocess import read_grey8
+from ai.analysis.infer import Analyzer
+from ai.cli.commands import register
+from ai.data.preprocess import read_grey8
+from ai.model.artifact import load_artifact
 
 SIIM = siim_dir()
 pytestmark = pytest.mark.skipif(
@@ -223,11 +223,11 @@ def test_localise_never_replaces_the_localisation_train_wrote(trained, capsys):
 
 
 def test_stats_command(tmp_path, capsys, caplog, monkeypatch):
-    import ai.stats
+    import ai.data.stats
 
-    monkeypatch.setattr(ai.stats, "parquet_available", lambda: False)
+    monkeypatch.setattr(ai.data.stats, "parquet_available", lambda: False)
     files = sorted((SIIM / "train" / "No Pneumothorax").glob("*.dcm"))[:3]
-    with caplog.at_level(logging.INFO, logger="ai.console"):
+    with caplog.at_level(logging.INFO, logger="ai.cli.console"):
         assert run("stats", *map(str, files), "--out", str(tmp_path)) == 0
     assert "stats: 3/3 files done" in caplog.text  # progress, as log lines off a terminal
     err = capsys.readouterr().err

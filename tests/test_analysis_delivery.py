@@ -34,7 +34,7 @@ from support import (
     wait_for_log,
 )
 
-from ai.testing import build_tiny_artifact
+from ai.train.tiny_artifact import build_tiny_artifact
 from storage.models import Delivery, DeliveryState, JobState
 
 DESTINATION = "STORESCP"

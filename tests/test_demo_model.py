@@ -15,7 +15,7 @@ from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from support import PROBABILITY_TOLERANCE, REPO_ROOT, StoreSCP, siim_dir, storescu
 
-from ai.model_choice import DEMO_MODEL_DIR, choose_model
+from ai.model.choice import DEMO_MODEL_DIR, choose_model
 
 CARD = DEMO_MODEL_DIR / "MODEL_CARD.md"
 RECORDED = DEMO_MODEL_DIR / "predictions.csv"
@@ -52,7 +52,7 @@ def test_the_shipped_model_is_small_and_says_it_is_a_demo() -> None:
 
 
 def test_the_model_loads_and_matches_its_card() -> None:
-    from ai.artifact import load_artifact
+    from ai.model.artifact import load_artifact
 
     loaded = load_artifact(DEMO_MODEL_DIR, device="cpu")
     meta = _meta()
@@ -81,7 +81,7 @@ def test_the_model_reproduces_its_recorded_predictions(tmp_path: Path) -> None:
 def test_a_users_model_replaces_the_demo(tmp_path: Path) -> None:
     assert choose_model(tmp_path / "none", demo_allowed=True).is_demo
     assert choose_model(tmp_path / "none", demo_allowed=False) is None
-    from ai.testing import build_tiny_artifact
+    from ai.train.tiny_artifact import build_tiny_artifact
 
     mine = build_tiny_artifact(tmp_path / "mine", seed=0)
     choice = choose_model(mine, demo_allowed=True)

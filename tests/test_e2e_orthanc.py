@@ -1,7 +1,7 @@
 """End to end with a real PACS: Orthanc sends chest X-rays to the node, the node analyses
 them and sends a heatmap Secondary Capture and a Structured Report back into the study.
 
-Runs on the CPU with a tiny deterministic model (ai.testing.build_tiny_artifact): the
+Runs on the CPU with a tiny deterministic model (ai.train.tiny_artifact.build_tiny_artifact): the
 numbers are meaningless, but the path is the product's, end to end.
 """
 

@@ -19,7 +19,7 @@ from pynetdicom.sop_class import (
 )
 from support import NodeProcess, c_find, siim_files, storescu
 
-from ai.testing import build_tiny_artifact
+from ai.train.tiny_artifact import build_tiny_artifact
 from storage.models import JobState
 
 SERVER_URL = os.environ.get("PNEUMONODE_TEST_POSTGRES_URL", "")

@@ -22,10 +22,10 @@ from pydicom.uid import (
 from support import siim_files
 from test_results_robust import GREYSCALE, relabelled  # sources of every kind
 
-import ai.results.finding_sr as finding_sr
-from ai.preprocess import _grey8_of_values, gpu_decodable, to_grey8
-from ai.results import caption, overlay
-from ai.results.finding_sr import build_finding_sr, read_finding
+import ai.results.sr.sop as finding_sr
+from ai.data.preprocess import _grey8_of_values, gpu_decodable, to_grey8
+from ai.results.sc import caption, picture
+from ai.results.sr.sop import build_finding_sr, read_finding
 from node.process.result_processes import result_process_count, result_uids
 
 _BUILD_TIMES = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
@@ -155,11 +155,11 @@ def test_the_grey_table_gives_the_per_pixel_pipeline(bits: int, photometric: str
 
 
 def test_a_cached_colour_scale_gives_the_same_band_showing_the_scale_colours() -> None:
-    texts = overlay.caption_texts(0.834, "Pneumothorax", "Pneumothorax probability", "model (1)")
+    texts = picture.caption_texts(0.834, "Pneumothorax", "Pneumothorax probability", "model (1)")
     for width in (512, 700, 1024, 3000):
         caption._scale_block.cache_clear()
-        first = caption.caption_band(width, texts, overlay.colour_scale())
-        again = caption.caption_band(width, texts, overlay.colour_scale())  # from the cache
+        first = caption.caption_band(width, texts, picture.colour_scale())
+        again = caption.caption_band(width, texts, picture.colour_scale())  # from the cache
         assert caption._scale_block.cache_info().hits >= 1
         assert np.array_equal(first.pixels, again.pixels)
         assert first.lines == again.lines and first.tick_labels == again.tick_labels
@@ -167,7 +167,7 @@ def test_a_cached_colour_scale_gives_the_same_band_showing_the_scale_colours() -
         left, top, right, bottom = first.scale_box
         bar = first.pixels[(top + bottom) // 2, left:right]
         values = (np.arange(right - left) + 0.5) / (right - left)
-        assert np.array_equal(bar, overlay.colour_scale().colours(values))
+        assert np.array_equal(bar, picture.colour_scale().colours(values))
 
 
 def test_the_gpu_decodes_only_plain_jpeg_baseline_for_a_cuda_model() -> None:
@@ -191,7 +191,7 @@ def test_the_gpu_decodes_only_plain_jpeg_baseline_for_a_cuda_model() -> None:
 def test_the_gpu_decoding_call_gives_read_grey8s_pixels_on_the_cpu_decoder() -> None:
     """The nvJPEG path (frames out of the encapsulated Pixel Data, one batched torchvision
     call) run with torchvision's CPU decoder: only the CUDA device itself is untested here."""
-    from ai.preprocess import decode_jpeg_on_gpu, read_grey8
+    from ai.data.preprocess import decode_jpeg_on_gpu, read_grey8
 
     datasets = [pydicom.dcmread(path) for path in siim_files()[:3]]
     for ds, image in zip(datasets, decode_jpeg_on_gpu(datasets, "cpu"), strict=True):
@@ -236,7 +236,7 @@ def test_result_processes_store_results_and_give_back_the_job_of_one_that_died(
     from sqlalchemy import select
     from support import write_config
 
-    from ai.preprocess import read_grey8
+    from ai.data.preprocess import read_grey8
     from node.config import load_config
     from node.context import build_context
     from node.process.result_processes import ResultModel, ResultPool, ResultTask

@@ -26,7 +26,7 @@ from pydicom.uid import generate_uid
 from sqlalchemy import func, select
 from support import siim_files, write_config
 
-from ai.preprocess import UnsupportedImageError, check_single_frame_grey, read_grey8
+from ai.data.preprocess import UnsupportedImageError, check_single_frame_grey, read_grey8
 from ai.results import build_finding_sr, build_heatmap_sc, render_picture
 from ai.results.attributes import DEIDENTIFICATION_UNSTATED
 
@@ -228,7 +228,7 @@ def test_worker_analyses_odd_sources_and_fails_an_unbuildable_result_once(
     good = [_store(context.archive, ds) for ds in sources]
     doomed = _store(context.archive, pydicom.dcmread(siim_files()[0]))
 
-    import ai.results.heatmap_sc as heatmap_sc
+    import ai.results.sc.sop as heatmap_sc
 
     real_build = heatmap_sc.build_heatmap_sc
 

@@ -1,5 +1,5 @@
 """Retrieve as viewers and PACS do it, from a node that analysed one SIIM image with a tiny
-model (ai.testing) and holds the image, its heatmap Secondary Capture (stored in JPEG
+model (ai.train.tiny_artifact) and holds the image, its heatmap Secondary Capture (stored in JPEG
 Baseline here) and its Structured Report:
 
 - the result sender delivers both to a destination that accepts Implicit VR Little Endian

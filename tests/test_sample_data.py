@@ -20,7 +20,7 @@ from dicom_data import small_image
 from pydicom import dcmread
 from support import node_env
 
-from ai.data import load_items
+from ai.data.labelled import load_items
 
 LABELS = {"Pneumothorax": 2, "No Pneumothorax": 3}
 

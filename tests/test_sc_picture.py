@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 from support import siim_file
 
-from ai.preprocess import read_grey8
+from ai.data.preprocess import read_grey8
 from ai.results import render_picture
-from ai.results.caption import BAND_COLOUR, RULE_COLOUR
-from ai.results.overlay import (
+from ai.results.sc.caption import BAND_COLOUR, RULE_COLOUR
+from ai.results.sc.picture import (
     DEFAULT_ALPHA,
     HEAT_FLOOR,
     MIN_PICTURE_WIDTH,

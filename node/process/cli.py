@@ -89,7 +89,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def analysis_model_line(config: Config) -> str:
     """Which model analyses arriving images, as `status` says it (the demo is named)."""
-    from ai.model_choice import choose_model
+    from ai.model.choice import choose_model
 
     analysis = config.analysis
     if not analysis.enabled:
@@ -206,12 +206,12 @@ def _register_ai_commands(
 ) -> None:
     """The classifier's subcommands (stats, train, predict, ...), when ai/ is present.
 
-    `ai.commands` must not import torch at import time, so `serve` starts fast; it gets the
+    `ai.cli.commands` must not import torch at import time, so `serve` starts fast; it gets the
     shared --config/--log-level options as `parents` when its register accepts them.
     """
-    if importlib.util.find_spec("ai.commands") is None:
+    if importlib.util.find_spec("ai.cli.commands") is None:
         return
-    register = importlib.import_module("ai.commands").register
+    register = importlib.import_module("ai.cli.commands").register
     if "parents" in inspect.signature(register).parameters:
         register(subparsers, parents=[common])
     else:

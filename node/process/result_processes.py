@@ -125,9 +125,9 @@ class ResultWriter:
         """The SC and the SR of one image, both built before either is stored."""
         from ai.results.attributes import source_header
         from ai.results.errors import building
-        from ai.results.finding_sr import build_finding_sr
-        from ai.results.heatmap_sc import build_heatmap_sc
-        from ai.results.overlay import render_picture
+        from ai.results.sc.picture import render_picture
+        from ai.results.sc.sop import build_heatmap_sc
+        from ai.results.sr.sop import build_finding_sr
 
         model = self.model
         with building("result header"):
@@ -240,7 +240,7 @@ def _start_child(config: Config, log_level: int, parent_pid: int) -> None:
     # Left alone it would outlive a killed worker (it waits on a queue whose other end it
     # holds itself); its images' jobs are then requeued by the next worker.
     tie_to_parent(parent_pid)
-    from ai.console import route_library_warnings
+    from ai.cli.console import route_library_warnings
     from node.context import build_context
 
     configure_logging(logging.getLevelName(log_level))

@@ -117,7 +117,7 @@ def _yield_cpu_to_ingest(config: Config) -> None:
     """Lower this process's priority and, analysing on the CPU, give torch half the cores."""
     with contextlib.suppress(OSError):
         os.nice(WORKER_NICENESS)
-    from ai.artifact import resolve_device
+    from ai.model.artifact import resolve_device
 
     if resolve_device(config.analysis.device).type == "cpu":
         import torch

@@ -27,7 +27,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from ai.model_choice import DEMO_NOTICE, choose_model
+from ai.model.choice import DEMO_NOTICE, choose_model
 from node.context import NodeContext
 from node.process.result_processes import (
     ResultModel,
@@ -89,7 +89,7 @@ class AnalysisWorker:
     # --- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        from ai.console import route_library_warnings
+        from ai.cli.console import route_library_warnings
 
         route_library_warnings()  # torch's deprecation notices are not the node's to show
         requeued = self.jobs.requeue_abandoned()
@@ -144,8 +144,8 @@ class AnalysisWorker:
             return self._analyzer is not None
         self._model_stamp = stamp
         model_dir = choice.folder
-        from ai.artifact import ArtifactError
-        from ai.infer import Analyzer
+        from ai.analysis.infer import Analyzer
+        from ai.model.artifact import ArtifactError
 
         try:
             analyzer = Analyzer(
@@ -216,7 +216,7 @@ class AnalysisWorker:
 
     def _decode_batch(self, claimed: list[ClaimedJob]) -> list[DecodedJob]:
         """Each image decoded once: on the model's GPU (nvJPEG) when it can be, else here."""
-        from ai.preprocess import decode_jpeg_on_gpu, gpu_decodable
+        from ai.data.preprocess import decode_jpeg_on_gpu, gpu_decodable
 
         device = self._analyzer.device
         batch: list[DecodedJob] = []
@@ -247,7 +247,7 @@ class AnalysisWorker:
             return None
 
     def _decode_here(self, job: ClaimedJob, ds: Dataset) -> list[DecodedJob]:
-        from ai.preprocess import read_grey8
+        from ai.data.preprocess import read_grey8
 
         try:
             return [DecodedJob(job=job, dataset=_header_only(ds), grey8=read_grey8(ds))]

@@ -2,7 +2,7 @@
 
 Decoding a 1024x1024 JPEG costs more than a small network's forward and backward pass on
 it, so without a cache the CPU spends most of every epoch in the JPEG decoder. Here every
-file goes once through `ai.preprocess` (the node's own code, so the pixels are the ones
+file goes once through `ai.data.preprocess` (the node's own code, so the pixels are the ones
 inference sees) in parallel worker processes, and lands as a `.npy` file that later runs,
 folds and recipes memory-map. The header values training needs (SOP Instance UID, Patient
 ID) and the SIIM mask at the same size are stored beside it.
@@ -27,11 +27,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ai.console import progress
+from ai.cli.console import progress
 
 log = logging.getLogger(__name__)
 
-# Raise when ai.preprocess or the mask resizing changes what is stored (3: JPEG Baseline
+# Raise when ai.data.preprocess or the mask resizing changes what is stored (3: JPEG Baseline
 # decoded by Pillow).
 CACHE_VERSION = 3
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / \
@@ -84,7 +84,7 @@ def resized_mask(codes: Sequence[str], shape: tuple[int, int], size: int) -> np.
     import torch
     import torch.nn.functional as F
 
-    from ai.data import mask_union
+    from ai.data.labelled import mask_union
 
     full = mask_union(codes, shape)
     if not full.any():
@@ -102,7 +102,7 @@ def _decode_entry(path: str, size: int, folder: str, key: str) -> dict[str, str 
     """Worker: decode one file into `folder/key.npy` (+ mask and header JSON)."""
     import pydicom
 
-    from ai.preprocess import read_grey8, resize_grey8
+    from ai.data.preprocess import read_grey8, resize_grey8
 
     ds = pydicom.dcmread(path)
     grey = read_grey8(ds)

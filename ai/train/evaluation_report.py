@@ -262,7 +262,7 @@ def write_cv_reports(out: Path, metrics: dict[str, Any], cv, items: pd.DataFrame
                      model_name: str, final_learner) -> dict[str, bool]:
     """metrics.json, cv_predictions.csv, localisation.csv and the figures of a cross-validated
     training run; every figure from held-out predictions says it is out-of-fold."""
-    from ai.data import NEGATIVE, POSITIVE
+    from ai.data.labelled import NEGATIVE, POSITIVE
 
     reports = out / "reports"
     reports.mkdir(parents=True, exist_ok=True)

@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ai.console import progress  # noqa: E402
+from ai.cli.console import progress  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ def parquet_available() -> bool:
 
 def attach_labels(table: pd.DataFrame, root: Path) -> pd.DataFrame:
     """Add a `label` column from `labels.csv` / train-rle.csv under `root`, when present."""
-    from ai.data import load_items
+    from ai.data.labelled import load_items
 
     try:
         items = load_items(root)

@@ -7,7 +7,7 @@ source that encoding is read back (pydicom leaves its sequences undecoded, so wr
 again is a copy) and only what is the source's own is put in: identity and dates, patient
 and study, evidence, the references to the source image and its frame of reference, the
 tracking UID, and the measurement and evaluation items, which highdicom builds per image.
-The caller decides what "the same kind" means (`ai.results.finding_sr`); the tests compare
+The caller decides what "the same kind" means (`ai.results.sr.sop`); the tests compare
 a filled report with highdicom's own, element by element.
 """
 

@@ -19,15 +19,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ai.console import progress
-from ai.data import POSITIVE, find_rle_table, load_items, mask_for, read_rle_table
-from ai.infer import Analyzer
-from ai.preprocess import read_dataset, read_grey8
-from ai.results.overlay import upsample_bilinear
+from ai.analysis.infer import Analyzer
+from ai.cli.console import progress
+from ai.data.labelled import POSITIVE, find_rle_table, load_items, mask_for, read_rle_table
+from ai.data.preprocess import read_dataset, read_grey8
+from ai.results.sc.picture import upsample_bilinear
 
 log = logging.getLogger(__name__)
 
-# Written by `train` (ai.reports) from its folds' held-out images; never written here.
+# Written by `train` (ai.train.evaluation_report) from its folds' held-out images; never
+# written here.
 TRAIN_LOCALISATION = Path("reports") / "localisation.csv"
 
 

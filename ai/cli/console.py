@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 OWN_PACKAGES = ("ai", "node", "storage")
-_ROOT = Path(__file__).resolve().parents[1]
+_ROOT = Path(__file__).resolve().parents[2]  # the folder that holds ai/, node/, storage/
 _OWN_FOLDERS = tuple(str(_ROOT / package) for package in OWN_PACKAGES)
 LOG_EVERY_SECONDS = 10.0
 

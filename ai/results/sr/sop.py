@@ -6,7 +6,7 @@ evaluation and the classifier's probability as a numeric measurement, made by th
 named in it and observed by this node as a device.
 
 highdicom builds the report of the first source of a kind; the sources after it get that
-report with their own values put in (`ai.results.sr_template`), at a tenth of the cost.
+report with their own values put in (`ai.results.sr.content`), at a tenth of the cost.
 """
 
 import copy
@@ -25,7 +25,7 @@ from ai.results.attributes import (
     source_header,
     values_of,
 )
-from ai.results.codes import (
+from ai.results.sr.codes import (
     ABSENT,
     DEVICE_OBSERVER,
     PLAIN_CHEST_XRAY,
@@ -34,7 +34,7 @@ from ai.results.codes import (
     PROBABILITY,
     UNITLESS,
 )
-from ai.results.sr_template import ReportTemplate, TemplateCache
+from ai.results.sr.content import ReportTemplate, TemplateCache
 from ai.results.validation import (
     require_new_instance,
     require_probability,

@@ -37,7 +37,7 @@ class ArchSpec:
     widen: float = 1.0
     stem: tuple[int, ...] = (32, 32, 64)
     dropout: float = 0.0
-    seg_head: bool = False  # a DynamicUnet mask head on the same encoder (ai.segmodel)
+    seg_head: bool = False  # a DynamicUnet mask head on the same encoder (ai.model.segmodel)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def build_model(spec: ArchSpec, input_size: int | None = None) -> nn.Module:
         raise ValueError("a mask head is built over an xresnet encoder")
     if not input_size:
         raise ValueError("a model with a mask head needs its input size")
-    from ai.segmodel import ClassifySegment
+    from ai.model.segmodel import ClassifySegment
 
     return ClassifySegment(classifier, input_size)
 

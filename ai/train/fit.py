@@ -1,10 +1,10 @@
 """Fitting one model with fastai: the seed's DataBlock/Learner recipe over the shared
 preprocessing, for a cross-validation fold or for the final model.
 
-The DataBlock reads each DICOM with `ai.preprocess` (the same code the node runs), through
+The DataBlock reads each DICOM with `ai.data.preprocess` (the same code the node runs), through
 the decoded-image cache, so what the model sees in validation is what it sees in
 production. The mask-supervised recipe adds the SIIM mask as a second target. What `train`
-does with the fitted models (folds, reports, the artifact) is `ai.workflow`.
+does with the fitted models (folds, reports, the artifact) is `ai.train.workflow`.
 """
 
 from __future__ import annotations
@@ -35,12 +35,12 @@ from fastai.vision.core import PILImageBW, PILMask
 from fasttransform import Transform
 from torch import nn
 
-from ai.architectures import build_model
-from ai.configs import TrainConfig
-from ai.console import interactive
-from ai.imagecache import CachedItem
-from ai.preprocess import read_grey8, resize_grey8
-from ai.segmodel import BothOutputs
+from ai.cli.console import interactive
+from ai.data.imagecache import CachedItem
+from ai.data.preprocess import read_grey8, resize_grey8
+from ai.model.architectures import build_model
+from ai.model.segmodel import BothOutputs
+from ai.train.recipes import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +54,8 @@ def load_resized(path: str, size: int) -> np.ndarray:
 
 
 class GreyDicom(Transform):
-    """The seed's PILDicom block, reading through `ai.preprocess`, or from the decoded-image
-    cache (`ai.imagecache`) when there is one: then no epoch decodes a JPEG."""
+    """The seed's PILDicom block, reading through `ai.data.preprocess`, or from the decoded-image
+    cache (`ai.data.imagecache`) when there is one: then no epoch decodes a JPEG."""
 
     def __init__(self, size: int, cache: dict[str, CachedItem] | None = None) -> None:
         super().__init__()
@@ -148,11 +148,11 @@ class EpochLog:
 
 def new_model(config: TrainConfig, init_weights: str | Path | None = None
               ) -> tuple[nn.Module, dict | None]:
-    """The recipe's network, from `init_weights` when given (see `ai.weights`)."""
+    """The recipe's network, from `init_weights` when given (see `ai.model.weights`)."""
     model = build_model(config.arch, config.size)
     if init_weights is None:
         return model, None
-    from ai.weights import load_init_weights
+    from ai.model.weights import load_init_weights
 
     return model, load_init_weights(model, init_weights).to_json()
 
@@ -224,7 +224,7 @@ def fit_model(items: pd.DataFrame, config: TrainConfig, device: torch.device,
         log.info("lr_find: valley at %.2e; training at that rate (the recipe's is %g)",
                  lr, config.lr)
         if reports is not None:
-            from ai.reports import lr_find_figure
+            from ai.train.evaluation_report import lr_find_figure
 
             lr_find_figure(reports.parent, learn)
     log.info("fitting %d epochs at lr %.2e (%s schedule) on %d images", config.epochs, lr,

@@ -1,7 +1,7 @@
 """The model artifact: safetensors weights plus one JSON file that says how to use them.
 
 No pickles: loading runs no code from the artifact, and needs only torch, safetensors and
-the architecture builders in `ai.architectures`, not the fastai training pipeline.
+the architecture builders in `ai.model.architectures`, not the fastai training pipeline.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-from ai.architectures import ArchSpec, build_model, default_cam_layer
+from ai.model.architectures import ArchSpec, build_model, default_cam_layer
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ def describe(
             "channels": arch.n_in,
             "mean": float(mean),
             "std": float(std),
-            "preprocessing": "ai.preprocess read_grey8 + resize_grey8",
+            "preprocessing": "ai.data.preprocess read_grey8 + resize_grey8",
         },
         "classes": list(classes),
         "positive_class": positive_class,

@@ -16,7 +16,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (GPU when present; default auto)"
-CAM_METHODS = ("gradcam", "cam", "segmentation")  # ai.cam.METHODS (not imported: loads torch)
+# ai.analysis.cam.METHODS (not imported: loads torch)
+CAM_METHODS = ("gradcam", "cam", "segmentation")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -33,11 +34,11 @@ def _add_method(parser: argparse.ArgumentParser) -> None:
 
 
 def _console(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Run a handler with library warnings sent to the log (see `ai.console`)."""
+    """Run a handler with library warnings sent to the log (see `ai.cli.console`)."""
 
     @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
-        from ai.console import route_library_warnings
+        from ai.cli.console import route_library_warnings
 
         route_library_warnings()
         return handler(args)
@@ -52,7 +53,7 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
     subcommand accepts them.
     """
     parents = parents or []
-    from ai.configs import CONFIGS, DEFAULT_RECIPE
+    from ai.train.recipes import CONFIGS, DEFAULT_RECIPE
 
     sample = subparsers.add_parser(
         "sample-data",
@@ -286,7 +287,7 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
 
 
 def run_sample_data(args: argparse.Namespace) -> int:
-    from ai.sample_data import SampleDataError, fetch_sample_data
+    from ai.data.sample_data import SampleDataError, fetch_sample_data
 
     try:
         fetched = fetch_sample_data(args.folder, args.source)
@@ -298,7 +299,7 @@ def run_sample_data(args: argparse.Namespace) -> int:
 
 
 def run_stats(args: argparse.Namespace) -> int:
-    from ai.stats import write_cohort_report
+    from ai.data.stats import write_cohort_report
 
     try:
         written = write_cohort_report(args.sources, args.out, n_workers=args.workers)
@@ -313,8 +314,8 @@ def run_stats(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ai.configs import get_config
-    from ai.workflow import train
+    from ai.train.recipes import get_config
+    from ai.train.workflow import train
 
     if args.inner_folds is not None and not args.nested:
         print("error: --inner-folds needs --nested", file=sys.stderr)
@@ -364,7 +365,7 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"decision threshold: {choice['threshold']:.4f} ({choice['rule']}; pooled "
           f"out-of-fold {rates}" + (", optimistic" if choice["rule"] != "fixed" else "") + ")")
     if result.nested is not None:
-        from ai.nested import table_lines
+        from ai.train.nested import table_lines
 
         print("\n".join(table_lines(result.nested)))
     return 0
@@ -372,7 +373,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def _read_inputs(files: list[str]):
     """(path, dataset, grey8) for readable files, and (path, message) for the others."""
-    from ai.preprocess import UnsupportedImageError, read_dataset, read_grey8
+    from ai.data.preprocess import UnsupportedImageError, read_dataset, read_grey8
 
     good, bad = [], []
     for name in files:
@@ -386,8 +387,8 @@ def _read_inputs(files: list[str]):
 
 def _load_analyzer(args: argparse.Namespace, batch_size: int, precision: str = "auto"):
     """The Analyzer for args.model, or None after printing why the model was refused."""
-    from ai.artifact import ArtifactError
-    from ai.infer import Analyzer
+    from ai.analysis.infer import Analyzer
+    from ai.model.artifact import ArtifactError
 
     try:
         return Analyzer(args.model, device=args.device, batch_size=batch_size, precision=precision)
@@ -420,7 +421,7 @@ def _without_prefix(message: str, name: str) -> str:
 def run_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from ai.console import progress
+    from ai.cli.console import progress
 
     analyzer = _load_analyzer(args, args.batch_size, args.precision)
     if analyzer is None:
@@ -458,7 +459,7 @@ def run_predict(args: argparse.Namespace) -> int:
 
 
 def run_cam(args: argparse.Namespace) -> int:
-    from ai.display import save_cam_figure
+    from ai.analysis.display import save_cam_figure
 
     analyzer = _load_analyzer(args, batch_size=8)
     if analyzer is None:
@@ -478,7 +479,7 @@ def run_cam(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from ai.console import progress
+    from ai.cli.console import progress
 
     out = Path(args.out)
     pairs = list(zip(good, predictions, strict=True))
@@ -495,8 +496,8 @@ def run_cam(args: argparse.Namespace) -> int:
 
 
 def run_localise(args: argparse.Namespace) -> int:
-    from ai.artifact import ArtifactError
-    from ai.localise import localise, output_files
+    from ai.model.artifact import ArtifactError
+    from ai.train.localise import localise, output_files
 
     out = args.out or str(Path(args.model) / "reports")
     try:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ai.architectures import default_cam_layer, final_linear
+from ai.model.architectures import default_cam_layer, final_linear
 
 Target = int | Sequence[int] | torch.Tensor
 

@@ -4,7 +4,7 @@ map over it where it is hot, and a caption band above it.
 The reader must see the anatomy: where the map is cold (under `HEAT_FLOOR`) the X-ray's
 pixels are exactly the windowed source; above it the `magma` colour is blended in with an
 opacity that grows with the heat, up to `DEFAULT_ALPHA` at the hottest point. The text and
-the colour scale live in a band added above the image (see `ai.results.caption`), never
+the colour scale live in a band added above the image (see `ai.results.sc.caption`), never
 over it. A source narrower than `MIN_PICTURE_WIDTH` is enlarged by a whole factor (each pixel
 a square block, values unchanged) so that the caption has room to be legible.
 
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ai.results.caption import (
+from ai.results.sc.caption import (
     DETAIL_COLOUR,
     TEXT_COLOUR,
     WARNING_COLOUR,
@@ -152,7 +152,7 @@ def picture_scale(rows: int, columns: int) -> int:
     return max(1, min(wanted, MAX_ENLARGED_ROWS // rows))
 
 
-SEGMENTATION_TITLE = "segmentation mask"  # ai.cam.METHOD_TITLES["segmentation"]
+SEGMENTATION_TITLE = "segmentation mask"  # ai.analysis.cam.METHOD_TITLES["segmentation"]
 
 
 @lru_cache(maxsize=8)

@@ -25,7 +25,7 @@ import pandas as pd
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from ai.data import RLE_NAMES, find_rle_table, load_items, read_rle_table
+from ai.data.labelled import RLE_NAMES, find_rle_table, load_items, read_rle_table
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ DOWNLOAD_TIMEOUT_SECONDS = 60
 CHUNK_BYTES = 1 << 20
 # The SIIM-ACR masks of the whole challenge set (ai/siim_masks/NOTICE.md says whence).
 SHIPPED_MASKS = (
-    Path(__file__).resolve().parent / "siim_masks" / "siim-pneumothorax-train-rle.csv.gz"
+    Path(__file__).resolve().parents[1] / "siim_masks" / "siim-pneumothorax-train-rle.csv.gz"
 )
 SOURCE_ENV = "PNEUMONODE_SAMPLE_DATA"
 

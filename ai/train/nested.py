@@ -9,7 +9,7 @@ folds):
   taken from it and nothing is retrained.
 - "ensemble" is the mean probability of the inner models: one per inner fold j, each trained
   on the outer-training images outside j.
-- the decision threshold for fold k is chosen by `ai.crossval.choose_threshold` (the rule the
+- the decision threshold for fold k is chosen by `ai.train.crossval.choose_threshold` (the rule the
   exported model's threshold follows) from the inner models' out-of-fold predictions only,
   then applied to fold k's refit and ensemble probabilities.
 
@@ -23,7 +23,7 @@ Pooled figures are over all outer test predictions (each image judged by the mod
 threshold of its own fold): AUCs with a percentile bootstrap over images, the ensemble-minus-
 refit AUC difference with a paired bootstrap (the same resampled images for both), sensitivity
 and specificity with Wilson intervals. Per-fold figures are the mean over outer folds with the
-Student-t interval of `ai.folds.mean_interval`.
+Student-t interval of `ai.train.folds.mean_interval`.
 """
 
 from __future__ import annotations
@@ -42,9 +42,11 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from ai.artifact import in_memory
-from ai.configs import TrainConfig
-from ai.crossval import (
+from ai.analysis.infer import Analyzer
+from ai.data.imagecache import CachedItem
+from ai.data.labelled import POSITIVE
+from ai.model.artifact import in_memory
+from ai.train.crossval import (
     THRESHOLD_RULE,
     ThresholdChoice,
     choose_threshold,
@@ -53,10 +55,8 @@ from ai.crossval import (
     primary_column,
     rates_at,
 )
-from ai.data import POSITIVE
-from ai.folds import assign_folds, bootstrap_auc, bootstrap_values, mean_interval, rank_auc
-from ai.imagecache import CachedItem
-from ai.infer import Analyzer
+from ai.train.folds import assign_folds, bootstrap_auc, bootstrap_values, mean_interval, rank_auc
+from ai.train.recipes import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def nested_cross_validate(items: pd.DataFrame, folds: np.ndarray, config: TrainC
     Returns nested.json's content and the per-image table. `on_fold` gets both after each
     outer fold (complete: false until the last), so a long run leaves its partial result.
     """
-    from ai.training import fit_model
+    from ai.train.fit import fit_model
 
     started = time.perf_counter()
     folds = np.asarray(folds)

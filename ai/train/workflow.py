@@ -1,12 +1,12 @@
 """What `pneumonode train` does: cache, cross-validate, fit the final model, write it all.
 
-1. Every file is decoded once into the decoded-image cache (`ai.imagecache`), which also
+1. Every file is decoded once into the decoded-image cache (`ai.data.imagecache`), which also
    gives each image's Patient ID, SOP Instance UID and SIIM mask.
-2. The recipe is cross-validated (`ai.crossval`): k folds, stratified by label and grouped
+2. The recipe is cross-validated (`ai.train.crossval`): k folds, stratified by label and grouped
    by patient. These are the numbers a user can expect on new images.
 3. The decision threshold is chosen from the pooled out-of-fold predictions (Youden's J,
-   `ai.crossval.choose_threshold`) unless `--threshold` fixes it.
-4. With `--nested` (`ai.nested`), refit against fold ensemble and the threshold rule are
+   `ai.train.crossval.choose_threshold`) unless `--threshold` fixes it.
+4. With `--nested` (`ai.train.nested`), refit against fold ensemble and the threshold rule are
    measured by nested cross-validation (reports/nested.json).
 5. The final model is fitted on all the images, saved as the artifact with that threshold,
    reloaded and checked to reproduce the in-memory model's probabilities (and maps). It has
@@ -28,14 +28,21 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ai.artifact import in_memory, resolve_device, save_artifact
-from ai.configs import TrainConfig
-from ai.crossval import OPTIMISTIC, CrossValidation, cross_validate, model_description
-from ai.data import POSITIVE, find_rle_table, fingerprint, load_items, read_rle_table, subsample
-from ai.folds import assign_folds
-from ai.imagecache import CachedItem, ImageCache
-from ai.infer import Analyzer
-from ai.nested import NESTED_FILE
+from ai.analysis.infer import Analyzer
+from ai.data.imagecache import CachedItem, ImageCache
+from ai.data.labelled import (
+    POSITIVE,
+    find_rle_table,
+    fingerprint,
+    load_items,
+    read_rle_table,
+    subsample,
+)
+from ai.model.artifact import in_memory, resolve_device, save_artifact
+from ai.train.crossval import OPTIMISTIC, CrossValidation, cross_validate, model_description
+from ai.train.folds import assign_folds
+from ai.train.nested import NESTED_FILE
+from ai.train.recipes import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +76,7 @@ def prepare(config: TrainConfig, data_root: str | Path | None, cache_dir: str | 
             ) -> tuple[pd.DataFrame, dict[str, CachedItem], dict[str, list[str]], Path]:
     """The items (with patient_id, sop_instance_uid, has_mask), cache entries and masks."""
     if data_root is None:
-        from ai.data import default_data_root
+        from ai.data.labelled import default_data_root
 
         data_root = default_data_root()
     root = Path(data_root)
@@ -129,11 +136,11 @@ def train(config: TrainConfig, data_root: str | Path | None, out_dir: str | Path
     """Cross-validate `config`, fit it on all the data and write the artifact + reports.
 
     `model_name` names the model in model.json (default: recipe and architecture).
-    `nested`: also run the nested cross-validation of `ai.nested` (`inner_folds`, default
+    `nested`: also run the nested cross-validation of `ai.train.nested` (`inner_folds`, default
     folds - 1) and write reports/nested.json and reports/nested_predictions.csv.
     """
-    from ai.reports import write_cv_reports
-    from ai.training import LOSSES, OPTIMIZERS, fit_model
+    from ai.train.evaluation_report import write_cv_reports
+    from ai.train.fit import LOSSES, OPTIMIZERS, fit_model
 
     for table, key in ((LOSSES, config.loss), (OPTIMIZERS, config.optimizer)):
         if key not in table:
@@ -213,9 +220,9 @@ def train(config: TrainConfig, data_root: str | Path | None, out_dir: str | Path
 def run_nested(out: Path, items: pd.DataFrame, folds: np.ndarray, config: TrainConfig,
                entries: dict[str, CachedItem], device: torch.device, cv: CrossValidation,
                inner_folds: int | None, init_weights: str | Path | None) -> dict[str, Any]:
-    """`ai.nested` over the cross-validation's folds; nested.json is rewritten after every
+    """`ai.train.nested` over the cross-validation's folds; nested.json is rewritten after every
     outer fold (complete: false until the last), so a long run leaves its partial result."""
-    from ai.nested import PREDICTIONS_FILE, nested_cross_validate
+    from ai.train.nested import PREDICTIONS_FILE, nested_cross_validate
 
     reports = out / "reports"
     reports.mkdir(parents=True, exist_ok=True)
@@ -236,7 +243,7 @@ def export_check(model_dir: Path, model: torch.nn.Module, config: TrainConfig,
                  device: torch.device, count: int = 16) -> dict[str, float]:
     """Reload the artifact: it must reproduce the in-memory model's probabilities and maps
     on (up to) `count` images, read from the DICOM files as the node reads them."""
-    from ai.preprocess import read_grey8
+    from ai.data.preprocess import read_grey8
 
     chosen = items.head(count)
     reloaded = Analyzer(model_dir, device=str(device), precision="fp32")

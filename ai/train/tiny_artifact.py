@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from ai.architectures import build_model
-from ai.artifact import save_artifact
-from ai.configs import get_config
-from ai.data import NEGATIVE, POSITIVE
+from ai.data.labelled import NEGATIVE, POSITIVE
+from ai.model.architectures import build_model
+from ai.model.artifact import save_artifact
+from ai.train.recipes import get_config
 
 
 def build_tiny_artifact(out_dir: Path, seed: int = 0) -> Path:

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-# The two files of a model artifact (ai.artifact writes and reads them).
+# The two files of a model artifact (ai.model.artifact writes and reads them).
 MODEL_FILES = ("model.json", "model.safetensors")
-DEMO_MODEL_DIR = Path(__file__).resolve().parent / "demo_model"
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "demo_model"
 DEMO_NOTICE = "the shipped DEMO model (trained on 200 images; not for diagnosis)"
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from ai.architectures import ArchSpec
+from ai.model.architectures import ArchSpec
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ class TrainConfig:
     std: float = 1.0
     threshold: float = 0.5  # the fixed threshold: the model's with threshold_rule "fixed"
     # "youden": the model's threshold is chosen on the pooled out-of-fold predictions
-    # (ai.crossval.choose_threshold); "fixed": `threshold` (what `--threshold X` sets).
+    # (ai.train.crossval.choose_threshold); "fixed": `threshold` (what `--threshold X` sets).
     threshold_rule: str = "youden"
     max_items: int | None = None
 

@@ -1,6 +1,6 @@
 """Cross-validation of a recipe: one model per fold, each judged on the images it never saw.
 
-Every fold's model is evaluated through the node's own inference code (`ai.infer.Analyzer`
+Every fold's model is evaluated through the node's own inference code (`ai.analysis.infer.Analyzer`
 over an in-memory artifact description), with and without test-time flips, and its
 heatmaps (GradCAM, and the mask head's map when the model has one) are scored against the
 SIIM masks of the fold's positive images. The summary is the mean over folds with a 95 %
@@ -9,7 +9,7 @@ interval for each figure, plus the ROC AUC of all out-of-fold predictions pooled
 The decision threshold the exported model uses is chosen here too (`choose_threshold`, rule
 `THRESHOLD_RULE`) from the pooled out-of-fold predictions, unless a fixed one is given. Its
 sensitivity and specificity on those same predictions are optimistic (the threshold was fitted
-to them); `ai.nested` measures the rule honestly.
+to them); `ai.train.nested` measures the rule honestly.
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ import pandas as pd
 import torch
 from torch import nn
 
-from ai.artifact import describe, in_memory
-from ai.configs import TrainConfig
-from ai.data import POSITIVE, mask_union
-from ai.folds import bootstrap_auc, mean_interval
-from ai.imagecache import CachedItem
-from ai.infer import Analyzer
-from ai.localise import score_heatmap
-from ai.reports import classification_metrics
-from ai.training import fit_model
+from ai.analysis.infer import Analyzer
+from ai.data.imagecache import CachedItem
+from ai.data.labelled import POSITIVE, mask_union
+from ai.model.artifact import describe, in_memory
+from ai.train.evaluation_report import classification_metrics
+from ai.train.fit import fit_model
+from ai.train.folds import bootstrap_auc, mean_interval
+from ai.train.localise import score_heatmap
+from ai.train.recipes import TrainConfig
 
 log = logging.getLogger(__name__)
 

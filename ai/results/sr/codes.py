@@ -1,7 +1,7 @@
-"""Coded concepts used in the result objects, each checked against pydicom's DICOM code
+"""Coded concepts used in the finding SR, each checked against pydicom's DICOM code
 dictionary (pydicom.sr.codedict, generated from PS3.16) or named with its source.
 
-Keeping them in one place lets the builders and the reader agree on exactly one code per
+Keeping them in one place lets the builder and the reader agree on exactly one code per
 meaning, and lets tests compare against the same constants.
 """
 
@@ -26,7 +26,3 @@ PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
 
 # TID 1002 observer type for the node itself.
 DEVICE_OBSERVER: Code = codes.DCM.Device  # DCM 121007
-
-# Purpose of reference of the X-ray in the Secondary Capture's Source Image Sequence
-# (CID 7202 "Source Image Purpose of Reference").
-SOURCE_FOR_PROCESSING: Code = codes.DCM.SourceImageForImageProcessingOperation  # DCM 121322

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ai.artifact import LoadedModel, load_artifact
-from ai.cam import METHOD_TITLES, METHODS
-from ai.preprocess import to_model_input
+from ai.analysis.cam import METHOD_TITLES, METHODS
+from ai.data.preprocess import to_model_input
+from ai.model.artifact import LoadedModel, load_artifact
 
 log = logging.getLogger(__name__)
 
@@ -29,13 +29,13 @@ log = logging.getLogger(__name__)
 class Prediction:
     """One image's result. `heatmap` is float32 in [0, 1] at the model's input resolution
     (input_size x input_size, the whole image squeezed to a square): resize it to the
-    image's rows x columns to overlay it (see `ai.results.overlay.upsample_bilinear`)."""
+    image's rows x columns to overlay it (see `ai.results.sc.picture.upsample_bilinear`)."""
 
     probability: float
     label: str
     heatmap: np.ndarray
     target_class: str
-    method: str = "gradcam"  # the key of ai.cam.METHODS that made `heatmap`
+    method: str = "gradcam"  # the key of ai.analysis.cam.METHODS that made `heatmap`
 
     @property
     def method_title(self) -> str:
@@ -55,7 +55,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
 
 
 class Analyzer:
-    """Probabilities and heatmaps for batches of 8-bit grey images (see `ai.preprocess`)."""
+    """Probabilities and heatmaps for batches of 8-bit grey images (see `ai.data.preprocess`)."""
 
     def __init__(self, model: LoadedModel | str | Path, *, device: str = "auto",
                  batch_size: int = 32, precision: str = "auto") -> None:
