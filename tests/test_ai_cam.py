@@ -12,7 +12,7 @@ from support import PROBABILITY_TOLERANCE
 from ai.analysis.cam import cam, gradcam, scale_maps
 from ai.analysis.infer import Analyzer
 from ai.model.architectures import build_model, default_cam_layer, final_linear
-from ai.train.recipes import get_config
+from ai.train.recipes import get_recipe
 from ai.train.tiny_artifact import build_tiny_artifact
 
 SIZE = 128
@@ -21,7 +21,7 @@ SIZE = 128
 @pytest.fixture(scope="module")
 def model() -> torch.nn.Module:
     torch.manual_seed(1)
-    return build_model(get_config("tiny").arch).eval()
+    return build_model(get_recipe("tiny").arch).eval()
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,7 @@ from ai.model.artifact import describe, in_memory, load_artifact, save_artifact
 from ai.model.segmodel import ClassifySegment
 from ai.model.weights import load_init_weights
 from ai.train.folds import assign_folds, bootstrap_auc, mean_interval, rank_auc
-from ai.train.recipes import get_config
+from ai.train.recipes import get_recipe
 
 SIZE = 64
 
@@ -152,7 +152,7 @@ def test_kaggle_layout_is_read_and_cached_in_parallel(kaggle, tmp_path):
 def test_kaggle_layout_cross_validates_with_the_tiny_mask_recipe(kaggle, tmp_path):
     from ai.train.workflow import train
 
-    config = get_config("tiny-mask").with_overrides(max_items=48, size=32, lr=3e-3)
+    config = get_recipe("tiny-mask").with_overrides(max_items=48, size=32, lr=3e-3)
     result = train(config, kaggle, tmp_path / "model", device="cpu",
                    cache_dir=tmp_path / "cache", workers=2)
     metrics = result.metrics
@@ -173,7 +173,7 @@ def test_kaggle_layout_cross_validates_with_the_tiny_mask_recipe(kaggle, tmp_pat
 
 
 def _tiny_mask_model(seed: int = 0) -> tuple[ClassifySegment, dict]:
-    config = get_config("tiny-mask")
+    config = get_recipe("tiny-mask")
     torch.manual_seed(seed)
     model = build_model(config.arch, config.size).eval()
     description = dict(arch=config.arch, input_size=config.size,
@@ -209,7 +209,7 @@ def test_heatmap_setting_resolves_per_model(tmp_path):
     with_head = Analyzer(in_memory(model, describe(model, **description)))
     assert with_head.resolve_method("auto") == "segmentation"
     assert with_head.resolve_method("gradcam") == "gradcam"
-    config = get_config("tiny")
+    config = get_recipe("tiny")
     plain_model = build_model(config.arch)
     plain = Analyzer(in_memory(plain_model, describe(
         plain_model, arch=config.arch, input_size=64, classes=[NEGATIVE, POSITIVE],
@@ -221,7 +221,7 @@ def test_heatmap_setting_resolves_per_model(tmp_path):
 
 
 def test_tta_averages_the_image_and_its_mirror():
-    config = get_config("tiny")
+    config = get_recipe("tiny")
     torch.manual_seed(4)
     model = build_model(config.arch).eval()
     args = dict(arch=config.arch, input_size=64, classes=[NEGATIVE, POSITIVE],
@@ -262,7 +262,7 @@ def test_init_weights_from_densenet_and_from_our_xresnet_into_the_mask_encoder(t
     report = load_init_weights(model, tmp_path / "densenet.pt")
     assert report.adapted == ["features.conv0.weight"] and report.loaded > 300
 
-    config = get_config("tiny")
+    config = get_recipe("tiny")
     torch.manual_seed(9)
     ours = build_model(config.arch)
     save_artifact(tmp_path / "ours", ours, arch=config.arch, input_size=64,
@@ -312,7 +312,7 @@ def test_lr_find_sets_the_rate_and_init_weights_reach_the_fit(tmp_path):
     from ai.train.fit import fit_model
     from ai.train.workflow import prepare
 
-    config = get_config("tiny").with_overrides(lr_find=True)
+    config = get_recipe("tiny").with_overrides(lr_find=True)
     items, entries, _masks, _root = prepare(config, require_siim(), tmp_path / "cache", workers=1)
     torch.manual_seed(0)
     start = build_model(config.arch)
@@ -339,7 +339,7 @@ def test_the_model_carries_the_cv_chosen_threshold_and_nested_cv_reports(kaggle,
     from ai.train.crossval import choose_threshold
     from ai.train.workflow import train
 
-    config = get_config("tiny").with_overrides(max_items=24, size=32, lr=3e-3)
+    config = get_recipe("tiny").with_overrides(max_items=24, size=32, lr=3e-3)
     result = train(config, kaggle, tmp_path / "model", device="cpu",
                    cache_dir=tmp_path / "cache", workers=1, nested=True)
     metrics, meta = result.metrics, load_artifact(result.model_dir, device="cpu").meta

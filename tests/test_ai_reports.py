@@ -18,20 +18,20 @@ from ai.train.evaluation_report import (
     results_grid,
     roc_curve_figure,
 )
-from ai.train.recipes import CONFIGS
+from ai.train.recipes import RECIPES
 
 POSITIVE = "Pneumothorax"
 NEGATIVE = "No Pneumothorax"
 
 
 def model_name(recipe: str) -> str:
-    config = CONFIGS[recipe]
+    config = RECIPES[recipe]
     return f"pneumonode pneumothorax {config.name} {config.arch.name}"
 
 
-@pytest.mark.parametrize("recipe", sorted(CONFIGS))
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
 def test_learning_curve_draws_train_and_validation_loss_per_epoch(recipe: str) -> None:
-    epochs = CONFIGS[recipe].epochs
+    epochs = RECIPES[recipe].epochs
     history = TrainingHistory(
         epochs=[
             {"train_loss": 0.7 - 0.05 * e, "valid_loss": 0.72 - 0.03 * e, "accuracy": 0.6}

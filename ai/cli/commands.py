@@ -53,7 +53,7 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
     subcommand accepts them.
     """
     parents = parents or []
-    from ai.train.recipes import CONFIGS, DEFAULT_RECIPE
+    from ai.train.recipes import DEFAULT_RECIPE, RECIPES
 
     sample = subparsers.add_parser(
         "sample-data",
@@ -106,7 +106,7 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
     train.add_argument(
         "--recipe",
         default=DEFAULT_RECIPE,
-        choices=sorted(CONFIGS),
+        choices=sorted(RECIPES),
         help=f"named training configuration (default {DEFAULT_RECIPE}: the best measured by "
         "cross-validation; seed: the source's recipe)",
     )
@@ -314,13 +314,13 @@ def run_stats(args: argparse.Namespace) -> int:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from ai.train.recipes import get_config
+    from ai.train.recipes import get_recipe
     from ai.train.workflow import train
 
     if args.inner_folds is not None and not args.nested:
         print("error: --inner-folds needs --nested", file=sys.stderr)
         return 2
-    config = get_config(args.recipe).with_overrides(
+    config = get_recipe(args.recipe).with_overrides(
         arch_name=args.arch,
         arch_act=args.act,
         arch_sa=args.sa,

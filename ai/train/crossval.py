@@ -33,7 +33,7 @@ from ai.train.evaluation_report import classification_metrics
 from ai.train.fit import fit_model
 from ai.train.folds import bootstrap_auc, mean_interval
 from ai.train.localise import score_heatmap
-from ai.train.recipes import TrainConfig
+from ai.train.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +153,7 @@ class CrossValidation:
         frames = [f.localisation for f in self.folds if len(f.localisation)]
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
-    def threshold(self, config: TrainConfig) -> ThresholdChoice:
+    def threshold(self, config: Recipe) -> ThresholdChoice:
         """The model's decision threshold: chosen on the pooled out-of-fold predictions
         (`choose_threshold`), or the config's when its rule is "fixed"."""
         pooled = self.predictions()
@@ -163,7 +163,7 @@ class CrossValidation:
             return fixed_threshold(config.threshold, truth, scores)
         return choose_threshold(truth, scores, fallback=config.threshold)
 
-    def summary(self, config: TrainConfig) -> dict[str, Any]:
+    def summary(self, config: Recipe) -> dict[str, Any]:
         """Every figure as mean and 95 % interval over the folds, the pooled AUC, and the
         decision threshold with the (optimistic) rates it gives on the pooled predictions."""
         choice = self.threshold(config)
@@ -218,12 +218,12 @@ class CrossValidation:
         }
 
 
-def primary_column(config: TrainConfig) -> str:
+def primary_column(config: Recipe) -> str:
     """The out-of-fold column the model's own predictions correspond to."""
     return "probability_tta" if config.tta else "probability"
 
 
-def model_description(model: nn.Module, config: TrainConfig, classes: list[str],
+def model_description(model: nn.Module, config: Recipe, classes: list[str],
                       tta: bool) -> dict[str, Any]:
     return describe(model, arch=config.arch, input_size=config.size, classes=classes,
                     positive_class=POSITIVE, threshold=config.threshold, mean=config.mean,
@@ -236,7 +236,7 @@ def _rates(probabilities: np.ndarray, truth: np.ndarray, threshold: float,
                                   classes.index(POSITIVE))
 
 
-def evaluate_fold(model: nn.Module, config: TrainConfig, classes: list[str],
+def evaluate_fold(model: nn.Module, config: Recipe, classes: list[str],
                   valid: pd.DataFrame, entries: dict[str, CachedItem],
                   masks: dict[str, list[str]], device: torch.device
                   ) -> tuple[dict[str, Any], pd.DataFrame, pd.DataFrame]:
@@ -304,7 +304,7 @@ def localise_fold(analyzer: Analyzer, valid: pd.DataFrame, entries: dict[str, Ca
     return pd.DataFrame(rows)
 
 
-def cross_validate(items: pd.DataFrame, folds: np.ndarray, config: TrainConfig,
+def cross_validate(items: pd.DataFrame, folds: np.ndarray, config: Recipe,
                    entries: dict[str, CachedItem], masks: dict[str, list[str]],
                    device: torch.device, init_weights: str | Path | None = None
                    ) -> CrossValidation:

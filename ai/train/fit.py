@@ -40,7 +40,7 @@ from ai.data.imagecache import CachedItem
 from ai.data.preprocess import read_grey8, resize_grey8
 from ai.model.architectures import build_model
 from ai.model.segmodel import BothOutputs
-from ai.train.recipes import TrainConfig
+from ai.train.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def class_accuracy(pred, *targets) -> torch.Tensor:
     return accuracy(logits, targets[-1])
 
 
-def build_dataloaders(items: pd.DataFrame, config: TrainConfig, device: torch.device,
+def build_dataloaders(items: pd.DataFrame, config: Recipe, device: torch.device,
                       cache: dict[str, CachedItem] | None, valid_index: list[int]):
     """The seed's DataBlock (grey DICOM block, CategoryBlock, aug_transforms), split at
     `valid_index`; the mask-supervised recipe adds a mask block between them."""
@@ -146,7 +146,7 @@ class EpochLog:
         log.info("epoch %d/%d: %s (%s)", epoch, self.learn.n_epoch, text, elapsed)
 
 
-def new_model(config: TrainConfig, init_weights: str | Path | None = None
+def new_model(config: Recipe, init_weights: str | Path | None = None
               ) -> tuple[nn.Module, dict | None]:
     """The recipe's network, from `init_weights` when given (see `ai.model.weights`)."""
     model = build_model(config.arch, config.size)
@@ -157,7 +157,7 @@ def new_model(config: TrainConfig, init_weights: str | Path | None = None
     return model, load_init_weights(model, init_weights).to_json()
 
 
-def build_learner(dls, config: TrainConfig, work_dir: Path, model: nn.Module) -> Learner:
+def build_learner(dls, config: Recipe, work_dir: Path, model: nn.Module) -> Learner:
     """A Learner for `model`; with a mask head it trains both outputs (`BothOutputs`)."""
     class_loss = LOSSES[config.loss]()
     has_valid = len(dls.valid_ds) > 0
@@ -179,7 +179,7 @@ def build_learner(dls, config: TrainConfig, work_dir: Path, model: nn.Module) ->
     return learn
 
 
-def _fit(learn: Learner, config: TrainConfig, lr: float) -> None:
+def _fit(learn: Learner, config: Recipe, lr: float) -> None:
     if config.schedule == "flat_cos":
         learn.fit_flat_cos(config.epochs, lr)
     elif config.schedule == "one_cycle":
@@ -200,7 +200,7 @@ class FitResult:
     init: dict | None
 
 
-def fit_model(items: pd.DataFrame, config: TrainConfig, device: torch.device,
+def fit_model(items: pd.DataFrame, config: Recipe, device: torch.device,
               cache: dict[str, CachedItem] | None, valid_index: list[int], work_dir: Path,
               init_weights: str | Path | None = None, reports: Path | None = None) -> FitResult:
     """Train one model on the items outside `valid_index`.

@@ -56,7 +56,7 @@ from ai.train.crossval import (
     rates_at,
 )
 from ai.train.folds import assign_folds, bootstrap_auc, bootstrap_values, mean_interval, rank_auc
-from ai.train.recipes import TrainConfig
+from ai.train.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def _rates(folds: list[OuterFold], column: str, threshold: float | None = None
     return rates if threshold is None else {"threshold": threshold, **rates}
 
 
-def summarise(folds: list[OuterFold], config: TrainConfig, n_outer: int, n_inner: int,
+def summarise(folds: list[OuterFold], config: Recipe, n_outer: int, n_inner: int,
               inner_split: str, models_trained: int, seconds: float,
               same_data: ThresholdChoice | None) -> dict[str, Any]:
     """nested.json: pooled and per-fold figures of refit vs ensemble and of the threshold."""
@@ -249,7 +249,7 @@ def summarise(folds: list[OuterFold], config: TrainConfig, n_outer: int, n_inner
     }
 
 
-def _predict(model: torch.nn.Module, config: TrainConfig, classes: list[str],
+def _predict(model: torch.nn.Module, config: Recipe, classes: list[str],
              images: list[np.ndarray], device: torch.device) -> np.ndarray:
     analyzer = Analyzer(in_memory(model, model_description(model, config, classes,
                                                            config.tta), device),
@@ -257,7 +257,7 @@ def _predict(model: torch.nn.Module, config: TrainConfig, classes: list[str],
     return np.asarray(analyzer.predict(images), dtype=float)
 
 
-def nested_cross_validate(items: pd.DataFrame, folds: np.ndarray, config: TrainConfig,
+def nested_cross_validate(items: pd.DataFrame, folds: np.ndarray, config: Recipe,
                           entries: dict[str, CachedItem], device: torch.device,
                           refit: pd.DataFrame, n_inner: int | None = None,
                           init_weights: str | Path | None = None,

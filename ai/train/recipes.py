@@ -1,9 +1,10 @@
-"""Named training configurations (recipes). `seed` is the source's recipe; the default is
-the recipe that measured best by cross-validation on the shared data (README, "The
-classifier", has the table and the command of every row).
+"""The named training recipes (`pneumonode train --recipe NAME`), not to be confused with the
+node's configuration (node/config.py). `seed` is the source's recipe; the default is the
+recipe that measured best by cross-validation on the shared data (README, "The classifier",
+has the table and the command of every row).
 
 Every field can be overridden from the command line (`pneumonode train --arch ... --size
-...`), so a named configuration is only a starting point.
+...`), so a named recipe is only a starting point.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from ai.model.architectures import ArchSpec
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class Recipe:
     """Everything that decides what `train` does, recorded in the artifact's JSON."""
 
     name: str = "seed"
@@ -42,7 +43,7 @@ class TrainConfig:
     threshold_rule: str = "youden"
     max_items: int | None = None
 
-    def with_overrides(self, **overrides: Any) -> TrainConfig:
+    def with_overrides(self, **overrides: Any) -> Recipe:
         """A copy with the non-None overrides applied; `arch_*` keys go to the ArchSpec."""
         arch_changes = {key[5:]: value for key, value in overrides.items()
                         if key.startswith("arch_") and value is not None}
@@ -57,19 +58,19 @@ class TrainConfig:
         return data
 
 
-CONFIGS: dict[str, TrainConfig] = {
+RECIPES: dict[str, Recipe] = {
     # The source's recipe: xresnet50 + Mish + self-attention, 1 channel, 400 px, bs 8,
     # aug_transforms, LabelSmoothingCrossEntropy, ranger, fit_flat_cos(5, 5e-4). The source
     # also ran lr_find but trained at 5e-4 whatever it said; `--lr-find` uses its suggestion.
-    "seed": TrainConfig(),
+    "seed": Recipe(),
     # The seed's pipeline with a smaller net and images (CPU-friendly).
-    "small": TrainConfig(
+    "small": Recipe(
         name="small",
         arch=ArchSpec(name="xresnet18", act="mish", sa=True, widen=0.5),
         size=224, batch_size=16, epochs=8, lr=2e-3,
     ),
     # A small net at low resolution with mixup, more epochs.
-    "lowres-mixup": TrainConfig(
+    "lowres-mixup": Recipe(
         name="lowres-mixup",
         arch=ArchSpec(name="xresnet18", act="mish", sa=True, widen=0.5),
         size=128, batch_size=16, epochs=10, lr=2e-3, mixup=0.4,
@@ -77,20 +78,20 @@ CONFIGS: dict[str, TrainConfig] = {
     # Mask-supervised: the same small encoder with a class head and a DynamicUnet mask head
     # trained on the SIIM masks; its mask is the heatmap. 96 px and 8 epochs: the decoder
     # triples the cost of a step, and the 5-fold table had to run on a shared 2-core CPU.
-    "mask": TrainConfig(
+    "mask": Recipe(
         name="mask",
         arch=ArchSpec(name="xresnet18", act="mish", sa=True, widen=0.5, seg_head=True),
         size=96, batch_size=16, epochs=8, lr=2e-3,
     ),
     # Seconds on a CPU: for tests and CI only, not for use.
-    "tiny": TrainConfig(
+    "tiny": Recipe(
         name="tiny",
         arch=ArchSpec(name="xresnet18", act="relu", sa=False, widen=0.25, stem=(8, 16, 64)),
         size=64, batch_size=8, epochs=1, lr=1e-3, augment=False, max_items=16, seed=3,
         folds=3,
     ),
     # The tiny network with a mask head: for tests only.
-    "tiny-mask": TrainConfig(
+    "tiny-mask": Recipe(
         name="tiny-mask",
         arch=ArchSpec(name="xresnet18", act="relu", sa=False, widen=0.25, stem=(8, 16, 64),
                       seg_head=True),
@@ -101,7 +102,7 @@ CONFIGS: dict[str, TrainConfig] = {
 DEFAULT_RECIPE = "mask"  # the best cross-validated recipe measured (README, "The classifier")
 
 
-def get_config(name: str) -> TrainConfig:
-    if name not in CONFIGS:
-        raise ValueError(f"unknown configuration {name!r}; known: {sorted(CONFIGS)}")
-    return CONFIGS[name]
+def get_recipe(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown configuration {name!r}; known: {sorted(RECIPES)}")
+    return RECIPES[name]

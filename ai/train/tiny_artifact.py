@@ -10,7 +10,7 @@ import torch
 from ai.data.labelled import NEGATIVE, POSITIVE
 from ai.model.architectures import build_model
 from ai.model.artifact import save_artifact
-from ai.train.recipes import get_config
+from ai.train.recipes import get_recipe
 
 
 def build_tiny_artifact(out_dir: Path, seed: int = 0) -> Path:
@@ -19,7 +19,7 @@ def build_tiny_artifact(out_dir: Path, seed: int = 0) -> Path:
     Same seed, same weights, same probabilities: the artifact is a valid model (64 px
     xresnet18 at a quarter width) whose outputs are meaningless but reproducible.
     """
-    config = get_config("tiny")
+    config = get_recipe("tiny")
     generator_state = torch.random.get_rng_state()
     try:
         torch.manual_seed(seed)

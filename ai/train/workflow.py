@@ -42,7 +42,7 @@ from ai.model.artifact import in_memory, resolve_device, save_artifact
 from ai.train.crossval import OPTIMISTIC, CrossValidation, cross_validate, model_description
 from ai.train.folds import assign_folds
 from ai.train.nested import NESTED_FILE
-from ai.train.recipes import TrainConfig
+from ai.train.recipes import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def mask_codes(root: Path) -> dict[str, list[str]]:
     return {uid: list(group) for uid, group in table.groupby("ImageId")["EncodedPixels"]}
 
 
-def prepare(config: TrainConfig, data_root: str | Path | None, cache_dir: str | Path | None,
+def prepare(config: Recipe, data_root: str | Path | None, cache_dir: str | Path | None,
             workers: int | None = None
             ) -> tuple[pd.DataFrame, dict[str, CachedItem], dict[str, list[str]], Path]:
     """The items (with patient_id, sop_instance_uid, has_mask), cache entries and masks."""
@@ -96,7 +96,7 @@ def prepare(config: TrainConfig, data_root: str | Path | None, cache_dir: str | 
     return items, entries, masks, root
 
 
-def model_card(config: TrainConfig, items: pd.DataFrame, summary: dict[str, Any]
+def model_card(config: Recipe, items: pd.DataFrame, summary: dict[str, Any]
                ) -> dict[str, Any]:
     """The short card in model.json: data, balance, cross-validated figures, intended use."""
     figures = summary["figures"]
@@ -128,7 +128,7 @@ def model_card(config: TrainConfig, items: pd.DataFrame, summary: dict[str, Any]
     }
 
 
-def train(config: TrainConfig, data_root: str | Path | None, out_dir: str | Path,
+def train(config: Recipe, data_root: str | Path | None, out_dir: str | Path,
           device: str = "auto", cache_dir: str | Path | None = None,
           init_weights: str | Path | None = None, workers: int | None = None,
           nested: bool = False, inner_folds: int | None = None,
@@ -217,7 +217,7 @@ def train(config: TrainConfig, data_root: str | Path | None, out_dir: str | Path
                        nested=nested_summary)
 
 
-def run_nested(out: Path, items: pd.DataFrame, folds: np.ndarray, config: TrainConfig,
+def run_nested(out: Path, items: pd.DataFrame, folds: np.ndarray, config: Recipe,
                entries: dict[str, CachedItem], device: torch.device, cv: CrossValidation,
                inner_folds: int | None, init_weights: str | Path | None) -> dict[str, Any]:
     """`ai.train.nested` over the cross-validation's folds; nested.json is rewritten after every
@@ -238,7 +238,7 @@ def run_nested(out: Path, items: pd.DataFrame, folds: np.ndarray, config: TrainC
     return summary
 
 
-def export_check(model_dir: Path, model: torch.nn.Module, config: TrainConfig,
+def export_check(model_dir: Path, model: torch.nn.Module, config: Recipe,
                  classes: list[str], items: pd.DataFrame, entries: dict[str, CachedItem],
                  device: torch.device, count: int = 16) -> dict[str, float]:
     """Reload the artifact: it must reproduce the in-memory model's probabilities and maps
