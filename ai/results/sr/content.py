@@ -25,7 +25,7 @@ from pydicom.valuerep import DA, DT, TM
 
 from ai.results.attributes import CLINICAL_TRIAL_SUBJECT, PATIENT_STUDY, copy_patient_and_study
 
-Path = tuple[int, ...]  # indices into nested Content Sequences, from the document root
+ContentPath = tuple[int, ...]  # indices into nested Content Sequences, from the document root
 
 # Contributing equipment: highdicom itself (its contribution time is the build's) and the
 # source's acquisition equipment (its time is the source's Acquisition DateTime).
@@ -40,7 +40,7 @@ def encode(dataset: Dataset) -> bytes:
     return buffer.getvalue()
 
 
-def _walk(items, path: Path = ()) -> Iterator[tuple[Path, Dataset]]:
+def _walk(items, path: ContentPath = ()) -> Iterator[tuple[ContentPath, Dataset]]:
     for index, item in enumerate(items):
         here = (*path, index)
         yield here, item
@@ -55,14 +55,14 @@ def _named(item: Dataset, concept: Code) -> bool:
     )
 
 
-def _at(root: Dataset, path: Path) -> Dataset:
+def _at(root: Dataset, path: ContentPath) -> Dataset:
     item = root
     for index in path:
         item = item.ContentSequence[index]
     return item
 
 
-def _one(paths: list[Path], what: str) -> Path:
+def _one(paths: list[ContentPath], what: str) -> ContentPath:
     if len(paths) != 1:
         raise ValueError(f"the template report has {len(paths)} {what} items, expected 1")
     return paths[0]
@@ -73,11 +73,11 @@ class ReportTemplate:
     """An encoded report and where in it the per-source values go."""
 
     encoded: bytes
-    source_references: tuple[Path, ...]  # items whose Referenced SOP is the source image
-    frame_references: tuple[Path, ...]  # UIDREF items holding its Frame of Reference UID
-    tracking: Path  # the UIDREF item of the Tracking Unique Identifier
-    measurement: Path  # the NUM item that `fill` replaces
-    evaluation: Path  # the CODE item that `fill` replaces
+    source_references: tuple[ContentPath, ...]  # items whose Referenced SOP is the source image
+    frame_references: tuple[ContentPath, ...]  # UIDREF items holding its Frame of Reference UID
+    tracking: ContentPath  # the UIDREF item of the Tracking Unique Identifier
+    measurement: ContentPath  # the NUM item that `fill` replaces
+    evaluation: ContentPath  # the CODE item that `fill` replaces
 
     @classmethod
     def from_report(
