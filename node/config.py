@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ai.analysis.methods import METHOD_NAMES
+
 DEFAULT_CONFIG_NAME = "config.toml"
 
 
@@ -262,7 +264,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "modalities": _string_list(upper=True),
         "body_parts": _string_list(upper=True),
         "sc_transfer_syntax": _choice("uncompressed", "jpeg-baseline"),
-        "heatmap": _choice("auto", "gradcam", "cam", "segmentation"),
+        "heatmap": _choice("auto", *METHOD_NAMES),
         "result_processes": _int_range(0, 256),
         "demo_model": _bool,
     },

@@ -325,7 +325,7 @@ def test_lr_find_sets_the_rate_and_init_weights_reach_the_fit(tmp_path):
 
 
 def test_the_colour_scale_says_what_a_mask_map_means() -> None:
-    from ai.analysis.cam import METHOD_TITLES
+    from ai.analysis.methods import METHOD_TITLES
     from ai.results.sc.picture import SEGMENTATION_TITLE, colour_scale
 
     assert METHOD_TITLES["segmentation"] == SEGMENTATION_TITLE

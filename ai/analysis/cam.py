@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ai.analysis.methods import METHOD_NAMES
 from ai.model.architectures import default_cam_layer, final_linear
 
 Target = int | Sequence[int] | torch.Tensor
@@ -135,6 +136,7 @@ def segmentation(model: nn.Module, x: torch.Tensor, target: Target,
     return logits.float(), maps.clamp_(0.0, 1.0)
 
 
-METHODS = {"cam": cam, "gradcam": gradcam, "segmentation": segmentation}
-# How the SC and the SR name each method's map.
-METHOD_TITLES = {"cam": "CAM", "gradcam": "GradCAM", "segmentation": "segmentation mask"}
+# The function of each method name (each function is named as its method); a name in
+# ai.analysis.methods without its function fails here, at import.
+_FUNCTIONS = {function.__name__: function for function in (cam, gradcam, segmentation)}
+METHODS = {name: _FUNCTIONS[name] for name in METHOD_NAMES}

@@ -18,7 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ai.analysis.cam import METHOD_TITLES, METHODS
+from ai.analysis.cam import METHODS
+from ai.analysis.methods import METHOD_TITLES
 from ai.data.preprocess import to_model_input
 from ai.model.artifact import LoadedModel, load_artifact
 

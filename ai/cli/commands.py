@@ -13,11 +13,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ai.analysis.methods import METHOD_NAMES
+
 log = logging.getLogger(__name__)
 
 DEVICE_HELP = "cpu, cuda, cuda:N or auto (GPU when present; default auto)"
-# ai.analysis.cam.METHODS (not imported: loads torch)
-CAM_METHODS = ("gradcam", "cam", "segmentation")
 
 
 def _add_device(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +28,7 @@ def _add_method(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--method",
         default=None,
-        choices=CAM_METHODS,
+        choices=METHOD_NAMES,
         help="default: the model's own (segmentation with a mask head, else gradcam)",
     )
 

@@ -25,13 +25,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ai.model.architectures import ArchSpec, build_model, default_cam_layer
+from ai.model.choice import META_FILE, WEIGHTS_FILE
 
 log = logging.getLogger(__name__)
 
 FORMAT = "pneumonode-classifier"
 FORMAT_VERSION = 1
-META_FILE = "model.json"
-WEIGHTS_FILE = "model.safetensors"
 
 
 class ArtifactError(RuntimeError):

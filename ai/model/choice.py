@@ -12,8 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-# The two files of a model artifact (ai.model.artifact writes and reads them).
-MODEL_FILES = ("model.json", "model.safetensors")
+# The two files of a model artifact, named once: here rather than in ai.model.artifact
+# (which writes and reads them) because this module does not import torch.
+META_FILE = "model.json"
+WEIGHTS_FILE = "model.safetensors"
+MODEL_FILES = (META_FILE, WEIGHTS_FILE)
 DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "demo_model"
 DEMO_NOTICE = "the shipped DEMO model (trained on 200 images; not for diagnosis)"
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ai.model.choice import WEIGHTS_FILE
+
 log = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state_dict", "net")
@@ -42,7 +44,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """The tensors of a weights file (or of a model directory's model.safetensors)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "model.safetensors"
+        path = path / WEIGHTS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such weights file")
     if path.suffix == ".safetensors":

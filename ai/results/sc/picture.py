@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ai.analysis.methods import METHOD_TITLES
 from ai.results.sc.caption import (
     DETAIL_COLOUR,
     TEXT_COLOUR,
@@ -36,7 +37,7 @@ DEFAULT_ALPHA = 0.6  # opacity at the hottest point
 HEAT_FLOOR = 0.2  # heat at or below this is not drawn
 DEFAULT_COLORMAP = "magma"
 DEFAULT_PROBABILITY_CAPTION = "Pneumothorax probability"
-DEFAULT_METHOD = "GradCAM"
+DEFAULT_METHOD = METHOD_TITLES["gradcam"]
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 MIN_PICTURE_WIDTH = 512
 MAX_ENLARGED_ROWS = 8192
@@ -152,7 +153,7 @@ def picture_scale(rows: int, columns: int) -> int:
     return max(1, min(wanted, MAX_ENLARGED_ROWS // rows))
 
 
-SEGMENTATION_TITLE = "segmentation mask"  # ai.analysis.cam.METHOD_TITLES["segmentation"]
+SEGMENTATION_TITLE = METHOD_TITLES["segmentation"]
 
 
 @lru_cache(maxsize=8)

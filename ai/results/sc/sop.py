@@ -42,7 +42,7 @@ DERIVATION_DESCRIPTION = (
     "the source pixels are unchanged) to 0.6; result, model and colour scale in a band "
     "above the image. Not for diagnostic use."
 )
-# The map's maker as the description names it, by `ai.analysis.cam` method title.
+# The map's maker as the description names it, by `ai.analysis.methods` method title.
 _MAP_NAMES = {"GradCAM": "Class activation map (GradCAM)", "CAM": "Class activation map (CAM)",
               "segmentation mask": "Segmentation map (the model's pneumothorax mask head)"}
 
@@ -254,7 +254,7 @@ def build_heatmap_sc(
 ) -> Dataset:
     """Build the heatmap Secondary Capture for `source` from the rendered `rgb` picture.
 
-    `heatmap_method` names what made the map (an `ai.analysis.cam.METHOD_TITLES` value); the
+    `heatmap_method` names what made the map (an `ai.analysis.methods.METHOD_TITLES` value); the
     Derivation Description says it.
 
     Same patient and study as the source (its attributes copied as `ai.results.attributes`
