@@ -107,7 +107,7 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
         "--recipe",
         default=DEFAULT_RECIPE,
         choices=sorted(RECIPES),
-        help=f"named training configuration (default {DEFAULT_RECIPE}: the best measured by "
+        help=f"named training recipe (default {DEFAULT_RECIPE}: the best measured by "
         "cross-validation; seed: the source's recipe)",
     )
     train.add_argument(

@@ -1,7 +1,7 @@
 """The named training recipes (`pneumonode train --recipe NAME`), not to be confused with the
 node's configuration (node/config.py). `seed` is the source's recipe; the default is the
-recipe that measured best by cross-validation on the shared data (README, "The classifier",
-has the table and the command of every row).
+recipe that measured best by cross-validation on the shared data (docs/classifier.md has
+the table and the command of every row).
 
 Every field can be overridden from the command line (`pneumonode train --arch ... --size
 ...`), so a named recipe is only a starting point.
@@ -99,10 +99,10 @@ RECIPES: dict[str, Recipe] = {
         folds=3,
     ),
 }
-DEFAULT_RECIPE = "mask"  # the best cross-validated recipe measured (README, "The classifier")
+DEFAULT_RECIPE = "mask"  # the best cross-validated recipe measured (docs/classifier.md)
 
 
 def get_recipe(name: str) -> Recipe:
     if name not in RECIPES:
-        raise ValueError(f"unknown configuration {name!r}; known: {sorted(RECIPES)}")
+        raise ValueError(f"unknown recipe {name!r}; known: {sorted(RECIPES)}")
     return RECIPES[name]

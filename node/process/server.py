@@ -22,15 +22,13 @@ from typing import Protocol
 from pynetdicom import AE, evt
 from pynetdicom.presentation import PresentationContext
 from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind,
     Verification,
 )
 
 from node.config import Config
 from node.context import NodeContext, build_context
 from node.dicom.admission import Admission
-from node.dicom.find_scp import handle_find, handle_sop_extended
+from node.dicom.find_scp import FIND_SOP_CLASSES, handle_find, handle_sop_extended
 from node.dicom.get_scp import handle_get
 from node.dicom.guarded_transport import GuardedRequestHandler, GuardedServer, GuardLimits
 from node.dicom.move_scp import handle_move
@@ -50,11 +48,6 @@ from node.process.logs import quiet_pynetdicom
 from storage.consistency import RecoveryReport, log_recovery, recover
 
 log = logging.getLogger(__name__)
-
-QUERY_SOP_CLASSES = (
-    PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind,
-)
 
 # How long a stopping node lets open associations finish before aborting them.
 SHUTDOWN_GRACE_SECONDS = 10.0
@@ -113,7 +106,7 @@ def build_ae(config: Config) -> AE:
     register_retired_storage()
     for sop_class in STORAGE_SOP_CLASSES:
         ae.add_supported_context(sop_class, STORAGE_TRANSFER_SYNTAXES, scu_role=True, scp_role=True)
-    for sop_class in QUERY_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES:
+    for sop_class in FIND_SOP_CLASSES + MOVE_SOP_CLASSES + GET_SOP_CLASSES:
         ae.add_supported_context(sop_class, UNCOMPRESSED_TRANSFER_SYNTAXES)
     return ae
 
