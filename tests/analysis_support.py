@@ -8,10 +8,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sqlalchemy import func, select
-from support import NodeProcess, index_connection, node_command, node_env
-
-from storage.models import AnalysisJob, Delivery, DeliveryState, JobState
+from node.testing.index import delivery_counts, job_counts
+from node.testing.node_process import NodeProcess, node_command, node_env
+from storage.models import DeliveryState, JobState
 
 
 def analysing_alone(model: Path, **analysis: object) -> dict:
@@ -50,20 +49,6 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str, step: flo
             return
         time.sleep(step)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-
-
-def _counts_by_state(node: NodeProcess, state_column) -> dict[str, int]:
-    with index_connection(node.db_url) as conn:
-        rows = conn.execute(select(state_column, func.count()).group_by(state_column)).all()
-    return {str(getattr(state, "value", state)): count for state, count in rows}
-
-
-def job_counts(node: NodeProcess) -> dict[str, int]:
-    return _counts_by_state(node, AnalysisJob.state)
-
-
-def delivery_counts(node: NodeProcess) -> dict[str, int]:
-    return _counts_by_state(node, Delivery.state)
 
 
 def analysed(node: NodeProcess, expected: int) -> Callable[[], bool]:

@@ -17,7 +17,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from dicom_data import DX, encode_body, small_image
+from dicom_data import encode_body
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import generate_frames
@@ -34,6 +34,8 @@ from pydicom.uid import (
     generate_uid,
 )
 from support import siim_files
+
+from node.testing.samples import DX, small_image
 
 # Statuses (node/dicom/storage_scp.py): the test spells out the codes it expects.
 UNREADABLE = 0xC210

@@ -22,15 +22,11 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
-from support import (
-    NodeProcess,
-    count_instances,
-    require_siim,
-    siim_files,
-    start_node,
-    storescu,
-    write_config,
-)
+from support import require_siim, siim_files
+
+from node.testing.config_files import write_config
+from node.testing.index import count_instances
+from node.testing.node_process import NodeProcess, start_node, storescu
 
 SIIM_COUNT = 200
 

@@ -1,4 +1,4 @@
-"""Small DICOM objects made on the fly, and a pynetdicom client that can send them as-is.
+"""DICOM files and datasets as bytes, and a pynetdicom client that can send them as-is.
 
 Bad inputs (no SOP Instance UID, a wrong SOP class, garbage instead of a dataset) cannot be
 sent with a normal client, which checks them first; `send_files_raw` uses pynetdicom's
@@ -14,73 +14,14 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset, write_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, ExplicitVRLittleEndian
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
-from pynetdicom.sop_class import DigitalXRayImageStorageForPresentation, Verification
-
-DX = DigitalXRayImageStorageForPresentation
-
-
-def small_image(
-    *,
-    rows: int = 32,
-    columns: int = 32,
-    sop_class: str = DX,
-    study_uid: str | None = None,
-    series_uid: str | None = None,
-    sop_uid: str | None = None,
-    patient_id: str = "TEST-PATIENT",
-    patient_name: str = "Test^Patient",
-    series_description: str = "",
-) -> Dataset:
-    """A valid greyscale image dataset with a file meta in Explicit VR Little Endian."""
-    ds = Dataset()
-    ds.SpecificCharacterSet = "ISO_IR 100"
-    ds.SOPClassUID = sop_class
-    ds.SOPInstanceUID = sop_uid or generate_uid()
-    ds.StudyInstanceUID = study_uid or generate_uid()
-    ds.SeriesInstanceUID = series_uid or generate_uid()
-    ds.PatientID = patient_id
-    ds.PatientName = patient_name
-    ds.StudyDate = "20240102"
-    ds.StudyTime = "101500"
-    ds.Modality = "DX"
-    ds.SeriesNumber = 1
-    ds.InstanceNumber = 1
-    ds.SeriesDescription = series_description
-    ds.BodyPartExamined = "CHEST"
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.Rows = rows
-    ds.Columns = columns
-    ds.BitsAllocated = 16
-    ds.BitsStored = 12
-    ds.HighBit = 11
-    ds.PixelRepresentation = 0
-    pixels = (np.arange(rows * columns, dtype=np.uint16) % 4096).reshape(rows, columns)
-    ds.PixelData = pixels.tobytes()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
-    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    return ds
-
-
-def second_copy(first: Dataset, series_description: str) -> Dataset:
-    """Another copy of `first` (same SOP, study and series UIDs) that differs visibly."""
-    return small_image(
-        sop_uid=first.SOPInstanceUID,
-        study_uid=first.StudyInstanceUID,
-        series_uid=first.SeriesInstanceUID,
-        patient_id=first.PatientID,
-        series_description=series_description,
-    )
+from pynetdicom.sop_class import Verification
 
 
 def file_bytes(ds: Dataset) -> bytes:

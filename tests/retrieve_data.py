@@ -23,8 +23,9 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE
-from support import DCMTK_ENV, NodeProcess, dcmtk
 
+from node.testing.dcmtk import DCMTK_ENV, dcmtk
+from node.testing.node_process import NodeProcess
 from storage.structure import file_meta_end
 
 BIG_STUDY_SIZE = 30

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from support import node_command, node_env, siim_dir, siim_missing_reason
 
 from ai.analysis.infer import Analyzer
 from ai.cli.commands import register
 from ai.data.preprocess import read_grey8
 from ai.model.artifact import load_artifact
+from node.testing.node_process import node_command, node_env
+from node.testing.samples import siim_dir, siim_missing_reason
 
 SIIM = siim_dir()
 pytestmark = pytest.mark.skipif(

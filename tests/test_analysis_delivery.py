@@ -16,25 +16,15 @@ from analysis_support import (
     analysing_alone,
     analysing_and_delivering,
     delivered,
-    delivery_counts,
-    job_counts,
     wait_for,
 )
 from sqlalchemy import select
-from support import (
-    DCMTK_ENV,
-    StoreSCP,
-    count_instances,
-    index_connection,
-    node_command,
-    node_env,
-    restart_node,
-    siim_files,
-    storescu,
-    wait_for_log,
-)
+from support import siim_files
 
 from ai.train.tiny_artifact import build_tiny_artifact
+from node.testing.dcmtk import DCMTK_ENV, StoreSCP
+from node.testing.index import count_instances, delivery_counts, index_connection, job_counts
+from node.testing.node_process import node_command, node_env, restart_node, storescu, wait_for_log
 from storage.models import Delivery, DeliveryState, JobState
 
 DESTINATION = "STORESCP"

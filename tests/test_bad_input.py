@@ -15,21 +15,16 @@ from pathlib import Path
 
 import pytest
 from bad_inputs import CASES, ESCAPE_MARKER, Case, Payload
-from dicom_data import (
-    DX,
-    association,
-    chunked_sending,
-    encode_body,
-    file_bytes,
-    small_image,
-    write_raw_file,
-)
+from dicom_data import association, chunked_sending, encode_body, file_bytes, write_raw_file
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from raw_pdus import c_store_command, pdata_tf, send_pdus
 from sqlalchemy import select
-from support import NodeProcess, echo, index_connection, start_node, wait_for_log
 
+from node.testing.dcmtk import echo
+from node.testing.index import index_connection
+from node.testing.node_process import NodeProcess, start_node, wait_for_log
+from node.testing.samples import DX, small_image
 from storage.models import Instance, Patient, Series, Study
 
 MAX_INSTANCE_MIB = 4

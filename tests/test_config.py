@@ -12,10 +12,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
-from support import DEFAULTS_TOML, REPO_ROOT, echo, node_command, node_env, write_config
+from support import REPO_ROOT
 
 from node.config import effective_data, load_config, parse_config
 from node.process.cli import EXIT_CONFIG_ERROR, main
+from node.testing.config_files import DEFAULTS_TOML, write_config
+from node.testing.dcmtk import echo
+from node.testing.node_process import node_command, node_env
 
 # The config.toml of each earlier release, as `git show <hash>:config.toml` of the commits
 # that changed it: ae7dcae is the first; e289c38 is also the file of 529bd48 (stop 14).

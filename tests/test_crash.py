@@ -13,15 +13,10 @@ from pydicom.uid import JPEGBaseline8Bit
 from pynetdicom import AE
 from pynetdicom.sop_class import SecondaryCaptureImageStorage
 from sqlalchemy import select
-from support import (
-    DCMTK_ENV,
-    NodeProcess,
-    dcmtk,
-    index_connection,
-    restart_node,
-    wait_for_log,
-)
 
+from node.testing.dcmtk import DCMTK_ENV, dcmtk
+from node.testing.index import index_connection
+from node.testing.node_process import NodeProcess, restart_node, wait_for_log
 from storage.models import Instance
 
 KILL_AFTER_ACKNOWLEDGED = 40

@@ -10,12 +10,14 @@ from pathlib import Path
 
 import pytest
 from analysis_support import analysed, delivered, predict_with_cli, wait_for
-from dicom_data import small_image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from support import PROBABILITY_TOLERANCE, REPO_ROOT, StoreSCP, siim_dir, storescu
+from support import PROBABILITY_TOLERANCE, REPO_ROOT
 
 from ai.model.choice import DEMO_MODEL_DIR, choose_model
+from node.testing.dcmtk import StoreSCP
+from node.testing.node_process import storescu
+from node.testing.samples import siim_dir, small_image
 
 CARD = DEMO_MODEL_DIR / "MODEL_CARD.md"
 RECORDED = DEMO_MODEL_DIR / "predictions.csv"

@@ -9,7 +9,7 @@ import tomllib
 from importlib.metadata import version
 
 import pytest
-from support import REPO_ROOT, node_env, write_config
+from support import REPO_ROOT
 
 from node.dicom.pynetdicom_internals import (
     REQUIRED_PYNETDICOM,
@@ -17,6 +17,8 @@ from node.dicom.pynetdicom_internals import (
     check_pynetdicom,
     problems,
 )
+from node.testing.config_files import write_config
+from node.testing.node_process import node_env
 
 # What the node patches or relies on for byte-exact output: one exact version each.
 EXACT = ("pynetdicom", "pydicom", "highdicom")

@@ -14,11 +14,13 @@ from pathlib import Path
 import pydicom
 import pytest
 from analysis_support import analysed, analysing_alone, predict_with_cli, wait_for
-from orthanc_support import start_orthanc
 from pydicom.uid import SecondaryCaptureImageStorage
-from support import DCMTK_ENV, PROBABILITY_TOLERANCE, dcmtk, start_node
+from support import PROBABILITY_TOLERANCE
 
 from ai.results import read_finding
+from node.testing.dcmtk import DCMTK_ENV, dcmtk
+from node.testing.node_process import start_node
+from node.testing.orthanc import start_orthanc
 
 COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
 

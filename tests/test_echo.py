@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pynetdicom import AE
 from pynetdicom.sop_class import Verification
-from support import NodeProcess, echo, wait_for_log
+
+from node.testing.dcmtk import echo
+from node.testing.node_process import NodeProcess, wait_for_log
 
 
 def test_echoscu_succeeds(node: NodeProcess) -> None:

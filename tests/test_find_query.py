@@ -547,7 +547,7 @@ def test_synthetic_fixture_is_complete(engine: Engine) -> None:
 
 @pytest.fixture(scope="module")
 def names_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Engine]:
-    from dicom_data import small_image
+    from node.testing.samples import small_image
 
     folder: Path = tmp_path_factory.mktemp("names_index")
     engine = create_index_engine(f"sqlite:///{folder / 'index.sqlite'}")

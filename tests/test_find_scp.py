@@ -37,8 +37,9 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind as STUDY_ROOT,
 )
 from sqlalchemy import create_engine, insert
-from support import DCMTK_ENV, NodeProcess, dcmtk, start_node, wait_for_log
 
+from node.testing.dcmtk import DCMTK_ENV, dcmtk
+from node.testing.node_process import NodeProcess, start_node, wait_for_log
 from storage.models import Patient, Study
 
 # Query values such as 'D?' are valid C-FIND keys but not valid values; pydicom warns.

@@ -36,9 +36,10 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as STUDY_ROOT
 from pynetdicom.transport import AssociationSocket
-from support import DCMTK_ENV, NodeProcess, dcmtk, start_node, wait_for_log
 
 from node.dicom.find_stream import PendingWriter, command_set, fast_path_implicit_vr
+from node.testing.dcmtk import DCMTK_ENV, dcmtk
+from node.testing.node_process import NodeProcess, start_node, wait_for_log
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR")
 

@@ -32,7 +32,9 @@ from retrieve_data import (
     run_scu,
     send_as_stored,
 )
-from support import NodeProcess, start_node, stored_path, wait_for_log
+
+from node.testing.index import stored_path
+from node.testing.node_process import NodeProcess, start_node, wait_for_log
 
 
 @dataclass

@@ -256,11 +256,11 @@ def test_woken_requestor_gets_every_response_from_a_fast_peer(tmp_path) -> None:
     """Hundreds of C-STOREs to dcmtk's storescp (which answers within microseconds) over
     one woken requestor association: no response is lost to the reactor, which would
     leave that send to its DIMSE timeout and an empty status."""
-    from dicom_data import small_image
     from pydicom.uid import ExplicitVRLittleEndian
-    from support import StoreSCP
 
     from node.dicom.send_instances import send_without_delay
+    from node.testing.dcmtk import StoreSCP
+    from node.testing.samples import small_image
 
     scp = StoreSCP(tmp_path / "received")
     scp.start()

@@ -10,14 +10,17 @@ import time
 from pathlib import Path
 
 import pytest
-from dicom_data import DX, association, encode_body, file_bytes, small_image
-from hostile import HOSTILE_ADDRESS, answer, connect, hostile_connections
+from dicom_data import association, encode_body, file_bytes
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 from raw_pdus import c_store_command, pdata_tf, send_pdus
-from support import DCMTK_ENV, NodeProcess, dcmtk, echo, start_node, wait_for_log
+
+from node.testing.dcmtk import DCMTK_ENV, dcmtk, echo
+from node.testing.hostile import HOSTILE_ADDRESS, answer, connect, hostile_connections
+from node.testing.node_process import NodeProcess, start_node, wait_for_log
+from node.testing.samples import DX, small_image
 
 TIMEOUTS = {"network_timeout": 2, "association_request_timeout": 2}
 

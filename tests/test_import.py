@@ -7,11 +7,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from dicom_data import file_bytes, small_image
+from dicom_data import file_bytes
 from pydicom import dcmread
 from sqlalchemy import create_engine, func, select
-from support import node_command, node_env, write_config
 
+from node.testing.config_files import write_config
+from node.testing.node_process import node_command, node_env
+from node.testing.samples import small_image
 from storage.models import Instance
 
 

@@ -116,3 +116,42 @@ def test_no_package_imports_upward(package: str) -> None:
         if target.split(".")[0] not in MAY_IMPORT[package]
     )
     assert not upward, "\n".join(upward)
+
+
+# The harness that drives a real node from outside (tests and bench/ use it).
+HARNESS = "node.testing"
+
+
+def in_harness(module: str) -> bool:
+    return module == HARNESS or module.startswith(HARNESS + ".")
+
+
+def test_the_product_never_imports_the_test_harness() -> None:
+    users = sorted(
+        f"{name} imports {target}"
+        for name, targets in import_graph().items()
+        if not in_harness(name)
+        for target in targets
+        if in_harness(target)
+    )
+    assert not users, "\n".join(users)
+
+
+def imports_pytest(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        if any(name.split(".")[0] == "pytest" for name in names):
+            return True
+    return False
+
+
+def test_the_harness_runs_without_pytest() -> None:
+    """bench/ imports node.testing and runs without pytest installed."""
+    modules = project_modules().items()
+    users = sorted(name for name, path in modules if in_harness(name) and imports_pytest(path))
+    assert not users, f"these import pytest: {users}"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dicom_data import encode_body, file_bytes, small_image, write_raw_file
+from dicom_data import encode_body, file_bytes, write_raw_file
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
@@ -23,6 +23,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
+from node.testing.samples import small_image
 from storage.errors import (
     DeflateError,
     EncodingMismatchError,

@@ -9,12 +9,14 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from dicom_data import DX, association, file_bytes, second_copy, small_image
+from dicom_data import association, file_bytes
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
-from support import NodeProcess, index_connection, node_command, node_env, restart_node
 
+from node.testing.index import index_connection
+from node.testing.node_process import NodeProcess, node_command, node_env, restart_node
+from node.testing.samples import DX, second_copy, small_image
 from storage.archive import Archive
 from storage.consistency import recover, verify
 from storage.database import create_index_engine

@@ -41,22 +41,12 @@ from retrieve_data import (
     send_as_stored,
 )
 from sqlalchemy import create_engine, select
-from support import (
-    DCMTK_ENV,
-    NodeProcess,
-    ServerDidNotStart,
-    StoreSCP,
-    dcmtk,
-    index_connection,
-    server_port,
-    start_node,
-    start_on_server_port,
-    stored_path,
-    storescu,
-    wait_for_log,
-)
 from tls_support import Pki, make_pki
 
+from node.testing.dcmtk import DCMTK_ENV, StoreSCP, dcmtk
+from node.testing.index import index_connection, stored_path
+from node.testing.node_process import NodeProcess, start_node, storescu, wait_for_log
+from node.testing.ports import ServerDidNotStart, server_port, start_on_server_port
 from storage.deliveries import enqueue
 from storage.models import Delivery, DeliveryState
 

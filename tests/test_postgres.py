@@ -10,16 +10,18 @@ import os
 from pathlib import Path
 
 import pytest
-from analysis_support import analysed, analysing_alone, job_counts, wait_for
+from analysis_support import analysed, analysing_alone, wait_for
 from find_data import all_studies, synthetic_instances
 from pynetdicom import AE, StoragePresentationContexts
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
-from support import NodeProcess, c_find, siim_files, storescu
+from support import siim_files
 
 from ai.train.tiny_artifact import build_tiny_artifact
+from node.testing.index import job_counts
+from node.testing.node_process import NodeProcess, c_find, storescu
 from storage.models import JobState
 
 SERVER_URL = os.environ.get("PNEUMONODE_TEST_POSTGRES_URL", "")

@@ -33,9 +33,11 @@ from pydicom.uid import (
     generate_uid,
 )
 from sqlalchemy import select
-from support import DCMTK_ENV, NodeProcess, dcmtk, index_connection, node_command, node_env
 
 from node.dicom.storage_classes import STORAGE_SOP_CLASSES as NODE_STORAGE_SOP_CLASSES
+from node.testing.dcmtk import DCMTK_ENV, dcmtk
+from node.testing.index import index_connection
+from node.testing.node_process import NodeProcess, node_command, node_env
 from storage.models import Instance
 
 # storescu's option that proposes each transfer syntax (with -R: only what the files need).

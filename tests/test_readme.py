@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 from readme_blocks import Block, readme_blocks
-from support import REPO_ROOT, require_siim, siim_dir
+from support import REPO_ROOT, require_siim
+
+from node.testing.samples import siim_dir
 
 pytestmark = pytest.mark.slow
 

@@ -207,9 +207,8 @@ def test_result_processes_default_to_every_core_but_the_workers() -> None:
 
 
 def test_a_config_names_its_result_processes(tmp_path: Path) -> None:
-    from support import write_config
-
     from node.config import ConfigError, load_config
+    from node.testing.config_files import write_config
 
     assert load_config(write_config(tmp_path / "a.toml", {})).analysis.result_processes == 0
     path = write_config(tmp_path / "b.toml", {"analysis": {"result_processes": 4}})
@@ -234,13 +233,13 @@ def test_result_processes_store_results_and_give_back_the_job_of_one_that_died(
     tmp_path: Path,
 ) -> None:
     from sqlalchemy import select
-    from support import write_config
 
     from ai.data.preprocess import read_grey8
     from node.config import load_config
     from node.context import build_context
     from node.process.result_processes import ResultModel, ResultPool, ResultTask
     from node.process.worker import _header_only
+    from node.testing.config_files import write_config
     from storage.jobs import JobQueue
     from storage.models import AnalysisJob
 
@@ -293,11 +292,10 @@ def test_a_pool_still_starting_does_not_hold_up_the_worker_stopping(tmp_path: Pa
     instead of waiting for them: under load that took longer than a supervisor waits."""
     import time
 
-    from support import write_config
-
     from node.config import load_config
     from node.context import build_context
     from node.process.result_processes import ResultPool
+    from node.testing.config_files import write_config
 
     config = load_config(write_config(tmp_path / "config.toml", {
         "storage": {"folder": str(tmp_path / "storage")},

@@ -20,15 +20,16 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_data import small_image
 from pydicom.data import get_testdata_files
 from pydicom.uid import generate_uid
 from sqlalchemy import func, select
-from support import siim_files, write_config
+from support import siim_files
 
 from ai.data.preprocess import UnsupportedImageError, check_single_frame_grey, read_grey8
 from ai.results import build_finding_sr, build_heatmap_sc, render_picture
 from ai.results.attributes import DEIDENTIFICATION_UNSTATED
+from node.testing.config_files import write_config
+from node.testing.samples import small_image
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The string .* person name:UserWarning",

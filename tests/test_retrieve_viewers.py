@@ -18,22 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from analysis_support import analysed, analysing_alone, delivered, delivery_counts, wait_for
-from orthanc_support import OrthancProcess, start_orthanc
+from analysis_support import analysed, analysing_alone, delivered, wait_for
 from PIL import Image
 from pydicom import dcmread
 from pydicom.uid import ImplicitVRLittleEndian, JPEGBaseline8Bit
 from sqlalchemy import select
-from support import (
-    DCMTK_ENV,
-    NodeProcess,
-    StoreSCP,
-    dcmtk,
-    index_connection,
-    start_node,
-    storescu,
-)
 
+from node.testing.dcmtk import DCMTK_ENV, StoreSCP, dcmtk
+from node.testing.index import delivery_counts, index_connection
+from node.testing.node_process import NodeProcess, start_node, storescu
+from node.testing.orthanc import OrthancProcess, start_orthanc
 from storage.models import AnalysisJob, DeliveryState, Instance
 
 

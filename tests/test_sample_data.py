@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from dicom_data import small_image
 from pydicom import dcmread
-from support import node_env
 
 from ai.data.labelled import load_items
+from node.testing.node_process import node_env
+from node.testing.samples import small_image
 
 LABELS = {"Pneumothorax": 2, "No Pneumothorax": 3}
 

@@ -15,11 +15,13 @@ from collections import Counter
 from pathlib import Path
 
 from analysis_support import wait_for
-from dicom_data import small_image
 from pynetdicom import AE
 from sqlalchemy import func, select
-from support import StoreSCP, index_connection, node_command, node_env, start_node
 
+from node.testing.dcmtk import StoreSCP
+from node.testing.index import index_connection
+from node.testing.node_process import node_command, node_env, start_node
+from node.testing.samples import small_image
 from storage.models import AnalysisJob, Delivery, DeliveryState, Instance, JobState
 
 PACS = "PACS"

@@ -17,9 +17,11 @@ import time
 from pathlib import Path
 
 from analysis_support import analysing_alone, wait_for
-from dicom_data import DX, small_image
 from pynetdicom import AE
-from support import echo, restart_node, start_node, wait_for_log
+
+from node.testing.dcmtk import echo
+from node.testing.node_process import restart_node, start_node, wait_for_log
+from node.testing.samples import DX, small_image
 
 HOSTILE_ADDRESS = "127.0.0.2"
 

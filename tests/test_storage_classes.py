@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dicom_data import file_bytes, small_image
+from dicom_data import file_bytes
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
@@ -22,7 +22,6 @@ from pynetdicom.sop_class import (
 )
 from retrieve_data import run_scu
 from sqlalchemy import select
-from support import NodeProcess, StoreSCP, index_connection, stored_path, storescu, wait_for_log
 
 from node.config import load_config
 from node.dicom.guarded_transport import SharedContexts
@@ -33,6 +32,10 @@ from node.dicom.storage_classes import (
     is_unknown,
 )
 from node.process.server import build_ae
+from node.testing.dcmtk import StoreSCP
+from node.testing.index import index_connection, stored_path
+from node.testing.node_process import NodeProcess, storescu, wait_for_log
+from node.testing.samples import small_image
 from storage.models import Instance
 
 PRIVATE = "1.2.826.0.1.3680043.9.9999.1"  # a made-up private SOP class

@@ -9,16 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dicom_data import (
-    DX,
-    association,
-    chunked_sending,
-    encode_body,
-    file_bytes,
-    second_copy,
-    small_image,
-    write_raw_file,
-)
+from dicom_data import association, chunked_sending, encode_body, file_bytes, write_raw_file
 from pydicom import dcmread
 from pydicom.uid import (
     DeflatedExplicitVRLittleEndian,
@@ -31,8 +22,11 @@ from pydicom.uid import (
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, SecondaryCaptureImageStorage
 from sqlalchemy import select
-from support import NodeProcess, echo, index_connection, start_node, wait_for_log
 
+from node.testing.dcmtk import echo
+from node.testing.index import index_connection
+from node.testing.node_process import NodeProcess, start_node, wait_for_log
+from node.testing.samples import DX, second_copy, small_image
 from storage.models import Instance, Series
 
 SC = SecondaryCaptureImageStorage

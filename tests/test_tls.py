@@ -9,20 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-from dicom_data import file_bytes, small_image
-from orthanc_support import start_orthanc
+from dicom_data import file_bytes
 from sqlalchemy import create_engine
-from support import (
-    DCMTK_ENV,
-    NodeProcess,
-    count_instances,
-    dcmtk,
-    server_port,
-    start_node,
-    wait_for_log,
-)
 from tls_support import Pki, make_pki
 
+from node.testing.dcmtk import DCMTK_ENV, dcmtk
+from node.testing.index import count_instances
+from node.testing.node_process import NodeProcess, start_node, wait_for_log
+from node.testing.orthanc import start_orthanc
+from node.testing.ports import server_port
+from node.testing.samples import small_image
 from storage.deliveries import enqueue
 
 

@@ -20,24 +20,18 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from analysis_support import analysing_and_delivering, delivery_counts, job_counts, wait_for
+from analysis_support import analysing_and_delivering, wait_for
 from pydicom import Dataset
 from pynetdicom.sop_class import (
     PatientRootQueryRetrieveInformationModelFind,
     StudyRootQueryRetrieveInformationModelFind,
 )
 from sqlalchemy import Engine, inspect, select, text
-from support import (
-    NodeProcess,
-    StoreSCP,
-    c_find,
-    index_connection,
-    node_command,
-    node_env,
-    wait_for_log,
-    write_config,
-)
 
+from node.testing.config_files import write_config
+from node.testing.dcmtk import StoreSCP
+from node.testing.index import delivery_counts, index_connection, job_counts
+from node.testing.node_process import NodeProcess, c_find, node_command, node_env, wait_for_log
 from storage.database import create_index_engine
 from storage.migrations import IndexVersionError, schema
 from storage.models import Base, Instance, Patient, Study

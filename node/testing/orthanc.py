@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from support import DCMTK_ENV, SERVER_START_TRIES, ServerDidNotStart, server_port
+from node.testing.dcmtk import DCMTK_ENV
+from node.testing.ports import SERVER_START_TRIES, ServerDidNotStart, server_port
 
 # A modality as (AE title, host, port), or Orthanc's object form (e.g. with "UseDicomTls").
 Modality = tuple[str, str, int] | dict[str, Any]
