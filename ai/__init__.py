@@ -12,6 +12,5 @@ in this list (and storage/), never one below:
     cli/       the `pneumonode` subcommands; and `cli.console`, which imports nothing of
                the project, so that every room (and the node's processes) may use it
 
-The rooms' `__init__` modules import nothing, except `results`, which gathers the
-builders that the node calls.
+The rooms' `__init__` modules import nothing.
 """

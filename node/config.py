@@ -92,6 +92,7 @@ class AnalysisSettings:
     heatmap: str
     result_processes: int = 0
     demo_model: bool = True
+    results: tuple[str, ...] = ("sr", "seg", "sc")
 
 
 @dataclass(frozen=True)
@@ -221,6 +222,20 @@ def _string_list(upper: bool):
     return check
 
 
+def _result_kinds(key: str, value: Any) -> tuple[str, ...]:
+    """A list of result kinds this installation has (`ai/results/<name>/kind.py`), each once."""
+    from ai.results.kind import available_kinds
+
+    names = _string_list(upper=False)(key, value)
+    known = available_kinds()
+    for name in names:
+        if name not in known:
+            raise ConfigError(f"{key}: {name!r} is not a result kind; known: {', '.join(known)}")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"{key}: lists a kind twice")
+    return names
+
+
 _PORT = _int_range(1, 65535)
 _PORT_OR_ZERO = _int_range(0, 65535)
 
@@ -267,6 +282,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "heatmap": _choice("auto", *METHOD_NAMES),
         "result_processes": _int_range(0, 256),
         "demo_model": _bool,
+        "results": _result_kinds,
     },
     "delivery": {
         "destination": _string,

@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import Engine, func, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, select, update
 
-from storage.models import AnalysisJob, Instance, JobState, utcnow
+from storage.models import AnalysisJob, Instance, JobResult, JobState, ResultState, utcnow
 
 # Claims of one job by workers that died before finishing it, before it is failed.
 MAX_ATTEMPTS = 3
@@ -34,6 +34,16 @@ class ClaimedJob:
     calling_ae: str
     file_path: str
     attempts: int
+
+
+@dataclass(frozen=True)
+class ResultRecord:
+    """What became of one kind of result of a job (see storage.models.JobResult)."""
+
+    kind: str
+    state: ResultState
+    sop_instance_uid: str = ""
+    reason: str = ""
 
 
 def worker_identity() -> str:
@@ -112,33 +122,65 @@ class JobQueue:
         *,
         probability: float,
         label: str,
-        sc_uid: str,
-        sr_uid: str,
+        results: Sequence[ResultRecord],
         note: str = "",
-        conn=None,
-    ) -> None:
-        """Mark a job done; pass `conn` to do it in the caller's transaction.
+        conn: Connection | None = None,
+    ) -> JobState:
+        """Record a job's results, one row per kind; pass `conn` to do it in the caller's
+        transaction. The job is done, or failed when a kind failed (its reason first), so
+        that `pneumonode retry` makes what is missing; the kinds that were stored stay.
 
         `note` says why its results are not sent anywhere (kept on the node), if they are not.
         """
-        statement = (
+        failures = [f"{r.kind}: {r.reason}" for r in results if r.state == ResultState.FAILED]
+        state = JobState.FAILED if failures else JobState.DONE
+        statements = [
             update(AnalysisJob)
             .where(AnalysisJob.id == job_id)
             .values(
-                state=JobState.DONE,
+                state=state,
                 probability=probability,
                 label=label,
-                sc_sop_instance_uid=sc_uid,
-                sr_sop_instance_uid=sr_uid,
                 finished_at=utcnow(),
-                reason=note[:2000],
-            )
-        )
+                reason="; ".join([*failures, note] if note else failures)[:2000],
+            ),
+            delete(JobResult).where(JobResult.job_pk == job_id),  # an earlier try's rows
+        ]
+        rows = [
+            {
+                "job_pk": job_id,
+                "kind": r.kind,
+                "state": r.state,
+                "sop_instance_uid": r.sop_instance_uid,
+                "reason": r.reason[:2000],
+            }
+            for r in results
+        ]
         if conn is not None:
+            self._run(conn, statements, rows)
+        else:
+            with self.engine.begin() as own:
+                self._run(own, statements, rows)
+        return state
+
+    @staticmethod
+    def _run(conn: Connection, statements: list, rows: list[dict]) -> None:
+        for statement in statements:
             conn.execute(statement)
-            return
-        with self.engine.begin() as own:
-            own.execute(statement)
+        if rows:
+            conn.execute(insert(JobResult), rows)
+
+    def results_of(self, sop_instance_uid: str) -> dict[str, ResultRecord]:
+        """The result rows of the job of one source instance, by kind."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                select(
+                    JobResult.kind, JobResult.state, JobResult.sop_instance_uid, JobResult.reason
+                )
+                .join(AnalysisJob, AnalysisJob.id == JobResult.job_pk)
+                .where(AnalysisJob.sop_instance_uid == sop_instance_uid)
+            ).all()
+        return {row.kind: ResultRecord(*row) for row in rows}
 
     def fail(self, job_ids: Sequence[int], error: str) -> None:
         with self.engine.begin() as conn:

@@ -187,8 +187,39 @@ class AnalysisJob(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     probability: Mapped[float | None] = mapped_column(Float)
     label: Mapped[str] = mapped_column(String(64), default="")
-    sc_sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), default="")
-    sr_sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), default="")
+
+
+class ResultState(enum.StrEnum):
+    STORED = "stored"  # built and stored (and queued for delivery, if it goes anywhere)
+    NOT_MADE = "not_made"  # the kind had nothing to say for this image (`reason` says why)
+    FAILED = "failed"  # could not be built or stored (`reason` says why)
+
+
+class JobResult(Base):
+    """One result object of one analysed image: its kind (`ai.results.<kind>`), what became
+    of it, and its SOP Instance UID when it was stored.
+
+    One row per job and kind, so that a kind added later needs no new column, and a kind
+    that failed fails alone.
+    """
+
+    __tablename__ = "job_result"
+    __table_args__ = (UniqueConstraint("job_pk", "kind"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_pk: Mapped[int] = mapped_column(ForeignKey("analysis_job.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[ResultState] = mapped_column(
+        Enum(
+            ResultState,
+            native_enum=False,
+            length=16,
+            values_callable=lambda e: [m.value for m in e],
+        ),
+        index=True,
+    )
+    sop_instance_uid: Mapped[str] = mapped_column(String(UID_LENGTH), default="", index=True)
+    reason: Mapped[str] = mapped_column(Text, default="")
 
 
 class DeliveryState(enum.StrEnum):

@@ -6,7 +6,15 @@ from dataclasses import dataclass
 
 from sqlalchemy import Engine, func, select
 
-from storage.models import AnalysisJob, Delivery, IdentityConflict, Instance, JobState
+from storage.models import (
+    AnalysisJob,
+    Delivery,
+    IdentityConflict,
+    Instance,
+    JobResult,
+    JobState,
+    ResultState,
+)
 
 
 @dataclass(frozen=True)
@@ -20,6 +28,8 @@ class QueueReport:
     skip_reasons: list[tuple[str, int]]
     conflicts: dict[str, int]  # identity conflicts by action ("refused", "accepted")
     kept_reasons: list[tuple[str, int]]  # analysed images whose results are not sent, by why
+    kinds: dict[str, dict[str, int]]  # result objects by kind, then state
+    kept_results: int = 0  # result objects stored but not sent anywhere
 
 
 def queue_report(engine: Engine, last: int = 5) -> QueueReport:
@@ -62,6 +72,23 @@ def queue_report(engine: Engine, last: int = 5) -> QueueReport:
             .group_by(AnalysisJob.reason)
             .order_by(func.count().desc())
         ).all()
+        kinds: dict[str, dict[str, int]] = {}
+        for kind, state, count in conn.execute(
+            select(JobResult.kind, JobResult.state, func.count()).group_by(
+                JobResult.kind, JobResult.state
+            )
+        ):
+            kinds.setdefault(kind, {})[str(getattr(state, "value", state))] = count
+        kept_results = conn.scalar(
+            select(func.count())
+            .select_from(JobResult)
+            .join(AnalysisJob, AnalysisJob.id == JobResult.job_pk)
+            .where(
+                AnalysisJob.state == JobState.DONE,
+                AnalysisJob.reason != "",
+                JobResult.state == ResultState.STORED,
+            )
+        ) or 0
         conflicts = dict(
             conn.execute(
                 select(IdentityConflict.action, func.count()).group_by(IdentityConflict.action)
@@ -77,6 +104,8 @@ def queue_report(engine: Engine, last: int = 5) -> QueueReport:
         skip_reasons=[tuple(r) for r in skip_reasons],
         conflicts=conflicts,
         kept_reasons=[tuple(r) for r in kept_reasons],
+        kinds=kinds,
+        kept_results=kept_results,
     )
 
 
@@ -87,13 +116,23 @@ def format_report(report: QueueReport) -> str:
         + (", ".join(f"{k} {v}" for k, v in sorted(report.jobs.items())) or "none"),
         "deliveries: "
         + (", ".join(f"{k} {v}" for k, v in sorted(report.deliveries.items())) or "none"),
+        "result objects: "
+        + (
+            "; ".join(
+                f"{kind.upper()} " + ", ".join(
+                    f"{state.replace('_', ' ')} {count}" for state, count in sorted(states.items())
+                )
+                for kind, states in sorted(report.kinds.items())
+            )
+            or "none"
+        ),
         "identity conflicts (study under another patient, series under another study): "
         + (", ".join(f"{k} {v}" for k, v in sorted(report.conflicts.items())) or "none"),
     ]
     if report.kept_reasons:
         images = sum(count for _, count in report.kept_reasons)
         lines.append(
-            f"results kept on the node, not sent: {2 * images} (SC and SR of {images} images)"
+            f"results kept on the node, not sent: {report.kept_results} (of {images} images)"
         )
         lines += [f"  {count:6d}  {reason}" for reason, count in report.kept_reasons]
     if report.skip_reasons:

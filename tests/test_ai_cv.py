@@ -276,8 +276,9 @@ def test_init_weights_from_densenet_and_from_our_xresnet_into_the_mask_encoder(t
 
 
 def test_sc_and_sr_say_which_method_made_the_map():
-    from ai.results import build_finding_sr, build_heatmap_sc, render_picture
-    from ai.results.sr.sop import read_finding
+    from ai.results.sc.picture import render_picture
+    from ai.results.sc.sop import build_heatmap_sc
+    from ai.results.sr.sop import build_finding_sr, read_finding
 
     source = pydicom.dcmread(siim_file("train/Pneumothorax/000001.dcm"))
     grey = np.zeros((64, 64), dtype=np.uint8)

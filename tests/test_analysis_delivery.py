@@ -90,7 +90,9 @@ def test_results_stay_on_the_node_for_a_caller_not_in_peers(
     assert "analysis jobs: done 3" in lines
     assert "deliveries: none" in lines
     # ... and the status says that the results stay here, and why.
-    assert "results kept on the node, not sent: 6 (SC and SR of 3 images)" in lines
+    assert "results kept on the node, not sent: 6 (of 3 images)" in lines
+    # SIIM images under the demo model: no region, so no SEG, and the status says so.
+    assert "result objects: SC stored 3; SEG not made 3; SR stored 3" in lines
     assert (
         "       3  caller 'STORESCU' is not in [[peers]] and no delivery.destination is set"
         in lines

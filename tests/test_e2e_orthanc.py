@@ -17,7 +17,7 @@ from analysis_support import analysed, analysing_alone, predict_with_cli, wait_f
 from pydicom.uid import SecondaryCaptureImageStorage
 from support import PROBABILITY_TOLERANCE
 
-from ai.results import read_finding
+from ai.results.sr.sop import read_finding
 from node.testing.dcmtk import DCMTK_ENV, dcmtk
 from node.testing.node_process import start_node
 from node.testing.orthanc import start_orthanc

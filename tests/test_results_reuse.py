@@ -24,15 +24,16 @@ from test_results_robust import GREYSCALE, relabelled  # sources of every kind
 
 import ai.results.sr.sop as finding_sr
 from ai.data.preprocess import _grey8_of_values, gpu_decodable, to_grey8
+from ai.results.kind import KindUids
 from ai.results.sc import caption, picture
 from ai.results.sr.sop import build_finding_sr, read_finding
-from node.process.result_processes import result_process_count, result_uids
+from node.process.result_processes import result_process_count
 
 _BUILD_TIMES = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
 
 
 def _sr_arguments(source: pydicom.Dataset, probability: float) -> dict:
-    uids = result_uids(source, "1.0")
+    uids = KindUids.of("sr", source, "1.0")
     return {
         "probability": probability,
         "present": probability >= 0.5,
@@ -42,8 +43,8 @@ def _sr_arguments(source: pydicom.Dataset, probability: float) -> dict:
         "device_observer_name": "PNEUMONODE",
         "device_observer_uid": "1.2.826.0.1.3680043.8.498.7",
         "device_observer_manufacturer": "pneumonode",
-        "series_instance_uid": uids["sr_series"],
-        "sop_instance_uid": uids["sr"],
+        "series_instance_uid": uids.series,
+        "sop_instance_uid": uids.sop,
         "series_number": 9002,
         "instance_number": 1,
     }
@@ -235,13 +236,14 @@ def test_result_processes_store_results_and_give_back_the_job_of_one_that_died(
     from sqlalchemy import select
 
     from ai.data.preprocess import read_grey8
+    from ai.results.kind import ResultModel
     from node.config import load_config
     from node.context import build_context
-    from node.process.result_processes import ResultModel, ResultPool, ResultTask
+    from node.process.result_processes import ResultPool, ResultTask
     from node.process.worker import _header_only
     from node.testing.config_files import write_config
     from storage.jobs import JobQueue
-    from storage.models import AnalysisJob
+    from storage.models import AnalysisJob, JobResult
 
     config = load_config(write_config(tmp_path / "config.toml", {
         "storage": {"folder": str(tmp_path / "storage")},
@@ -277,13 +279,14 @@ def test_result_processes_store_results_and_give_back_the_job_of_one_that_died(
         pool.close()
     with context.engine.connect() as conn:
         states = dict(conn.execute(select(AnalysisJob.id, AnalysisJob.state)).all())
-        done = conn.execute(
-            select(AnalysisJob.sc_sop_instance_uid, AnalysisJob.sr_sop_instance_uid)
-            .where(AnalysisJob.id == good.job_id)
-        ).one()
+        done = dict(conn.execute(
+            select(JobResult.kind, JobResult.sop_instance_uid)
+            .where(JobResult.job_pk == good.job_id, JobResult.state == "stored")
+        ).all())
     assert str(states[doomed.job_id].value) == "queued"  # back in the queue, not lost
     assert str(states[good.job_id].value) == "done"
-    for uid in done:  # both results stored and indexed before the job was marked done
+    assert set(done) == {"sr", "sc"}  # no SEG: the map is not a segmentation
+    for uid in done.values():  # results stored and indexed before the job was marked done
         assert context.archive.path_of(context.archive._existing_path(uid)).is_file()
 
 

@@ -26,8 +26,10 @@ from sqlalchemy import func, select
 from support import siim_files
 
 from ai.data.preprocess import UnsupportedImageError, check_single_frame_grey, read_grey8
-from ai.results import build_finding_sr, build_heatmap_sc, render_picture
 from ai.results.attributes import DEIDENTIFICATION_UNSTATED
+from ai.results.sc.picture import render_picture
+from ai.results.sc.sop import build_heatmap_sc
+from ai.results.sr.sop import build_finding_sr
 from node.testing.config_files import write_config
 from node.testing.samples import small_image
 
@@ -204,7 +206,7 @@ def test_worker_analyses_odd_sources_and_fails_an_unbuildable_result_once(
     from node.config import load_config
     from node.context import build_context
     from node.process.worker import AnalysisWorker
-    from storage.models import AnalysisJob, Instance, JobState
+    from storage.models import AnalysisJob, Instance, JobResult, JobState
     from storage.report import format_report, queue_report
 
     config_path = write_config(
@@ -267,20 +269,30 @@ def test_worker_analyses_odd_sources_and_fails_an_unbuildable_result_once(
         )
     state, reason, attempts = jobs[doomed]
     assert state == JobState.FAILED and attempts == 1
-    assert reason == (
-        "results: cannot build the heatmap Secondary Capture: "
+    assert reason.startswith(  # the kind that failed, first; the others were stored
+        "sc: cannot build the heatmap Secondary Capture: "
         "TypeError: 'DSfloat' object is not iterable"
     )
     for uid in good:
         assert jobs[uid][0] == JobState.DONE, jobs[uid]
         assert "is not in [[peers]]" in jobs[uid][1]
-    assert results == 2 * len(good)  # nothing of the failed image's results was stored
+    # A kind fails alone: the failed image's SR was stored, its SC not.
+    assert results == 2 * len(good) + 1
+    with context.engine.connect() as conn:
+        kinds = dict(conn.execute(
+            select(JobResult.kind, JobResult.state)
+            .join(AnalysisJob, AnalysisJob.id == JobResult.job_pk)
+            .where(AnalysisJob.sop_instance_uid == doomed)
+        ).all())
+    assert kinds == {"sr": "stored", "seg": "not_made", "sc": "failed"}
 
     status = format_report(queue_report(context.engine))
     assert f"analysis jobs: done {len(good)}, failed 1" in status
     assert f"results kept on the node, not sent: {2 * len(good)}" in status
     assert "caller 'STORESCU' is not in [[peers]]" in status
-    assert f"{doomed}: results: cannot build the heatmap Secondary Capture" in status
+    assert f"{doomed}: sc: cannot build the heatmap Secondary Capture" in status
+    assert f"result objects: SC failed 1, stored {len(good)}; SEG " in status
+    assert f"; SR stored {len(good) + 1}" in status
     context.engine.dispose()
 
 

@@ -15,7 +15,8 @@ from pydicom.uid import JPEGBaseline8Bit, generate_uid
 from support import assert_same_patient_and_study, siim_file
 
 from ai.data.preprocess import read_grey8
-from ai.results import HEATMAP_SERIES_DESCRIPTION, build_heatmap_sc, render_picture
+from ai.results.sc.picture import render_picture
+from ai.results.sc.sop import HEATMAP_SERIES_DESCRIPTION, build_heatmap_sc
 
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* person name:UserWarning")
 

@@ -10,7 +10,7 @@ import pytest
 from pydicom.uid import ComprehensiveSRStorage, generate_uid
 from support import assert_same_patient_and_study, siim_file
 
-from ai.results import Finding, build_finding_sr, read_finding
+from ai.results.sr.sop import Finding, build_finding_sr, read_finding
 
 pytestmark = pytest.mark.filterwarnings("ignore:The string .* person name:UserWarning")
 

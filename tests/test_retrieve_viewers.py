@@ -25,10 +25,10 @@ from pydicom.uid import ImplicitVRLittleEndian, JPEGBaseline8Bit
 from sqlalchemy import select
 
 from node.testing.dcmtk import DCMTK_ENV, StoreSCP, dcmtk
-from node.testing.index import delivery_counts, index_connection
+from node.testing.index import delivery_counts, index_connection, result_uids_of
 from node.testing.node_process import NodeProcess, start_node, storescu
 from node.testing.orthanc import OrthancProcess, start_orthanc
-from storage.models import AnalysisJob, DeliveryState, Instance
+from storage.models import DeliveryState, Instance
 
 
 @dataclass
@@ -74,10 +74,7 @@ def analysed_node(
         orthanc.set_modality("pneumonode", ("PNEUMONODE", "127.0.0.1", node.port))
         assert storescu(node, [source]).returncode == 0
         wait_for(analysed(node, 1), 180, "the node to analyse the image")
-        with index_connection(node.db_url) as conn:
-            job = conn.execute(
-                select(AnalysisJob.sc_sop_instance_uid, AnalysisJob.sr_sop_instance_uid)
-            ).one()
+        results = result_uids_of(node, str(header.SOPInstanceUID))
         yield Analysed(
             node,
             orthanc,
@@ -86,8 +83,8 @@ def analysed_node(
             str(header.PatientID),
             str(header.StudyInstanceUID),
             str(header.SOPInstanceUID),
-            job.sc_sop_instance_uid,
-            job.sr_sop_instance_uid,
+            results["sc"],
+            results["sr"],
         )
     finally:
         if node is not None:

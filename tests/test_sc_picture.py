@@ -11,7 +11,6 @@ from PIL import Image
 from support import siim_file
 
 from ai.data.preprocess import read_grey8
-from ai.results import render_picture
 from ai.results.sc.caption import BAND_COLOUR, RULE_COLOUR
 from ai.results.sc.picture import (
     DEFAULT_ALPHA,
@@ -20,6 +19,7 @@ from ai.results.sc.picture import (
     NOT_FOR_DIAGNOSTIC_USE,
     colour_scale,
     heat_opacity,
+    render_picture,
     upsample_bilinear,
 )
 

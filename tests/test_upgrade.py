@@ -40,6 +40,7 @@ from storage.text import fold_case
 FIXTURE = Path(__file__).parent / "fixtures" / "previous_release"
 MANIFEST = json.loads((FIXTURE / "manifest.json").read_text(encoding="utf-8"))
 HEAD = schema.heads()[0]
+MIGRATIONS = schema.SCRIPT_LOCATION
 DESTINATION = "STORESCP"
 FUTURE_VERSION = "9999_from_a_newer_pneumonode"
 
@@ -350,43 +351,19 @@ def test_indexes_of_earlier_releases_are_completed_to_the_baseline(
 
 
 NEXT_MIGRATION = '''
-"""A probe of the coming result-kinds work: SC and SR columns of analysis_job become one
-row per job and kind, and a table that others point at is copied (SQLite batch mode)."""
+"""A probe of a later migration: a table that others point at is copied (SQLite batch
+mode), after 0002_result_kinds has moved the SC and SR columns into job_result rows."""
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0002_result_rows"
-down_revision = "0001_baseline"
+revision = "0003_probe"
+down_revision = "0002_result_kinds"
 branch_labels = None
 depends_on = None
 
 
 def upgrade() -> None:
-    result = op.create_table(
-        "job_result",
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("job_pk", sa.Integer, sa.ForeignKey("analysis_job.id"), nullable=False),
-        sa.Column("kind", sa.String(16), nullable=False),
-        sa.Column("sop_instance_uid", sa.String(64), nullable=False),
-    )
-    jobs = sa.table(
-        "analysis_job",
-        sa.column("id"),
-        sa.column("sc_sop_instance_uid"),
-        sa.column("sr_sop_instance_uid"),
-    )
-    for kind in ("sc", "sr"):
-        column = jobs.c[f"{kind}_sop_instance_uid"]
-        op.execute(
-            result.insert().from_select(
-                ["job_pk", "kind", "sop_instance_uid"],
-                sa.select(jobs.c.id, sa.literal(kind), column).where(column != ""),
-            )
-        )
-    with op.batch_alter_table("analysis_job") as batch:
-        batch.drop_column("sc_sop_instance_uid")
-        batch.drop_column("sr_sop_instance_uid")
     with op.batch_alter_table("instance", recreate="always") as batch:
         batch.alter_column("photometric_interpretation", type_=sa.String(32))
 
@@ -396,26 +373,49 @@ def downgrade() -> None:
 '''
 
 
-def test_a_versioned_index_is_upgraded_by_the_next_migration(
+def _migrations_copy(tmp_path: Path, name: str, without: tuple[str, ...] = ()) -> Path:
+    """This code's migrations (not a patched location's), less the files `without` names."""
+    location = tmp_path / name
+    ignored = shutil.ignore_patterns("__pycache__", *without)
+    shutil.copytree(MIGRATIONS, location, ignore=ignored)
+    return location
+
+
+def test_a_versioned_index_is_upgraded_by_the_next_migrations(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A known older version runs the migrations after it, data moves included, in one
-    transaction; foreign keys stay whole when SQLite copies a table others point at."""
+    """An index at 0001_baseline runs the migrations after it, data moves included, in one
+    transaction: each done job's SC and SR become two job_result rows, and foreign keys stay
+    whole when SQLite copies a table others point at."""
     index = copy_previous_release(tmp_path) / "index.sqlite"
     url = f"sqlite:///{index}"
-    create_index_engine(url).dispose()  # at 0001_baseline, as this code leaves it
-    location = tmp_path / "migrations"
-    shutil.copytree(schema.SCRIPT_LOCATION, location, ignore=shutil.ignore_patterns("__pycache__"))
-    (location / "versions" / "0002_result_rows.py").write_text(NEXT_MIGRATION)
+    monkeypatch.setattr(
+        schema, "SCRIPT_LOCATION", _migrations_copy(tmp_path, "at_baseline", ("0002_*",))
+    )
+    engine = create_index_engine(url)  # completed to 0001_baseline, as that code left it
+    try:
+        assert versions(engine) == ["0001_baseline"]
+        with engine.connect() as conn:
+            done = conn.scalar(text(
+                "SELECT count(*) FROM analysis_job WHERE state = 'done'"
+                " AND sc_sop_instance_uid != '' AND sr_sop_instance_uid != ''"
+            ))
+        assert done == MANIFEST["jobs"]["done"]
+    finally:
+        engine.dispose()
+    location = _migrations_copy(tmp_path, "next")
+    (location / "versions" / "0003_probe.py").write_text(NEXT_MIGRATION)
     monkeypatch.setattr(schema, "SCRIPT_LOCATION", location)
 
     engine = create_index_engine(url)
     try:
-        assert versions(engine) == ["0002_result_rows"]
+        assert versions(engine) == ["0003_probe"]
         with engine.connect() as conn:
-            rows = conn.execute(text("SELECT kind, count(*) FROM job_result GROUP BY kind"))
-            done = MANIFEST["jobs"]["done"]
-            assert dict(rows.all()) == {"sc": done, "sr": done}
+            rows = conn.execute(
+                text("SELECT kind, state, count(*) FROM job_result GROUP BY kind, state")
+            )
+            stored = {("sc", "stored"): done, ("sr", "stored"): done}
+            assert {(k, s): n for k, s, n in rows} == stored
             columns = {c["name"] for c in inspect(conn).get_columns("analysis_job")}
             assert "sc_sop_instance_uid" not in columns
             assert conn.scalar(text("SELECT count(*) FROM instance")) == 18
@@ -423,5 +423,5 @@ def test_a_versioned_index_is_upgraded_by_the_next_migration(
     finally:
         engine.dispose()
     monkeypatch.undo()
-    with pytest.raises(IndexVersionError, match="schema version 0002_result_rows, newer"):
+    with pytest.raises(IndexVersionError, match="schema version 0003_probe, newer"):
         create_index_engine(url)

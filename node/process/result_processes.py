@@ -25,38 +25,31 @@ from multiprocessing import get_context
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
+from ai.results.kind import (
+    KindUids,
+    ResultInputs,
+    ResultKind,
+    ResultModel,
+    ResultNotMade,
+    instance_number,
+    kinds_named,
+    tracking_uid,
+)
 from node.config import Config
 from node.context import NodeContext
 from node.process.logs import configure_logging
 from node.process.supervision import tie_to_parent
 from storage import deliveries
-from storage.jobs import MAX_ATTEMPTS, ClaimedJob, JobQueue
+from storage.jobs import MAX_ATTEMPTS, ClaimedJob, JobQueue, ResultRecord
+from storage.models import ResultState
 
 log = logging.getLogger(__name__)
-
-MANUFACTURER = "pneumonode"
-SC_SERIES_NUMBER = 9001
-SR_SERIES_NUMBER = 9002
-
-
-@dataclass(frozen=True)
-class ResultModel:
-    """What the results say about the model that made them and the node that built them."""
-
-    name: str
-    version: str
-    positive_class: str
-    threshold: float
-    observer_name: str  # the node's AE title: the SR's device observer
-    observer_uid: str
-    sc_transfer_syntax: str
 
 
 @dataclass
 class ResultTask:
-    """One analysed image: everything its results are built from, nothing to decode again."""
+    """One analysed image as the worker hands it over: what its results are built from."""
 
     job: ClaimedJob
     header: Dataset  # the source without its pixels
@@ -67,27 +60,6 @@ class ResultTask:
     method_title: str = "GradCAM"
 
 
-def result_uids(source: Dataset, model_version: str) -> dict[str, str]:
-    """Deterministic UIDs for the results of `source`: the same inputs give the same UIDs."""
-    study = str(source.StudyInstanceUID)
-    sop = str(source.SOPInstanceUID)
-    return {
-        "sc_series": generate_uid(entropy_srcs=["pneumonode-sc-series", study, model_version]),
-        "sr_series": generate_uid(entropy_srcs=["pneumonode-sr-series", study, model_version]),
-        "sc": generate_uid(entropy_srcs=["pneumonode-sc", sop, model_version]),
-        "sr": generate_uid(entropy_srcs=["pneumonode-sr", sop, model_version]),
-    }
-
-
-def instance_number(source: Dataset) -> int:
-    """The source's Instance Number for its results, 1 when it has none usable."""
-    try:
-        number = int(source.get("InstanceNumber") or 1)
-    except (TypeError, ValueError):
-        return 1
-    return number if 0 < number < 2**31 else 1
-
-
 def result_process_count(setting: int, cpus: int | None = None) -> int:
     """`analysis.result_processes`: 0 = one per CPU core but one (the worker's), at least 1."""
     if setting > 0:
@@ -96,116 +68,103 @@ def result_process_count(setting: int, cpus: int | None = None) -> int:
 
 
 class ResultWriter:
-    """Builds and stores the results of one image and finishes its job, in any process."""
+    """Builds and stores the results of one image, kind by kind, and finishes its job, in
+    any process. It knows the kinds only through `ai.results.kind`'s interface."""
 
     def __init__(self, context: NodeContext, model: ResultModel) -> None:
         self.context = context
         self.model = model
         self.jobs = JobQueue(context.engine)
+        self.kinds = kinds_named(context.config.analysis.results)
+
+    def inputs(self, task: ResultTask) -> ResultInputs:
+        """What every kind is built from; the source header checked once for all of them,
+        the finding's regions found once (when the map is the mask head's and the finding
+        is present)."""
+        from ai.analysis.methods import METHOD_TITLES
+        from ai.results.attributes import source_header
+        from ai.results.errors import building
+        from ai.results.regions import find_regions
+
+        with building("result header"):
+            header = source_header(task.header)
+        present = task.label == self.model.positive_class
+        segmentation = task.heatmap if task.method_title == METHOD_TITLES["segmentation"] else None
+        regions = None
+        if segmentation is not None and present:
+            with building("finding regions"):
+                regions = find_regions(segmentation, int(header.Rows), int(header.Columns))
+        return ResultInputs(
+            header=header,
+            grey8=task.grey8,
+            probability=task.probability,
+            present=present,
+            label=task.label,
+            heatmap=task.heatmap,
+            method_title=task.method_title,
+            tracking_uid=tracking_uid(header, self.model.version),
+            instance_number=instance_number(header),
+            segmentation=segmentation,
+            regions=regions,
+        )
 
     def write(self, task: ResultTask) -> None:
-        """An image whose results cannot be built or stored fails its own job, once, with the
-        reason `pneumonode status` shows; nothing requeues it but `pneumonode retry`."""
+        """Each kind is built and stored on its own: one that cannot be fails with its
+        reason (the job then shows as failed, for `pneumonode retry`), the others are
+        stored and delivered. Nothing requeues a failed kind but `pneumonode retry`."""
         from ai.results.errors import ResultBuildError
 
         uid = task.job.sop_instance_uid
         try:
-            sc, sr = self.build(task)
+            inputs = self.inputs(task)
         except ResultBuildError as exc:
             log.warning("results of SOP %s not built: %s", uid, exc)
             self.jobs.fail([task.job.job_id], f"results: {exc}")
             return
-        try:
-            self.store(task, sc, sr)
-        except Exception as exc:
-            log.exception("results of SOP %s not stored", uid)
-            self.jobs.fail([task.job.job_id], f"results not stored: {type(exc).__name__}: {exc}")
-
-    def build(self, task: ResultTask) -> tuple[Dataset, Dataset]:
-        """The SC and the SR of one image, both built before either is stored."""
-        from ai.results.attributes import source_header
-        from ai.results.errors import building
-        from ai.results.sc.picture import render_picture
-        from ai.results.sc.sop import build_heatmap_sc
-        from ai.results.sr.sop import build_finding_sr
-
-        model = self.model
-        with building("result header"):
-            source = source_header(task.header)  # checked once for both objects
-        uids = result_uids(source, model.version)
-        number = instance_number(source)
-        with building("heatmap picture"):
-            picture = render_picture(
-                task.grey8,
-                task.heatmap,
-                task.probability,
-                task.label,
-                model=f"{model.name} ({model.version})",
-                method=task.method_title,
-            )
-        with building("heatmap Secondary Capture"):
-            sc = build_heatmap_sc(
-                source,
-                picture.rgb,
-                pixel_scale=picture.scale,
-                series_instance_uid=uids["sc_series"],
-                sop_instance_uid=uids["sc"],
-                series_number=SC_SERIES_NUMBER,
-                instance_number=number,
-                manufacturer=MANUFACTURER,
-                model_name=model.name,
-                software_version=model.version,
-                transfer_syntax=model.sc_transfer_syntax,
-                heatmap_method=task.method_title,
-            )
-        with building("finding Structured Report"):
-            sr = build_finding_sr(
-                source,
-                probability=task.probability,
-                present=task.label == model.positive_class,
-                threshold=model.threshold,
-                algorithm_name=model.name,
-                algorithm_version=model.version,
-                heatmap_method=task.method_title,
-                device_observer_name=model.observer_name,
-                device_observer_uid=model.observer_uid,
-                device_observer_manufacturer=MANUFACTURER,
-                series_instance_uid=uids["sr_series"],
-                sop_instance_uid=uids["sr"],
-                series_number=SR_SERIES_NUMBER,
-                instance_number=number,
-            )
-        return sc, sr
-
-    def store(self, task: ResultTask, sc: Dataset, sr: Dataset) -> None:
-        """Store both results, then mark the job done and queue the deliveries together."""
-        archive = self.context.archive
-        archive.store_dataset(sc, is_result=True)
-        archive.store_dataset(sr, is_result=True)
+        records = [self.make(kind, inputs) for kind in self.kinds]
+        stored = [r.sop_instance_uid for r in records if r.state == ResultState.STORED]
         destination, kept_because = self.destination(task.job)
         with self.context.engine.begin() as conn:
             self.jobs.finish(
                 task.job.job_id,
                 probability=task.probability,
                 label=task.label,
-                sc_uid=str(sc.SOPInstanceUID),
-                sr_uid=str(sr.SOPInstanceUID),
+                results=records,
                 note=kept_because,
                 conn=conn,
             )
-            if destination is not None:
-                deliveries.enqueue(
-                    conn, [str(sc.SOPInstanceUID), str(sr.SOPInstanceUID)], destination
-                )
+            if destination is not None and stored:
+                deliveries.enqueue(conn, stored, destination)
         log.info(
-            "analysed SOP %s: p=%.4f %s; SC %s SR %s -> %s",
-            task.job.sop_instance_uid,
+            "analysed SOP %s: p=%.4f %s; %s -> %s",
+            uid,
             task.probability,
             task.label,
-            sc.SOPInstanceUID,
-            sr.SOPInstanceUID,
+            ", ".join(_outcome(r) for r in records),
             destination or "kept on node",
         )
+
+    def make(self, kind: ResultKind, inputs: ResultInputs) -> ResultRecord:
+        """Build and store one kind for one image; what became of it."""
+        uid = str(inputs.header.SOPInstanceUID)
+        uids = KindUids.of(kind.name, inputs.header, self.model.version)
+        try:
+            dataset = kind.build(inputs, self.model, uids)
+        except ResultNotMade as why:
+            return ResultRecord(kind.name, ResultState.NOT_MADE, reason=str(why))
+        except Exception as exc:  # a kind's builder may raise anything: it fails alone
+            log.warning("%s of SOP %s not built: %s", kind.name, uid, exc)
+            reason = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+            return ResultRecord(kind.name, ResultState.FAILED, reason=reason)
+        try:
+            self.context.archive.store_dataset(dataset, is_result=True)
+        except Exception as exc:
+            log.exception("%s of SOP %s not stored", kind.name, uid)
+            return ResultRecord(
+                kind.name, ResultState.FAILED, reason=f"not stored: {type(exc).__name__}: {exc}"
+            )
+        inputs.series[kind.name] = kind.series_number
+        return ResultRecord(kind.name, ResultState.STORED, sop_instance_uid=uids.sop)
 
     def destination(self, job: ClaimedJob) -> tuple[str | None, str]:
         """(the configured destination, else the sender if it is a known peer; and, when
@@ -222,6 +181,12 @@ class ResultWriter:
             reason = "no calling AE title (imported) and no delivery.destination is set"
         log.info("results of SOP %s stay on the node: %s", job.sop_instance_uid, reason)
         return None, reason
+
+
+def _outcome(record: ResultRecord) -> str:
+    if record.state == ResultState.STORED:
+        return f"{record.kind.upper()} {record.sop_instance_uid}"
+    return f"{record.kind.upper()} {record.state.value.replace('_', ' ')}"
 
 
 # --- the pool ---------------------------------------------------------------------------

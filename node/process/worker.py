@@ -28,9 +28,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from ai.model.choice import DEMO_NOTICE, choose_model
+from ai.results.kind import ResultModel
 from node.context import NodeContext
 from node.process.result_processes import (
-    ResultModel,
     ResultPool,
     ResultTask,
     ResultWriter,

@@ -10,7 +10,7 @@ from pathlib import Path
 from sqlalchemy import Connection, create_engine, func, select
 
 from node.testing.node_process import NodeProcess
-from storage.models import AnalysisJob, Delivery, Instance
+from storage.models import AnalysisJob, Delivery, Instance, JobResult, ResultState
 
 
 @contextlib.contextmanager
@@ -51,3 +51,28 @@ def job_counts(node: NodeProcess) -> dict[str, int]:
 
 def delivery_counts(node: NodeProcess) -> dict[str, int]:
     return _counts_by_state(node, Delivery.state)
+
+
+def result_uids_of(node: NodeProcess, source_sop_instance_uid: str) -> dict[str, str]:
+    """The stored results of one source image, by kind ("sr", "seg", "sc")."""
+    with index_connection(node.db_url) as conn:
+        rows = conn.execute(
+            select(JobResult.kind, JobResult.sop_instance_uid)
+            .join(AnalysisJob, AnalysisJob.id == JobResult.job_pk)
+            .where(
+                AnalysisJob.sop_instance_uid == source_sop_instance_uid,
+                JobResult.state == ResultState.STORED,
+            )
+        ).all()
+    return dict(rows)
+
+
+def result_counts(node: NodeProcess) -> dict[tuple[str, str], int]:
+    """Result objects by (kind, state)."""
+    with index_connection(node.db_url) as conn:
+        rows = conn.execute(
+            select(JobResult.kind, JobResult.state, func.count()).group_by(
+                JobResult.kind, JobResult.state
+            )
+        ).all()
+    return {(kind, str(getattr(state, "value", state))): count for kind, state, count in rows}

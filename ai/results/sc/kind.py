@@ -1,0 +1,49 @@
+"""The heatmap Secondary Capture as a result kind: the picture for viewers that show only
+images, in series 9001."""
+
+from __future__ import annotations
+
+from pydicom.dataset import Dataset
+
+from ai.results.errors import building
+from ai.results.kind import MANUFACTURER, KindUids, ResultInputs, ResultModel
+from ai.results.sc.sop import HEATMAP_SERIES_DESCRIPTION
+
+
+class HeatmapSecondaryCapture:
+    name = "sc"
+    series_number = 9001
+    series_description = HEATMAP_SERIES_DESCRIPTION
+    modality = "OT"
+
+    def build(self, inputs: ResultInputs, model: ResultModel, uids: KindUids) -> Dataset:
+        from ai.results.sc.picture import render_picture
+        from ai.results.sc.sop import build_heatmap_sc
+
+        with building("heatmap picture"):
+            picture = render_picture(
+                inputs.grey8,
+                inputs.heatmap,
+                inputs.probability,
+                inputs.label,
+                model=f"{model.name} ({model.version})",
+                method=inputs.method_title,
+            )
+        with building("heatmap Secondary Capture"):
+            return build_heatmap_sc(
+                inputs.header,
+                picture.rgb,
+                pixel_scale=picture.scale,
+                series_instance_uid=uids.series,
+                sop_instance_uid=uids.sop,
+                series_number=self.series_number,
+                instance_number=inputs.instance_number,
+                manufacturer=MANUFACTURER,
+                model_name=model.name,
+                software_version=model.version,
+                transfer_syntax=model.sc_transfer_syntax,
+                heatmap_method=inputs.method_title,
+            )
+
+
+KIND = HeatmapSecondaryCapture()
