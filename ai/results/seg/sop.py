@@ -6,11 +6,12 @@ source's own Rows x Columns, in the source's patient and study, a new series. It
 only when the finding is present, so an empty mask is refused.
 
 Projection X-rays (CR, DX, and SIIM's Secondary Captures) usually have no Frame of
-Reference; none is made up for them. The SEG then holds one frame without plane positions,
+Reference; none is made up for them. The SEG holds one frame without plane positions,
 and its General Image module needs a Patient Orientation (Type 2C): the source's own when
 valid, else an empty value, which says "unknown" rather than inventing one.
 """
 
+import copy
 import logging
 from typing import Literal, NamedTuple
 
@@ -37,7 +38,7 @@ TransferSyntax = Literal["uncompressed"]
 
 SEGMENTATION_SERIES_DESCRIPTION = "Pneumothorax AI segmentation (not for diagnostic use)"
 CONTENT_LABEL = "PNEUMOTHORAX"  # Content Label is a CS: upper case, at most 16 characters
-CONTENT_DESCRIPTION = "Pneumothorax region found by an AI model (not for diagnostic use)"
+CONTENT_DESCRIPTION = "Pneumothorax region by an AI model, not for diagnostic use"  # LO: 64
 # A program has no serial number; Device Serial Number is Type 1 in the Enhanced General
 # Equipment module, so without one from the caller the SEG says so.
 DEVICE_SERIAL_UNSTATED = "not stated"
@@ -97,12 +98,29 @@ def _check_transfer_syntax(transfer_syntax: str) -> str:
     return _ENCODINGS[transfer_syntax]
 
 
+def _segmentation_source(header: Dataset) -> Dataset:
+    """The header as highdicom should see it: without Pixel Spacing.
+
+    From a source's Pixel Spacing highdicom writes a Pixel Measures item, which needs a
+    Slice Thickness when the SEG shares its source's Frame of Reference; a projection
+    image has none (and highdicom 0.28 cannot read back an item without one). The mask
+    lies on the source's own grid, so a viewer measures it with the source's spacing.
+    """
+    source = copy.copy(header)
+    if "PixelSpacing" in source:
+        del source.PixelSpacing
+    return source
+
+
 def _set_image_attributes(seg: Dataset, header: Dataset) -> None:
     """Body part, laterality and orientation as the source gives them.
 
-    Laterality (Type 2C) is the source's R or L; left out for a named unpaired body part
-    (CHEST); else empty ("unknown"). Patient Orientation (Type 2C without a Frame of
-    Reference) is the source's two values when valid, else empty; never made up.
+    Laterality (General Series, Type 2C) belongs to a paired body part only: the source's
+    R or L; left out for an unpaired body part (CHEST), and when the source names no side
+    (dciodvfy refuses an empty one for a body part it does not know as paired, such as
+    "WHOLE BODY"). Patient Orientation (Type 2C when there is no Plane
+    Orientation, which a projection image never has) is the source's two values when
+    valid, else empty; never made up.
     """
     if "BodyPartExamined" in header:
         seg.BodyPartExamined = header.BodyPartExamined
@@ -113,13 +131,10 @@ def _set_image_attributes(seg: Dataset, header: Dataset) -> None:
         if value in ("R", "L")
     ]
     body_part = [str(v).strip().upper() for v in values_of(header, "BodyPartExamined")]
-    if side:
+    if side and not (body_part and body_part[0] in UNPAIRED_BODY_PARTS):
         seg.Laterality = side[0]
-    elif not (body_part and body_part[0] in UNPAIRED_BODY_PARTS):
-        seg.Laterality = ""
-    if "FrameOfReferenceUID" not in seg:
-        orientation = values_of(header, "PatientOrientation")
-        seg.PatientOrientation = orientation if len(orientation) == 2 else ""
+    orientation = values_of(header, "PatientOrientation")
+    seg.PatientOrientation = orientation if len(orientation) == 2 else ""
 
 
 def build_pneumothorax_seg(
@@ -173,7 +188,7 @@ def build_pneumothorax_seg(
 
     with building("segmentation"):
         seg = hd.seg.Segmentation(
-            source_images=[header],
+            source_images=[_segmentation_source(header)],
             pixel_array=mask,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[
