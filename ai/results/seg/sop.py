@@ -6,7 +6,8 @@ source's own Rows x Columns, in the source's patient and study, a new series. It
 only when the finding is present, so an empty mask is refused.
 
 Projection X-rays (CR, DX, and SIIM's Secondary Captures) usually have no Frame of
-Reference; none is made up for them. The SEG holds one frame without plane positions,
+Reference; none is made up for them (a source that has one shares it with its SEG). Either
+way the source has no plane position, so the SEG holds one frame without plane positions,
 and its General Image module needs a Patient Orientation (Type 2C): the source's own when
 valid, else an empty value, which says "unknown" rather than inventing one.
 """
