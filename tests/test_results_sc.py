@@ -95,13 +95,15 @@ def source() -> pydicom.Dataset:
 
 @pytest.fixture(scope="module")
 def overlay(source: pydicom.Dataset) -> np.ndarray:
-    return render_picture(display_grey(source), gaussian_heatmap(), 0.83, "Pneumothorax").rgb
+    return render_picture(display_grey(source), gaussian_heatmap(), 0.83, "Pneumothorax",
+                          threshold=0.5).rgb
 
 
 @pytest.mark.parametrize("relative", SOURCE_FILES)
 def test_uncompressed_sc_is_valid_and_renders_in_colour(relative: str, tmp_path: Path) -> None:
     source = read_source(relative)
-    picture = render_picture(display_grey(source), gaussian_heatmap(), 0.42, "No pneumothorax")
+    picture = render_picture(display_grey(source), gaussian_heatmap(), 0.42, "No pneumothorax",
+                             threshold=0.5)
     rgb = picture.rgb
     series_uid, sop_uid = generate_uid(), generate_uid()
     sc = build(

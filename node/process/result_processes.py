@@ -140,6 +140,7 @@ class ResultWriter:
                 task.heatmap,
                 task.probability,
                 task.label,
+                threshold=model.threshold,
                 model=f"{model.name} ({model.version})",
                 method=task.method_title,
             )
