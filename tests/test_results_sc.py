@@ -200,3 +200,19 @@ def test_sc_refuses_to_reuse_the_source_identity(
         build(source, overlay, sop_instance_uid=source.SOPInstanceUID)
     with pytest.raises(ValueError, match="series_instance_uid"):
         build(source, overlay, series_instance_uid=source.SeriesInstanceUID)
+
+
+def test_the_derivation_says_how_the_heat_follows_the_threshold(
+    source: pydicom.Dataset, overlay: np.ndarray
+) -> None:
+    from ai.results.sc.picture import BELOW_THRESHOLD_STRENGTH, DEFAULT_ALPHA, HEAT_FLOOR
+
+    gradcam = build(source, overlay).DerivationDescription
+    assert gradcam.startswith("Class activation map (GradCAM)")
+    # The numbers it states are the picture's own.
+    assert f"at {BELOW_THRESHOLD_STRENGTH:g} x probability/threshold below it" in gradcam
+    assert f"heat {HEAT_FLOOR:g} and below" in gradcam and f"to {DEFAULT_ALPHA:g}" in gradcam
+    assert "threshold" in build(source, overlay, heatmap_method="CAM").DerivationDescription
+    mask = build(source, overlay, heatmap_method="segmentation mask").DerivationDescription
+    assert mask.startswith("Segmentation map") and "not rescaled" in mask
+    assert len(gradcam) <= 1024 and len(mask) <= 1024  # ST
