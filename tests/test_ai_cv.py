@@ -282,7 +282,7 @@ def test_sc_and_sr_say_which_method_made_the_map():
 
     source = pydicom.dcmread(siim_file("train/Pneumothorax/000001.dcm"))
     grey = np.zeros((64, 64), dtype=np.uint8)
-    picture = render_picture(grey, np.zeros((8, 8), np.float32), 0.8, POSITIVE,
+    picture = render_picture(grey, np.zeros((8, 8), np.float32), 0.8, POSITIVE, threshold=0.5,
                              method="segmentation mask")
     common = dict(series_number=9001, instance_number=1)
     sc = build_heatmap_sc(source, picture.rgb, series_instance_uid=generate_uid(),

@@ -130,9 +130,19 @@ def test_predict_command_prints_table_and_csv(trained, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "sop_instance_uid" in printed and "1.2.276.0.7230010" in printed
     assert "error" not in printed  # the column shows only when a file failed
+    threshold = load_artifact(trained, device="cpu").threshold
+    header, *rows = printed.splitlines()
+    assert header.split()[2:5] == ["probability", "threshold", "label"]
+    assert [row.split()[3] for row in rows] == [f"{threshold:.4f}"] * 3  # beside each
     table = pd.read_csv(csv_path, keep_default_na=False)
-    assert list(table.columns) == ["file", "sop_instance_uid", "probability", "label", "error"]
+    assert list(table.columns) == [
+        "file", "sop_instance_uid", "probability", "threshold", "label", "error"
+    ]
     assert len(table) == 3 and table["probability"].between(0, 1).all()
+    assert (table["threshold"] == threshold).all()
+    # The label follows from the probability and the threshold beside it.
+    positive = table["probability"] >= table["threshold"]
+    assert list(table["label"]) == ["Pneumothorax" if p else "No Pneumothorax" for p in positive]
     # Every digit the model gave, as the SR carries it (not rounded to 4 decimals); the same
     # batches, since a convolution's last bit can depend on the batch it runs in.
     analyzer = Analyzer(load_artifact(trained, device="cpu"), precision="fp32", batch_size=2)
@@ -152,12 +162,12 @@ def test_predict_reports_unreadable_files_in_an_error_column(trained, tmp_path, 
     table = pd.read_csv(csv_path, keep_default_na=False)
     assert list(table["file"]) == [str(bad), str(good)]  # the order given
     failed, read = table.iloc[0], table.iloc[1]
-    assert (failed["probability"], failed["label"]) == ("", "")
+    assert (failed["probability"], failed["threshold"], failed["label"]) == ("", "", "")
     assert failed["error"].startswith("not a readable DICOM file")
     assert read["error"] == "" and read["label"] in ("Pneumothorax", "No Pneumothorax")
 
 
-def test_cam_command_writes_picture(trained, tmp_path):
+def test_cam_command_writes_picture(trained, tmp_path, capsys):
     source = sorted((SIIM / "train" / "Pneumothorax").glob("*.dcm"))[0]
     out = tmp_path / "cam.png"
     assert (
@@ -175,6 +185,15 @@ def test_cam_command_writes_picture(trained, tmp_path):
         == 0
     )
     assert out.stat().st_size > 10_000
+    # The path, then the probability beside the threshold and the label with its side of it.
+    threshold = load_artifact(trained, device="cpu").threshold
+    printed = capsys.readouterr().out.strip()
+    assert printed.startswith(f"{out}: P(Pneumothorax) = ")
+    assert f"(threshold {threshold:.4f}) -> " in printed
+    assert printed.count("threshold") == 2 and (
+        "-> Pneumothorax (at or above threshold)" in printed
+        or "-> No Pneumothorax (below threshold)" in printed
+    )
     assert (
         run(
             "cam",

@@ -156,7 +156,8 @@ def test_the_grey_table_gives_the_per_pixel_pipeline(bits: int, photometric: str
 
 
 def test_a_cached_colour_scale_gives_the_same_band_showing_the_scale_colours() -> None:
-    texts = picture.caption_texts(0.834, "Pneumothorax", "Pneumothorax probability", "model (1)")
+    texts = picture.caption_texts(0.834, "Pneumothorax", "Pneumothorax probability", "model (1)",
+                                  threshold=0.5)
     for width in (512, 700, 1024, 3000):
         caption._scale_block.cache_clear()
         first = caption.caption_band(width, texts, picture.colour_scale())

@@ -80,7 +80,8 @@ def heatmap() -> np.ndarray:
 
 
 def build_both(source: pydicom.Dataset, transfer_syntax: str = "uncompressed"):
-    picture = render_picture(read_grey8(source), heatmap(), 0.7, "Pneumothorax", model=MODEL)
+    picture = render_picture(read_grey8(source), heatmap(), 0.7, "Pneumothorax", threshold=0.5,
+                             model=MODEL)
     sc = build_heatmap_sc(
         source,
         picture.rgb,

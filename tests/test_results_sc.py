@@ -96,13 +96,15 @@ def source() -> pydicom.Dataset:
 
 @pytest.fixture(scope="module")
 def overlay(source: pydicom.Dataset) -> np.ndarray:
-    return render_picture(display_grey(source), gaussian_heatmap(), 0.83, "Pneumothorax").rgb
+    return render_picture(display_grey(source), gaussian_heatmap(), 0.83, "Pneumothorax",
+                          threshold=0.5).rgb
 
 
 @pytest.mark.parametrize("relative", SOURCE_FILES)
 def test_uncompressed_sc_is_valid_and_renders_in_colour(relative: str, tmp_path: Path) -> None:
     source = read_source(relative)
-    picture = render_picture(display_grey(source), gaussian_heatmap(), 0.42, "No pneumothorax")
+    picture = render_picture(display_grey(source), gaussian_heatmap(), 0.42, "No pneumothorax",
+                             threshold=0.5)
     rgb = picture.rgb
     series_uid, sop_uid = generate_uid(), generate_uid()
     sc = build(
@@ -199,3 +201,19 @@ def test_sc_refuses_to_reuse_the_source_identity(
         build(source, overlay, sop_instance_uid=source.SOPInstanceUID)
     with pytest.raises(ValueError, match="series_instance_uid"):
         build(source, overlay, series_instance_uid=source.SeriesInstanceUID)
+
+
+def test_the_derivation_says_how_the_heat_follows_the_threshold(
+    source: pydicom.Dataset, overlay: np.ndarray
+) -> None:
+    from ai.results.sc.picture import BELOW_THRESHOLD_STRENGTH, DEFAULT_ALPHA, HEAT_FLOOR
+
+    gradcam = build(source, overlay).DerivationDescription
+    assert gradcam.startswith("Class activation map (GradCAM)")
+    # The numbers it states are the picture's own.
+    assert f"at {BELOW_THRESHOLD_STRENGTH:g} x probability/threshold below it" in gradcam
+    assert f"heat {HEAT_FLOOR:g} and below" in gradcam and f"to {DEFAULT_ALPHA:g}" in gradcam
+    assert "threshold" in build(source, overlay, heatmap_method="CAM").DerivationDescription
+    mask = build(source, overlay, heatmap_method="segmentation mask").DerivationDescription
+    assert mask.startswith("Segmentation map") and "not rescaled" in mask
+    assert len(gradcam) <= 1024 and len(mask) <= 1024  # ST

@@ -18,7 +18,7 @@ from support import assert_same_patient_and_study, siim_file
 
 from ai.results.attributes import source_header
 from ai.results.errors import ResultBuildError
-from ai.results.seg import (
+from ai.results.seg.sop import (
     SEGMENTATION_SERIES_DESCRIPTION,
     build_pneumothorax_seg,
     read_pneumothorax_seg,

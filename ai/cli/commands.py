@@ -217,8 +217,9 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
         parents=parents,
         help="probability of pneumothorax for DICOM files",
         description="Batched inference; prints file, SOP Instance UID, probability (4 "
-        "decimals), label and, for a file that cannot be read, the error. The CSV "
-        "has the same columns with the probability at full precision.",
+        "decimals), the model's decision threshold, label (the positive class at or above "
+        "the threshold) and, for a file that cannot be read, the error. The CSV has the same "
+        "columns with the probability and threshold at full precision.",
     )
     predict.add_argument("model", help="model directory (model.json + model.safetensors)")
     predict.add_argument("files", nargs="+", help="DICOM files")
@@ -240,7 +241,9 @@ def register(subparsers, parents: list[argparse.ArgumentParser] | None = None) -
         parents=parents,
         help="heatmap picture (CAM or GradCAM) for DICOM files",
         description="Writes the X-ray and the X-ray with the map (magma, alpha 0.6) side by "
-        "side. With several files --out is a folder (<name>_cam.png each).",
+        "side, titled with the probability, the model's threshold and the label; prints each "
+        "picture's path with the same. With several files --out is a folder (<name>_cam.png "
+        "each).",
     )
     cam.add_argument("model", help="model directory")
     cam.add_argument("files", nargs="+", help="DICOM files")
@@ -397,7 +400,8 @@ def _load_analyzer(args: argparse.Namespace, batch_size: int, precision: str = "
         return None
 
 
-PREDICT_COLUMNS = ["file", "sop_instance_uid", "probability", "label", "error"]
+PREDICT_COLUMNS = ["file", "sop_instance_uid", "probability", "threshold", "label", "error"]
+_NUMBER_COLUMNS = ["probability", "threshold"]
 
 
 def _four_decimals(value: float) -> str:
@@ -405,9 +409,9 @@ def _four_decimals(value: float) -> str:
 
 
 def _console_table(table) -> str:
-    """The table for a person: text left-aligned, the probability to 4 decimals."""
-    formatters = {"probability": _four_decimals}
-    for column in table.columns.drop("probability"):
+    """The table for a person: text left-aligned, probability and threshold to 4 decimals."""
+    formatters = dict.fromkeys(_NUMBER_COLUMNS, _four_decimals)
+    for column in table.columns.drop(_NUMBER_COLUMNS):
         width = max([len(column), *(len(str(v)) for v in table[column])])
         formatters[column] = lambda value, width=width: f"{value:<{width}}"
     return table.to_string(index=False, justify="left", na_rep="", formatters=formatters)
@@ -437,6 +441,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 "file": name,
                 "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
                 "probability": float(probability),
+                "threshold": float(analyzer.threshold),
                 "label": analyzer.label_for(probability),
                 "error": "",
             }
@@ -445,6 +450,7 @@ def run_predict(args: argparse.Namespace) -> int:
                 "file": name,
                 "sop_instance_uid": "",
                 "probability": float("nan"),
+                "threshold": float("nan"),
                 "label": "",
                 "error": _without_prefix(message, name),
             }
@@ -456,6 +462,19 @@ def run_predict(args: argparse.Namespace) -> int:
     if args.csv:
         table.to_csv(args.csv, index=False)  # every digit: repr of the float64
     return 1 if table["error"].any() else 0
+
+
+def _cam_result(analyzer, prediction) -> str:
+    """One image's result as `cam` titles and prints it: the probability beside the threshold,
+    and the label with its side of the threshold, so a negative is not read as positive."""
+    from ai.results.sc.picture import decision_text
+
+    probability, threshold = prediction.probability, analyzer.threshold
+    return (
+        f"P({analyzer.loaded.positive_class}) = {probability:.4f} (threshold {threshold:.4f}) "
+        f"-> {prediction.label} ({decision_text(probability, threshold)}); "
+        f"{prediction.method_title} for {prediction.target_class}"
+    )
 
 
 def run_cam(args: argparse.Namespace) -> int:
@@ -485,13 +504,9 @@ def run_cam(args: argparse.Namespace) -> int:
     pairs = list(zip(good, predictions, strict=True))
     for (name, _ds, image), prediction in progress(pairs, desc="cam") if len(pairs) > 1 else pairs:
         target = out if len(args.files) == 1 else out / f"{Path(name).stem}_cam.png"
-        title = (
-            f"{Path(name).name}: P({analyzer.loaded.positive_class}) = "
-            f"{prediction.probability:.3f} -> {prediction.label}; "
-            f"{prediction.method_title} for {prediction.target_class}"
-        )
-        save_cam_figure(target, image, prediction.heatmap, title)
-        print(target)
+        result = _cam_result(analyzer, prediction)
+        save_cam_figure(target, image, prediction.heatmap, f"{Path(name).name}: {result}")
+        print(f"{target}: {result}")
     return 1 if bad else 0
 
 

@@ -99,6 +99,7 @@ class ResultKind(Protocol):
     name: str
     series_number: int
     series_description: str
+    series_title: str  # how other results name this one's series (the SC's caption)
     modality: str
 
     def build(self, inputs: ResultInputs, model: ResultModel, uids: KindUids) -> Dataset:

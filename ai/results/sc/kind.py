@@ -10,10 +10,23 @@ from ai.results.kind import MANUFACTURER, KindUids, ResultInputs, ResultModel
 from ai.results.sc.sop import HEATMAP_SERIES_DESCRIPTION
 
 
+def _related_series(inputs: ResultInputs) -> list[str]:
+    """Caption lines naming the structured results made for this image before the picture
+    (`analysis.results` lists them first by default), so a reader knows where to look."""
+    from ai.results.kind import kind_named
+
+    return [
+        f"{kind_named(name).series_title}: series {number}"
+        for name, number in inputs.series.items()
+        if name != "sc"
+    ]
+
+
 class HeatmapSecondaryCapture:
     name = "sc"
     series_number = 9001
     series_description = HEATMAP_SERIES_DESCRIPTION
+    series_title = "Heatmap picture"
     modality = "OT"
 
     def build(self, inputs: ResultInputs, model: ResultModel, uids: KindUids) -> Dataset:
@@ -26,6 +39,8 @@ class HeatmapSecondaryCapture:
                 inputs.heatmap,
                 inputs.probability,
                 inputs.label,
+                threshold=model.threshold,
+                related_series=_related_series(inputs),
                 model=f"{model.name} ({model.version})",
                 method=inputs.method_title,
             )

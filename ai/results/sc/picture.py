@@ -3,7 +3,15 @@ map over it where it is hot, and a caption band above it.
 
 The reader must see the anatomy: where the map is cold (under `HEAT_FLOOR`) the X-ray's
 pixels are exactly the windowed source; above it the `magma` colour is blended in with an
-opacity that grows with the heat, up to `DEFAULT_ALPHA` at the hottest point. The text and
+opacity that grows with the heat, up to `DEFAULT_ALPHA` at heat 1.
+
+The heat drawn follows the evidence, so a negative image cannot look positive (see
+`heat_strength`): a CAM or GradCAM map is scaled to its own image's maximum, which says where
+the model looked but not how sure it is, so it is drawn at full strength only when the
+probability is at or above the model's threshold, and below it multiplied by
+`BELOW_THRESHOLD_STRENGTH` x probability / threshold (faint near the threshold, not drawn at
+all far below it). A segmentation mask is already an absolute per-pixel probability and is
+drawn as it is. The text and
 the colour scale live in a band added above the image (see `ai.results.sc.caption`), never
 over it. A source narrower than `MIN_PICTURE_WIDTH` is enlarged by a whole factor (each pixel
 a square block, values unchanged) so that the caption has room to be legible.
@@ -14,6 +22,7 @@ written straight into the picture's buffer by one table look-up per pixel.
 """
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -38,10 +47,14 @@ HEAT_FLOOR = 0.2  # heat at or below this is not drawn
 DEFAULT_COLORMAP = "magma"
 DEFAULT_PROBABILITY_CAPTION = "Pneumothorax probability"
 DEFAULT_METHOD = METHOD_TITLES["gradcam"]
+SEGMENTATION_TITLE = METHOD_TITLES["segmentation"]
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 MIN_PICTURE_WIDTH = 512
 MAX_ENLARGED_ROWS = 8192
 SCALE_BACKGROUND = 128  # the colour scale shows the heat as it looks over a mid-grey
+# A relative map of an image below the threshold is drawn at most at this strength: its
+# hottest point then reaches heat 0.5 (opacity 0.23, a dark red) instead of 1 (0.6, yellow).
+BELOW_THRESHOLD_STRENGTH = 0.5
 
 
 @dataclass(frozen=True)
@@ -129,19 +142,36 @@ def blend_heatmap(
     alpha: float = DEFAULT_ALPHA,
     colormap: str = DEFAULT_COLORMAP,
     floor: float = HEAT_FLOOR,
+    strength: float = 1.0,
     out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Colour the map over the grey X-ray at its size (values 0..1 mapped to the colormap's
-    ends, not stretched to the map's own range, so a weak map looks weak). With `out`
-    (rows x columns x 3 uint8, e.g. a view of the picture) the pixels are written there."""
+    ends, not stretched to the map's own range, so a weak map looks weak), each value first
+    multiplied by `strength` (see `heat_strength`). With `out` (rows x columns x 3 uint8,
+    e.g. a view of the picture) the pixels are written there."""
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength!r}")
     rows, columns = grey8.shape
     heat = upsample_bilinear(heatmap, rows, columns)  # a fresh array: quantised in place
-    np.minimum(np.multiply(heat, 256.0, out=heat), 255.0, out=heat)  # = _heat_indices
+    np.minimum(np.multiply(heat, 256.0 * strength, out=heat), 255.0, out=heat)  # _heat_indices
     keys = grey8.astype(np.uint16) << 8
     keys |= heat.astype(np.uint16)
     table = _blend_lut(colormap, float(alpha), float(floor)).reshape(-1, 3)
     # Every key is in the table; "clip" spares numpy the buffered copy "raise" makes.
     return np.take(table, keys, axis=0, out=out, mode="clip")
+
+
+def heat_strength(probability: float, threshold: float, method: str = DEFAULT_METHOD) -> float:
+    """The factor the map is drawn at, so that the heat says as much as the evidence.
+
+    A segmentation mask's values are per-pixel probabilities (1). A CAM or GradCAM map is
+    relative to its image's maximum: 1 at or above the threshold, and below it
+    `BELOW_THRESHOLD_STRENGTH` x probability / threshold, so that a negative image's hottest
+    point is at most a dark, half-transparent red and one far below the threshold shows none.
+    """
+    if method == SEGMENTATION_TITLE or probability >= threshold:
+        return 1.0
+    return BELOW_THRESHOLD_STRENGTH * probability / threshold
 
 
 def picture_scale(rows: int, columns: int) -> int:
@@ -152,8 +182,6 @@ def picture_scale(rows: int, columns: int) -> int:
     wanted = math.ceil(MIN_PICTURE_WIDTH / columns)
     return max(1, min(wanted, MAX_ENLARGED_ROWS // rows))
 
-
-SEGMENTATION_TITLE = METHOD_TITLES["segmentation"]
 
 
 @lru_cache(maxsize=8)
@@ -170,22 +198,60 @@ def colour_scale(
     def colours(values: np.ndarray) -> np.ndarray:
         return table[_heat_indices(values)]
 
-    # CAM and GradCAM maps are scaled to their own maximum; a mask head's map is its
-    # per-pixel probability, not rescaled.
+    # CAM and GradCAM maps are scaled to their own maximum, then by the evidence
+    # (`heat_strength`); a mask head's map is its per-pixel probability, not rescaled.
     if method == SEGMENTATION_TITLE:
-        title = f"{method}: probability per pixel; not drawn below {floor:g}"
+        title = f"{method}: probability per pixel, not rescaled; not drawn below {floor:g}"
     else:
-        title = f"{method} heat, relative to this image's maximum; not drawn below {floor:g}"
+        title = (  # "x", not the multiplication sign: Pillow's bundled font has none
+            f"{method} heat relative to this image's maximum (below threshold: "
+            f"x {BELOW_THRESHOLD_STRENGTH:g} x probability/threshold); not drawn below {floor:g}"
+        )
     return ColourScale(title=title, colours=colours)
 
 
+def percent_pair(probability: float, threshold: float) -> tuple[str, str]:
+    """The probability and the threshold as percentages with the fewest decimals (1 to 4)
+    that tell them apart, so "93.8% (threshold 93.8%)" hardly ever stands for a value below
+    it (only within 1e-6, and then the result line still says which side it is)."""
+    for decimals in range(1, 5):
+        shown = f"{probability:.{decimals}%}", f"{threshold:.{decimals}%}"
+        if shown[0] != shown[1]:
+            return shown
+    return f"{probability:.1%}", f"{threshold:.1%}"
+
+
+def decision_text(probability: float, threshold: float) -> str:
+    """Which side of the threshold the probability is, as the caption's result line says."""
+    return "at or above threshold" if probability >= threshold else "below threshold"
+
+
 def caption_texts(
-    probability: float, label: str, probability_caption: str, model: str | None
+    probability: float,
+    label: str,
+    probability_caption: str,
+    model: str | None,
+    *,
+    threshold: float,
+    strength: float = 1.0,
+    floor: float = HEAT_FLOOR,
+    related_series: Sequence[str] = (),
 ) -> list[tuple[str, tuple[int, int, int]]]:
+    """The caption's lines: the result and its side of the threshold first, the probability
+    beside the threshold, how strongly the heat is drawn when it is weakened, the other
+    result series, the model and the warning."""
+    shown, threshold_shown = percent_pair(probability, threshold)
     texts = [
-        (f"AI result: {label}", TEXT_COLOUR),
-        (f"{probability_caption}: {probability:.1%}", TEXT_COLOUR),
+        (f"AI result: {label} ({decision_text(probability, threshold)})", TEXT_COLOUR),
+        (f"{probability_caption}: {shown} (threshold {threshold_shown})", TEXT_COLOUR),
     ]
+    if strength <= floor:  # even the map's maximum, 1, stays under the floor
+        texts.append(("Heat not drawn: probability far below threshold", DETAIL_COLOUR))
+    elif strength < 1.0:
+        texts.append(
+            (f"Heat drawn at {strength:.0%} strength: probability below threshold", DETAIL_COLOUR)
+        )
+    texts.extend((line, DETAIL_COLOUR) for line in related_series)
     if model:
         texts.append((f"Model: {model}", DETAIL_COLOUR))
     texts.append((NOT_FOR_DIAGNOSTIC_USE, WARNING_COLOUR))
@@ -198,8 +264,10 @@ def render_picture(
     probability: float,
     label: str,
     *,
+    threshold: float,
     model: str | None = None,
     method: str = DEFAULT_METHOD,
+    related_series: Sequence[str] = (),
     alpha: float = DEFAULT_ALPHA,
     colormap: str = DEFAULT_COLORMAP,
     floor: float = HEAT_FLOOR,
@@ -208,15 +276,25 @@ def render_picture(
     """Render the Secondary Capture picture.
 
     grey8: the X-ray as displayed (VOI window applied, MONOCHROME1 already inverted), HxW uint8.
-    heatmap: the class-activation map, any resolution, float values in [0, 1].
+    heatmap: the map `method` made, any resolution, float values in [0, 1].
+    threshold: the model's decision threshold; the caption states it beside the probability,
+    and a relative map below it is drawn weaker (`heat_strength`).
+    related_series: caption lines naming the other result series of this image, e.g.
+    "Structured report: series 9002".
     """
     _check_grey(grey8)
     _check_heatmap(heatmap)
     probability = require_probability("probability", probability)
+    threshold = require_probability("threshold", threshold)
     label = require_text("label", label)
     probability_caption = require_text("probability_caption", probability_caption)
     if model is not None:
         model = require_text("model", model, max_length=256)
+    if isinstance(related_series, str):
+        raise ValueError("related_series must be a sequence of lines, not one string")
+    related_series = [
+        require_text("related_series", line, max_length=256) for line in related_series
+    ]
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha!r}")
     if not 0.0 <= floor < 1.0:
@@ -224,26 +302,39 @@ def render_picture(
     if colormap not in matplotlib.colormaps:
         raise ValueError(f"colormap {colormap!r} is not a matplotlib colormap")
 
+    strength = heat_strength(probability, threshold, method)
     scale = picture_scale(*grey8.shape)
     enlarged = np.repeat(np.repeat(grey8, scale, axis=0), scale, axis=1) if scale > 1 else grey8
     rows, columns = enlarged.shape
     width = max(columns, MIN_PICTURE_WIDTH)
-    band = caption_band(
-        width,
-        caption_texts(probability, label, probability_caption, model),
-        colour_scale(alpha, colormap, floor, method),
+    texts = caption_texts(
+        probability,
+        label,
+        probability_caption,
+        model,
+        threshold=threshold,
+        strength=strength,
+        floor=floor,
+        related_series=related_series,
     )
+    band = caption_band(width, texts, colour_scale(alpha, colormap, floor, method))
     top = band.pixels.shape[0]
     rgb = np.empty((top + rows, width, 3), dtype=np.uint8)
     rgb[:top] = band.pixels
     rgb[top:, columns:] = 0
     blend_heatmap(enlarged, heatmap, alpha=alpha, colormap=colormap, floor=floor,
-                  out=rgb[top:, :columns])
+                  strength=strength, out=rgb[top:, :columns])
     return Picture(rgb=rgb, scale=scale, image_top=top, image_size=(rows, columns), band=band)
 
 
 def render_overlay(
-    grey8: np.ndarray, heatmap: np.ndarray, probability: float, label: str, **options
+    grey8: np.ndarray,
+    heatmap: np.ndarray,
+    probability: float,
+    label: str,
+    *,
+    threshold: float,
+    **options,
 ) -> np.ndarray:
     """The picture's pixels only (see `render_picture` for the options)."""
-    return render_picture(grey8, heatmap, probability, label, **options).rgb
+    return render_picture(grey8, heatmap, probability, label, threshold=threshold, **options).rgb

@@ -39,12 +39,30 @@ HEATMAP_SERIES_DESCRIPTION = "Pneumothorax AI heatmap (not for diagnostic use)"
 DERIVATION_DESCRIPTION = (
     "Class activation map (GradCAM) of a pneumothorax classifier over the VOI-windowed "
     "source image: magma colours with an opacity rising from 0 (heat 0.2 and below, where "
-    "the source pixels are unchanged) to 0.6; result, model and colour scale in a band "
-    "above the image. Not for diagnostic use."
+    "the source pixels are unchanged) to 0.6 at heat 1. The map, relative to the image's own "
+    "maximum, is drawn at full strength when the probability is at or above the model's "
+    "threshold and at 0.5 x probability/threshold below it. Result, threshold, model and "
+    "colour scale in a band above the image. Not for diagnostic use."
+)
+# A mask head's map is an absolute per-pixel probability: drawn as it is, whatever the result.
+_SEGMENTATION_DESCRIPTION = (
+    "Segmentation map (the model's pneumothorax mask head) over the VOI-windowed source "
+    "image: each pixel's pneumothorax probability, not rescaled, in magma colours with an "
+    "opacity rising from 0 (probability 0.2 and below, where the source pixels are "
+    "unchanged) to 0.6 at 1. Result, threshold, model and colour scale in a band above the "
+    "image. Not for diagnostic use."
 )
 # The map's maker as the description names it, by `ai.analysis.methods` method title.
-_MAP_NAMES = {"GradCAM": "Class activation map (GradCAM)", "CAM": "Class activation map (CAM)",
-              "segmentation mask": "Segmentation map (the model's pneumothorax mask head)"}
+_MAP_NAMES = {"GradCAM": "Class activation map (GradCAM)", "CAM": "Class activation map (CAM)"}
+
+
+def derivation_description(heatmap_method: str) -> str:
+    """What the picture shows and how its heat is scaled, for the map `heatmap_method` made."""
+    if heatmap_method == "segmentation mask":
+        return _SEGMENTATION_DESCRIPTION
+    return DERIVATION_DESCRIPTION.replace(
+        "Class activation map (GradCAM)", _MAP_NAMES.get(heatmap_method, heatmap_method), 1)
+
 
 # Photometric interpretation each transfer syntax needs for 8-bit colour (PS3.5 8.2.1).
 _ENCODINGS: dict[str, tuple[str, str]] = {
@@ -317,8 +335,7 @@ def build_heatmap_sc(
     # forwards chest X-rays to this node would send the heatmap back for analysis.
     sc.ConversionType = "WSD"
     sc.BurnedInAnnotation = "YES"
-    sc.DerivationDescription = DERIVATION_DESCRIPTION.replace(
-        "Class activation map (GradCAM)", _MAP_NAMES.get(heatmap_method, heatmap_method), 1)
+    sc.DerivationDescription = derivation_description(heatmap_method)
     sc.SourceImageSequence = [_source_image_reference(header)]
 
     compressed_size = None

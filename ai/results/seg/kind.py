@@ -8,14 +8,14 @@ from pydicom.dataset import Dataset
 
 from ai.results.errors import building
 from ai.results.kind import MANUFACTURER, KindUids, ResultInputs, ResultModel, ResultNotMade
-
-SEGMENTATION_SERIES_DESCRIPTION = "Pneumothorax AI segmentation (not for diagnostic use)"
+from ai.results.seg.sop import SEGMENTATION_SERIES_DESCRIPTION, build_pneumothorax_seg
 
 
 class FindingSegmentation:
     name = "seg"
     series_number = 9003
     series_description = SEGMENTATION_SERIES_DESCRIPTION
+    series_title = "Segmentation (finding mask)"
     modality = "SEG"
 
     def build(self, inputs: ResultInputs, model: ResultModel, uids: KindUids) -> Dataset:
@@ -30,8 +30,6 @@ class FindingSegmentation:
             )
         if inputs.regions is None or not inputs.regions.found:
             raise ResultNotMade(f"no region of the mask head's map above {PIXEL_THRESHOLD}")
-        from ai.results.seg.sop import build_pneumothorax_seg
-
         with building("segmentation"):
             return build_pneumothorax_seg(
                 inputs.header,

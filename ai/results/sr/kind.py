@@ -13,6 +13,7 @@ class FindingStructuredReport:
     name = "sr"
     series_number = 9002
     series_description = FINDING_SERIES_DESCRIPTION
+    series_title = "Structured report (finding, region)"
     modality = "SR"
 
     def build(self, inputs: ResultInputs, model: ResultModel, uids: KindUids) -> Dataset:
