@@ -1,6 +1,7 @@
 """The finding's Structured Report: valid for dciodvfy and dcmtk's SR parser, coded as the
 issue asks, in the source's patient and study, and readable back by `read_finding`."""
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -137,7 +138,16 @@ def test_sr_is_valid_and_carries_the_coded_finding(
     (device_uid,) = find_items(written, "UIDREF", ("121012", "DCM"))
     assert device_uid.UID == DEVICE_UID
 
-    assert read_finding(written) == Finding(
+    # Presence before any number: the group's first coded statement cannot read as positive.
+    order = [item.ValueType for item in group.ContentSequence]
+    assert order.index("CODE", order.index("CODE") + 1) < order.index("NUM")
+    (family,) = find_items(group, "CODE", ("111000", "DCM"))
+    assert coded(family.ConceptCodeSequence) == ("123110", "DCM")
+
+    finding = read_finding(written)
+    assert finding.algorithm_family == "Artificial Intelligence"
+    assert finding.tracking_uid and finding.regions == ()
+    assert dataclasses.replace(finding, tracking_uid="", algorithm_family="") == Finding(
         probability=probability,
         present=present,
         threshold=0.5,

@@ -68,6 +68,18 @@ def tracking_uid(source: Dataset, model_version: str) -> str:
     )
 
 
+@dataclass(frozen=True)
+class MadeResult:
+    """A result already stored for this image, for the kinds built after it to refer to."""
+
+    kind: str
+    series_number: int
+    series_title: str
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str
+
+
 @dataclass
 class ResultInputs:
     """One analysed image: everything its results are built from, nothing to decode again.
@@ -76,7 +88,7 @@ class ResultInputs:
     `segmentation` the mask head's per-pixel probability map when the heatmap is one
     (`method_title` says), else None; `regions` the finding's regions on the source grid,
     found once for every kind (None when there is no map or the finding is absent);
-    `series` the series number of each kind being made for this image, by name.
+    `made` the results of this image stored so far, by kind (see `ResultKind.after`).
     """
 
     header: Dataset
@@ -90,7 +102,7 @@ class ResultInputs:
     instance_number: int
     segmentation: Any = None
     regions: Any = None  # ai.results.regions.Regions
-    series: dict[str, int] = field(default_factory=dict)
+    made: dict[str, MadeResult] = field(default_factory=dict)
 
 
 class ResultKind(Protocol):
@@ -101,6 +113,7 @@ class ResultKind(Protocol):
     series_description: str
     series_title: str  # how other results name this one's series (the SC's caption)
     modality: str
+    after: tuple[str, ...]  # kinds this one refers to, built before it when configured
 
     def build(self, inputs: ResultInputs, model: ResultModel, uids: KindUids) -> Dataset:
         """The object for one image; ResultNotMade when this kind has nothing to say, any
@@ -122,8 +135,16 @@ def kind_named(name: str) -> ResultKind:
 
 
 def kinds_named(names: tuple[str, ...] | list[str]) -> list[ResultKind]:
-    """The kinds `analysis.results` lists, in its order."""
-    return [kind_named(name) for name in names]
+    """The kinds `analysis.results` lists, in the order they are built: each after the kinds
+    it refers to (`after`), otherwise in the listed order."""
+    pending = [kind_named(name) for name in names]
+    ordered: list[ResultKind] = []
+    while pending:
+        names_left = {kind.name for kind in pending}
+        ready = next(k for k in pending if not set(k.after) & names_left)  # no cycles: see tests
+        ordered.append(ready)
+        pending.remove(ready)
+    return ordered
 
 
 def instance_number(source: Dataset) -> int:

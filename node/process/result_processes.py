@@ -28,6 +28,7 @@ from pydicom.dataset import Dataset
 
 from ai.results.kind import (
     KindUids,
+    MadeResult,
     ResultInputs,
     ResultKind,
     ResultModel,
@@ -163,7 +164,14 @@ class ResultWriter:
             return ResultRecord(
                 kind.name, ResultState.FAILED, reason=f"not stored: {type(exc).__name__}: {exc}"
             )
-        inputs.series[kind.name] = kind.series_number
+        inputs.made[kind.name] = MadeResult(
+            kind.name,
+            kind.series_number,
+            kind.series_title,
+            str(dataset.SOPClassUID),
+            uids.sop,
+            uids.series,
+        )
         return ResultRecord(kind.name, ResultState.STORED, sop_instance_uid=uids.sop)
 
     def destination(self, job: ClaimedJob) -> tuple[str | None, str]:

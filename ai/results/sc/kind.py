@@ -11,15 +11,9 @@ from ai.results.sc.sop import HEATMAP_SERIES_DESCRIPTION
 
 
 def _related_series(inputs: ResultInputs) -> list[str]:
-    """Caption lines naming the structured results made for this image before the picture
-    (`analysis.results` lists them first by default), so a reader knows where to look."""
-    from ai.results.kind import kind_named
-
-    return [
-        f"{kind_named(name).series_title}: series {number}"
-        for name, number in inputs.series.items()
-        if name != "sc"
-    ]
+    """Caption lines naming the structured results made for this image (built before the
+    picture), so that a reader of the picture knows where to look."""
+    return [f"{made.series_title}: series {made.series_number}" for made in inputs.made.values()]
 
 
 class HeatmapSecondaryCapture:
@@ -27,6 +21,7 @@ class HeatmapSecondaryCapture:
     series_number = 9001
     series_description = HEATMAP_SERIES_DESCRIPTION
     series_title = "Heatmap picture"
+    after = ("sr", "seg")
     modality = "OT"
 
     def build(self, inputs: ResultInputs, model: ResultModel, uids: KindUids) -> Dataset:

@@ -17,6 +17,7 @@ class FindingSegmentation:
     series_description = SEGMENTATION_SERIES_DESCRIPTION
     series_title = "Segmentation (finding mask)"
     modality = "SEG"
+    after = ()
 
     def build(self, inputs: ResultInputs, model: ResultModel, uids: KindUids) -> Dataset:
         from ai.results.regions import PIXEL_THRESHOLD

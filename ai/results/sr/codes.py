@@ -26,3 +26,11 @@ PLAIN_CHEST_XRAY = Code("399208008", "SCT", "Plain chest X-ray")
 
 # TID 1002 observer type for the node itself.
 DEVICE_OBSERVER: Code = codes.DCM.Device  # DCM 121007
+
+# TID 4019 Algorithm Identification: the family of the algorithm (CID 7162).
+ALGORITHM_FAMILY: Code = codes.DCM.AlgorithmFamily  # DCM 111000
+ARTIFICIAL_INTELLIGENCE: Code = codes.DCM.ArtificialIntelligence  # DCM 123110
+
+# TID 1410 rows: the outline of a region on the source image, and (an extension item of the
+# group) the segment of the DICOM Segmentation that holds the same region as a mask.
+REFERENCED_SEGMENT: Code = codes.DCM.ReferencedSegment  # DCM 121191

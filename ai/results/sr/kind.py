@@ -15,10 +15,18 @@ class FindingStructuredReport:
     series_description = FINDING_SERIES_DESCRIPTION
     series_title = "Structured report (finding, region)"
     modality = "SR"
+    after = ("seg",)  # its regions reference the SEG's segment
 
     def build(self, inputs: ResultInputs, model: ResultModel, uids: KindUids) -> Dataset:
-        from ai.results.sr.sop import build_finding_sr
+        from ai.results.sr.sop import SegmentReference, build_finding_sr
 
+        regions = inputs.regions.regions if inputs.regions is not None else ()
+        seg = inputs.made.get("seg")
+        segmentation = (
+            SegmentReference(seg.sop_class_uid, seg.sop_instance_uid, seg.series_instance_uid)
+            if seg is not None and regions
+            else None
+        )
         with building("finding Structured Report"):
             return build_finding_sr(
                 inputs.header,
@@ -35,6 +43,9 @@ class FindingStructuredReport:
                 sop_instance_uid=uids.sop,
                 series_number=self.series_number,
                 instance_number=inputs.instance_number,
+                tracking_uid=inputs.tracking_uid,
+                regions=[region.outline for region in regions],
+                segmentation=segmentation,
             )
 
 

@@ -1,19 +1,32 @@
 """The finding as a TID 1500 Measurement Report in a Comprehensive SR document, and its reader.
 
-The SR is the machine-readable half of the result: one measurement group that references the
-whole source image, with the finding (SCT Pneumothorax) present or absent as a qualitative
-evaluation and the classifier's probability as a numeric measurement, made by the algorithm
-named in it and observed by this node as a device.
+The SR is the machine-readable half of the result, read by PACS, Orthanc's viewers and OHIF
+(an Imaging Measurement Report with an image library). Each measurement group says, in this
+order: its tracking identifier and UID, the finding looked for (SCT Pneumothorax), whether it
+is present or absent (before any number, so that no first line reads as positive), the
+algorithm (TID 4019: family Artificial Intelligence, name, version, and its decision
+threshold and heatmap method as parameters), and the classifier's probability.
+
+- An absent finding, or one whose location the model cannot give: one TID 1501 group about
+  the whole source image.
+- A present finding with regions (`ai.results.regions`): one TID 1410 group per region, its
+  outline a closed POLYLINE (last point = first) in the source image's pixel coordinates,
+  and, when the SEG was made, a Referenced Segment item (an extension of the extensible
+  template) pointing at the SEG segment that holds the same pixels. The groups and the SEG
+  segment share the finding's Tracking UID: one finding, seen as outlines and as a mask.
 
 highdicom builds the report of the first source of a kind; the sources after it get that
-report with their own values put in (`ai.results.sr.content`), at a tenth of the cost.
+report with their own values put in (`ai.results.sr.content`), at a tenth of the cost. A
+report with regions (its shape differs per image) is built whole each time.
 """
 
 import copy
 import logging
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import highdicom as hd
+import numpy as np
 from highdicom.sr.utils import find_content_items
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
@@ -27,11 +40,14 @@ from ai.results.attributes import (
 )
 from ai.results.sr.codes import (
     ABSENT,
+    ALGORITHM_FAMILY,
+    ARTIFICIAL_INTELLIGENCE,
     DEVICE_OBSERVER,
     PLAIN_CHEST_XRAY,
     PNEUMOTHORAX,
     PRESENT,
     PROBABILITY,
+    REFERENCED_SEGMENT,
     UNITLESS,
 )
 from ai.results.sr.content import ReportTemplate, TemplateCache
@@ -47,6 +63,7 @@ logger = logging.getLogger(__name__)
 
 FINDING_SERIES_DESCRIPTION = "Pneumothorax AI finding (not for diagnostic use)"
 TRACKING_IDENTIFIER = "Pneumothorax classification"
+REGION_IDENTIFIER = "Pneumothorax region"
 _THRESHOLD_PARAMETER = "decision threshold="
 _HEATMAP_PARAMETER = "heatmap method="
 # CID 29 Acquisition Modality, by the code value a Modality attribute holds (CR, DX, ...).
@@ -67,6 +84,30 @@ class Finding:
     algorithm_version: str
     device_observer_uid: str | None
     heatmap_method: str = ""  # which method made the SC's heatmap, when the SR says
+    tracking_uid: str = ""
+    algorithm_family: str = ""  # the code meaning, e.g. "Artificial Intelligence"
+    regions: tuple[np.ndarray, ...] = field(default=())  # closed outlines, (N, 2) column, row
+    segmentation_uid: str = ""  # the SEG the regions reference, if any
+    segment_number: int | None = None
+
+
+@dataclass(frozen=True)
+class SegmentReference:
+    """The SEG segment that holds a finding's regions as a mask."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    series_instance_uid: str  # in the source's study
+    segment_number: int = 1
+
+    def evidence(self, study_instance_uid: str) -> Dataset:
+        """The SEG as the SR's evidence lists it (every referenced object must be listed)."""
+        dataset = Dataset()
+        dataset.StudyInstanceUID = study_instance_uid
+        dataset.SeriesInstanceUID = self.series_instance_uid
+        dataset.SOPClassUID = self.sop_class_uid
+        dataset.SOPInstanceUID = self.sop_instance_uid
+        return dataset
 
 
 def _check_decision(probability: float, present: bool, threshold: float) -> None:
@@ -79,7 +120,8 @@ def _check_decision(probability: float, present: bool, threshold: float) -> None
 
 
 def _tracking_uid(sop_instance_uid: str) -> str:
-    """Derived from our own SOP Instance UID, so rebuilding the same SR gives the same content."""
+    """Without one from the caller: derived from our own SOP Instance UID, so rebuilding the
+    same SR gives the same content."""
     return generate_uid(entropy_srcs=[sop_instance_uid, "tracking"])
 
 
@@ -91,17 +133,39 @@ def _presence(present: bool) -> hd.sr.QualitativeEvaluation:
     return hd.sr.QualitativeEvaluation(name=PNEUMOTHORAX, value=PRESENT if present else ABSENT)
 
 
+def _algorithm(name: str, version: str, parameters: list[str]) -> hd.sr.AlgorithmIdentification:
+    """TID 4019 with its Algorithm Family row, which highdicom's class leaves out."""
+    algorithm = hd.sr.AlgorithmIdentification(name=name, version=version, parameters=parameters)
+    family = hd.sr.CodeContentItem(
+        name=ALGORITHM_FAMILY,
+        value=ARTIFICIAL_INTELLIGENCE,
+        relationship_type=hd.sr.RelationshipTypeValues.HAS_CONCEPT_MOD,
+    )
+    algorithm.insert(0, family)
+    return algorithm
+
+
+def _presence_first(group: list) -> None:
+    """Move the present/absent evaluation up to just after the finding looked for, before
+    the algorithm and the probability (highdicom appends evaluations last)."""
+    items = group[0].ContentSequence
+    evaluation = next(i for i, item in enumerate(items) if item.ValueType == "CODE"
+                      and item.ConceptNameCodeSequence[0].CodeValue == PNEUMOTHORAX.value)
+    finding = next(i for i, item in enumerate(items) if item.ValueType == "CODE"
+                   and item.ConceptNameCodeSequence[0].CodeValue == codes.DCM.Finding.value)
+    moved = items.pop(evaluation)
+    items.insert(finding + 1, moved)
+
+
 def _measurement_group(
     source: Dataset,
     probability: float,
     present: bool,
     algorithm: hd.sr.AlgorithmIdentification,
-    sop_instance_uid: str,
+    tracking_uid: str,
 ) -> hd.sr.MeasurementsAndQualitativeEvaluations:
-    tracking = hd.sr.TrackingIdentifier(
-        uid=_tracking_uid(sop_instance_uid), identifier=TRACKING_IDENTIFIER
-    )
-    return hd.sr.MeasurementsAndQualitativeEvaluations(
+    tracking = hd.sr.TrackingIdentifier(uid=tracking_uid, identifier=TRACKING_IDENTIFIER)
+    group = hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=tracking,
         finding_type=PNEUMOTHORAX,
         algorithm_id=algorithm,
@@ -114,6 +178,64 @@ def _measurement_group(
             )
         ],
     )
+    _presence_first(group)
+    return group
+
+
+def _region_groups(
+    source: Dataset,
+    probability: float,
+    algorithm: hd.sr.AlgorithmIdentification,
+    tracking_uid: str,
+    regions: Sequence[np.ndarray],
+    segmentation: SegmentReference | None,
+) -> list[hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations]:
+    """One TID 1410 group per region of a present finding, the largest first."""
+    groups = []
+    for number, outline in enumerate(regions, start=1):
+        tracking = hd.sr.TrackingIdentifier(
+            uid=tracking_uid, identifier=f"{REGION_IDENTIFIER} {number} of {len(regions)}"
+        )
+        region = hd.sr.ImageRegion(
+            graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+            graphic_data=np.asarray(outline, dtype=np.float32),
+            source_image=hd.sr.SourceImageForRegion(
+                referenced_sop_class_uid=source.SOPClassUID,
+                referenced_sop_instance_uid=source.SOPInstanceUID,
+            ),
+        )
+        group = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=tracking,
+            referenced_region=region,
+            finding_type=PNEUMOTHORAX,
+            algorithm_id=algorithm,
+            measurements=[_probability(probability)],
+            qualitative_evaluations=[_presence(True)],
+        )
+        _presence_first(group)
+        if segmentation is not None:
+            group[0].ContentSequence.append(
+                hd.sr.ImageContentItem(
+                    name=REFERENCED_SEGMENT,
+                    referenced_sop_class_uid=segmentation.sop_class_uid,
+                    referenced_sop_instance_uid=segmentation.sop_instance_uid,
+                    referenced_segment_numbers=segmentation.segment_number,
+                    relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+                )
+            )
+        groups.append(group)
+    return groups
+
+
+def _check_outline(name: str, outline: object) -> np.ndarray:
+    points = np.asarray(outline, dtype=np.float64)
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) < 4:
+        raise ValueError(f"{name} must be (N >= 4, 2) points (column, row), got {points.shape}")
+    if not np.all(np.isfinite(points)) or points.min() < 0:
+        raise ValueError(f"{name} must hold finite, non-negative coordinates")
+    if not np.array_equal(points[0], points[-1]):
+        raise ValueError(f"{name} must be closed: its last point must repeat the first")
+    return points
 
 
 class _FindingSR(hd.sr.ComprehensiveSR):
@@ -197,7 +319,9 @@ def _compose(header: Dataset, *, probability: float, present: bool, threshold: f
              device_observer_uid: str, device_observer_manufacturer: str,
              series_instance_uid: str, sop_instance_uid: str, series_number: int,
              instance_number: int, series_description: str, institution_name: str | None,
-             software_version: str | None, heatmap_method: str | None = None) -> Dataset:
+             software_version: str | None, heatmap_method: str | None = None,
+             tracking_uid: str, regions: Sequence[np.ndarray] = (),
+             segmentation: SegmentReference | None = None) -> Dataset:
     """The report as highdicom builds it from the checked header."""
     observer = hd.sr.ObserverContext(
         observer_type=DEVICE_OBSERVER,
@@ -207,22 +331,28 @@ def _compose(header: Dataset, *, probability: float, present: bool, threshold: f
             manufacturer_name=device_observer_manufacturer,
         ),
     )
-    algorithm = hd.sr.AlgorithmIdentification(
-        name=algorithm_name,
-        version=algorithm_version,
-        parameters=[f"{_THRESHOLD_PARAMETER}{threshold:g}"]
+    algorithm = _algorithm(
+        algorithm_name,
+        algorithm_version,
+        [f"{_THRESHOLD_PARAMETER}{threshold:g}"]
         + ([f"{_HEATMAP_PARAMETER}{heatmap_method}"] if heatmap_method else []),
     )
+    if regions:
+        groups = _region_groups(header, probability, algorithm, tracking_uid, regions,
+                                segmentation)
+    else:
+        groups = [_measurement_group(header, probability, present, algorithm, tracking_uid)]
     report = hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
         procedure_reported=PLAIN_CHEST_XRAY,
-        imaging_measurements=[
-            _measurement_group(header, probability, present, algorithm, sop_instance_uid)
-        ],
+        imaging_measurements=groups,
         referenced_images=[_image_library_header(header)],
     )
+    evidence = [header]
+    if segmentation is not None:
+        evidence.append(segmentation.evidence(str(header.StudyInstanceUID)))
     sr = _FindingSR(
-        evidence=[header],
+        evidence=evidence,
         content=report[0],
         series_instance_uid=series_instance_uid,
         series_number=series_number,
@@ -261,6 +391,9 @@ def build_finding_sr(
     software_version: str | None = None,
     reuse: bool = True,
     heatmap_method: str | None = None,
+    tracking_uid: str | None = None,
+    regions: Sequence[np.ndarray] = (),
+    segmentation: SegmentReference | None = None,
 ) -> Dataset:
     """Build the Comprehensive SR (TID 1500) that reports the pneumothorax finding on `source`.
 
@@ -271,6 +404,11 @@ def build_finding_sr(
     made the Secondary Capture's map, as a second algorithm parameter. With `reuse` (the
     default) the report of an earlier source of the same kind and model is reused with this
     source's values put in; without it highdicom builds the whole report.
+
+    `tracking_uid` names the finding (the SEG's segment carries the same one; default:
+    derived from `sop_instance_uid`). `regions` are the closed outlines of a present finding
+    (`ai.results.regions.Region.outline`: column, row on the source's pixel grid), one group
+    each; `segmentation` the SEG segment holding them as a mask, referenced from each group.
     """
     require_source_image("source", source)
     probability = require_probability("probability", probability)
@@ -292,6 +430,16 @@ def build_finding_sr(
     )
     if software_version is not None:
         require_text("software_version", software_version)
+    tracking_uid = _tracking_uid(sop_instance_uid) if tracking_uid is None else tracking_uid
+    require_uid("tracking_uid", tracking_uid)
+    regions = [_check_outline(f"regions[{i}]", r) for i, r in enumerate(regions)]
+    if regions and not present:
+        raise ValueError("regions are given for an absent finding")
+    if segmentation is not None:
+        if not regions:
+            raise ValueError("segmentation is referenced from the regions: give regions too")
+        require_uid("segmentation.sop_instance_uid", segmentation.sop_instance_uid)
+        require_uid("segmentation.series_instance_uid", segmentation.series_instance_uid)
 
     header = source_header(source)
     model = {
@@ -312,13 +460,13 @@ def build_finding_sr(
         "series_number": series_number,
         "instance_number": instance_number,
     }
-    if reuse:
+    if reuse and not regions:
 
         def make() -> ReportTemplate:
             report = _compose(header, probability=probability, present=present, **model,
-                              **instance)
+                              **instance, tracking_uid=tracking_uid)
             return ReportTemplate.from_report(
-                report, header, tracking_uid=_tracking_uid(sop_instance_uid),
+                report, header, tracking_uid=tracking_uid,
                 measurement=PROBABILITY, evaluation=PNEUMOTHORAX,
             )
 
@@ -326,17 +474,19 @@ def build_finding_sr(
         (measurement,) = _probability(probability)
         (evaluation,) = _presence(present)
         sr = _TEMPLATES.get(key, make).fill(
-            header, tracking_uid=_tracking_uid(sop_instance_uid), measurement=measurement,
+            header, tracking_uid=tracking_uid, measurement=measurement,
             evaluation=evaluation, **instance,
         )
     else:
-        sr = _compose(header, probability=probability, present=present, **model, **instance)
+        sr = _compose(header, probability=probability, present=present, **model, **instance,
+                      tracking_uid=tracking_uid, regions=regions, segmentation=segmentation)
     logger.info(
-        "built finding SR %s for source %s (probability %.4f, %s)",
+        "built finding SR %s for source %s (probability %.4f, %s, %d regions)",
         sop_instance_uid,
         source.SOPInstanceUID,
         probability,
         "present" if present else "absent",
+        len(regions),
     )
     return sr
 
@@ -345,9 +495,30 @@ def _text_value(group_item: Dataset, name: hd.sr.CodedConcept) -> list[str]:
     return [str(item.TextValue) for item in find_content_items(group_item, name=name)]
 
 
+def _presence_of(group) -> bool:
+    evaluations = group.get_qualitative_evaluations(name=PNEUMOTHORAX)
+    if len(evaluations) != 1:
+        raise ValueError(f"sr's measurement group has {len(evaluations)} presence evaluations")
+    presence = evaluations[0].value
+    if presence == PRESENT:
+        return True
+    if presence == ABSENT:
+        return False
+    raise ValueError(f"sr's pneumothorax evaluation is neither present nor absent: {presence}")
+
+
+def _region_of(group) -> tuple[np.ndarray, Dataset]:
+    """A TID 1410 group's outline and its reference to the source image."""
+    roi = group.roi
+    if roi is None or roi.graphic_type != hd.sr.GraphicTypeValues.POLYLINE:
+        raise ValueError("sr's region group has no POLYLINE image region")
+    return np.asarray(roi.value, dtype=np.float64), roi.ContentSequence[0].ReferencedSOPSequence[0]
+
+
 def read_finding(sr: Dataset) -> Finding:
     """Read back the pneumothorax finding of an SR built by `build_finding_sr` (or any TID 1500
-    report with one image measurement group of finding type Pneumothorax)."""
+    report with one image measurement group of finding type Pneumothorax, or region groups
+    of that finding type)."""
     if not isinstance(sr, Dataset):
         raise ValueError(f"sr must be a pydicom Dataset, got {type(sr).__name__}")
     try:
@@ -355,29 +526,44 @@ def read_finding(sr: Dataset) -> Finding:
     except (AttributeError, IndexError, ValueError) as error:
         raise ValueError(f"sr is not a TID 1500 Measurement Report: {error}") from error
 
-    groups = report.get_image_measurement_groups(finding_type=PNEUMOTHORAX)
-    if len(groups) != 1:
-        raise ValueError(f"sr has {len(groups)} pneumothorax measurement groups, expected 1")
-    group = groups[0]
-
-    measurements = group.get_measurements(name=PROBABILITY)
-    evaluations = group.get_qualitative_evaluations(name=PNEUMOTHORAX)
-    sources = group.source_images
-    if len(measurements) != 1 or len(evaluations) != 1 or len(sources) != 1:
+    image_groups = report.get_image_measurement_groups(finding_type=PNEUMOTHORAX)
+    region_groups = report.get_planar_roi_measurement_groups(finding_type=PNEUMOTHORAX)
+    if len(image_groups) + bool(region_groups) != 1:
         raise ValueError(
-            "sr's measurement group needs one probability, one presence and one source image"
+            f"sr has {len(image_groups)} pneumothorax image groups and {len(region_groups)}"
+            " region groups: expected one image group or region groups only"
         )
-    presence = evaluations[0].value
-    if presence == PRESENT:
-        present = True
-    elif presence == ABSENT:
-        present = False
+    groups = image_groups or region_groups
+    group = groups[0]
+    measurements = group.get_measurements(name=PROBABILITY)
+    if len(measurements) != 1:
+        raise ValueError("sr's measurement group needs one probability")
+    present = _presence_of(group)
+    regions: list[np.ndarray] = []
+    if image_groups:
+        sources = group.source_images
+        if len(sources) != 1:
+            raise ValueError("sr's measurement group needs one source image")
+        source_uid = str(sources[0].referenced_sop_instance_uid)
+        source_class = str(sources[0].referenced_sop_class_uid)
     else:
-        raise ValueError(f"sr's pneumothorax evaluation is neither present nor absent: {presence}")
+        references = []
+        for region_group in region_groups:
+            outline, reference = _region_of(region_group)
+            regions.append(outline)
+            references.append(reference)
+        source_uid = str(references[0].ReferencedSOPInstanceUID)
+        source_class = str(references[0].ReferencedSOPClassUID)
+    segments = find_content_items(group[0], name=REFERENCED_SEGMENT)
+    segment = segments[0].ReferencedSOPSequence[0] if segments else None
 
     names = _text_value(group[0], codes.DCM.AlgorithmName)
     versions = _text_value(group[0], codes.DCM.AlgorithmVersion)
     parameters = _text_value(group[0], codes.DCM.AlgorithmParameters)
+    families = [
+        str(item.ConceptCodeSequence[0].CodeMeaning)
+        for item in find_content_items(group[0], name=ALGORITHM_FAMILY)
+    ]
     thresholds = [
         float(p.removeprefix(_THRESHOLD_PARAMETER))
         for p in parameters
@@ -392,12 +578,17 @@ def read_finding(sr: Dataset) -> Finding:
         probability=float(measurements[0].value),
         present=present,
         threshold=thresholds[0] if thresholds else None,
-        referenced_sop_instance_uid=str(sources[0].referenced_sop_instance_uid),
-        referenced_sop_class_uid=str(sources[0].referenced_sop_class_uid),
+        referenced_sop_instance_uid=source_uid,
+        referenced_sop_class_uid=source_class,
         algorithm_name=names[0] if names else "",
         algorithm_version=versions[0] if versions else "",
         device_observer_uid=(
             str(devices[0].observer_identifying_attributes.uid) if devices else None
         ),
         heatmap_method=methods[0] if methods else "",
+        tracking_uid=str(group.tracking_uid),
+        algorithm_family=families[0] if families else "",
+        regions=tuple(regions),
+        segmentation_uid=str(segment.ReferencedSOPInstanceUID) if segment else "",
+        segment_number=int(segment.ReferencedSegmentNumber) if segment else None,
     )
