@@ -226,6 +226,12 @@ def test_an_index_from_before_checksums_gains_the_column(tmp_path: Path) -> None
     with engine.begin() as conn:  # as a release before checksums (and schema versions) left it
         conn.exec_driver_sql("ALTER TABLE instance DROP COLUMN file_sha256")
         conn.exec_driver_sql("DROP TABLE alembic_version")
+        conn.exec_driver_sql("DROP TABLE job_result")  # results were columns of the job then
+        for kind in ("sc", "sr"):
+            conn.exec_driver_sql(
+                f"ALTER TABLE analysis_job ADD COLUMN {kind}_sop_instance_uid"
+                " VARCHAR(64) NOT NULL DEFAULT ''"
+            )
     engine.dispose()
     engine = create_index_engine(url)  # as a newer node opening an older index
     try:
