@@ -140,6 +140,12 @@ def test_config_names_a_bad_result_list(tmp_path: Path, value, message: str) -> 
         load_config(path)
 
 
+def _items(dataset: pydicom.Dataset):
+    for item in dataset.get("ContentSequence", []):
+        yield item
+        yield from _items(item)
+
+
 # --- what the writer makes ------------------------------------------------------------------
 
 
@@ -191,13 +197,17 @@ def test_a_present_finding_gets_an_sr_with_regions_a_seg_and_an_sc(
     mask, tracking, name, version, referenced = read_pneumothorax_seg(seg)
     assert np.array_equal(mask, expected.mask)  # IoU 1.0
     assert referenced == source.SOPInstanceUID
+    shared = seg.SharedFunctionalGroupsSequence[0]  # what OHIF needs to open a SEG
+    assert list(shared.PlaneOrientationSequence[0].ImageOrientationPatient) == [1, 0, 0, 0, 1, 0]
+    spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
+    assert ("PixelMeasuresSequence" in shared) == (spacing is not None)
 
     # The SR outlines the same regions, references the SEG, and shares its tracking UID.
     finding = read_finding(sr)
     assert finding.present and finding.probability == pytest.approx(0.93)
     assert finding.threshold == MODEL.threshold and finding.algorithm_name == MODEL.name
     assert finding.algorithm_family == "Artificial Intelligence"
-    assert finding.tracking_uid == tracking
+    assert finding.tracking_uid == tracking  # the largest region's group and the segment
     assert (finding.segmentation_uid, finding.segment_number) == (seg.SOPInstanceUID, 1)
     assert finding.referenced_sop_instance_uid == source.SOPInstanceUID
     assert len(finding.regions) == 2
@@ -207,6 +217,10 @@ def test_a_present_finding_gets_an_sr_with_regions_a_seg_and_an_sc(
         rows, columns = outline[:, 1], outline[:, 0]
         assert rows.min() >= 0 and rows.max() <= int(source.Rows)
         assert columns.min() >= 0 and columns.max() <= int(source.Columns)
+
+    uids = {str(item.UID) for item in _items(sr) if item.get("ValueType") == "UIDREF"
+            and item.ConceptNameCodeSequence[0].CodeValue == "112040"}
+    assert tracking in uids and len(uids) == 2  # one tracking UID per outline
 
     dump = dsrdump(tmp_path / "sr.dcm")
     for text in ("Imaging Measurement Report", "36118008", "Algorithm Name",

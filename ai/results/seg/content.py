@@ -35,4 +35,7 @@ def pneumothorax_segment(
         algorithm_identification=algorithm_identification(algorithm_name, algorithm_version),
         tracking_uid=tracking_uid,
         tracking_id=TRACKING_IDENTIFIER,
+        # A viewer's own default colour differs from one viewer to the next; red is what the
+        # SC's heat scale and most AI result viewers use for a finding.
+        display_color=hd.color.CIELabColor.from_rgb(255, 0, 0),
     )

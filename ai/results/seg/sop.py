@@ -19,6 +19,8 @@ from typing import Literal, NamedTuple
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.dataelem import DataElement
+from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian
 
 from ai.results.attributes import copy_patient_and_study, source_header, values_of
@@ -99,6 +101,17 @@ def _check_transfer_syntax(transfer_syntax: str) -> str:
     return _ENCODINGS[transfer_syntax]
 
 
+def _shallow_copy(dataset: Dataset) -> Dataset:
+    """A new Dataset holding the same elements: one can be removed or replaced (a new
+    element, not a new value) in it without touching `dataset` (`copy.copy` of a pydicom
+    Dataset shares its element dictionary)."""
+    copied = Dataset()
+    copied.update(dataset)
+    if hasattr(dataset, "file_meta"):
+        copied.file_meta = dataset.file_meta
+    return copied
+
+
 def _segmentation_source(header: Dataset) -> Dataset:
     """The header as highdicom should see it: without Pixel Spacing.
 
@@ -107,10 +120,49 @@ def _segmentation_source(header: Dataset) -> Dataset:
     image has none (and highdicom 0.28 cannot read back an item without one). The mask
     lies on the source's own grid, so a viewer measures it with the source's spacing.
     """
-    source = copy.copy(header)
+    source = _shallow_copy(header)
     if "PixelSpacing" in source:
         del source.PixelSpacing
     return source
+
+
+_IDENTITY_ORIENTATION = [1, 0, 0, 0, 1, 0]  # rows along +x, columns along +y: the grid itself
+
+
+def _pixel_spacing(header: Dataset) -> list | None:
+    """The source's Pixel Spacing, else its Imager Pixel Spacing, when valid (two values > 0)."""
+    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
+        try:
+            spacing = [float(v) for v in values_of(header, keyword)]
+        except (TypeError, ValueError):
+            continue
+        if len(spacing) == 2 and min(spacing) > 0:
+            return values_of(header, keyword)
+    return None
+
+
+def _set_plane_groups(seg: Dataset, header: Dataset) -> None:
+    """The shared Pixel Measures and Plane Orientation groups of a SEG without a Frame of
+    Reference, which highdicom leaves out for a projection image.
+
+    The Segmentation IOD allows them there, and OHIF v3 cannot open a SEG without them (its
+    SEG viewport reads PixelMeasures.SpacingBetweenSlices and ImageOrientationPatient: a
+    TypeError, a blank viewport). The orientation says only that the mask's rows and columns
+    are the source's own; the spacing is the source's, so a viewer measures the mask as it
+    measures the X-ray. A source with no valid spacing gets no Pixel Measures group.
+    """
+    if "FrameOfReferenceUID" in seg:
+        return  # highdicom wrote the source's own plane geometry
+    shared = seg.SharedFunctionalGroupsSequence[0]
+    spacing = _pixel_spacing(header)
+    if spacing is not None and "PixelMeasuresSequence" not in shared:
+        measures = Dataset()
+        measures.PixelSpacing = spacing
+        shared.PixelMeasuresSequence = [measures]
+    if "PlaneOrientationSequence" not in shared:
+        orientation = Dataset()
+        orientation.ImageOrientationPatient = _IDENTITY_ORIENTATION
+        shared.PlaneOrientationSequence = [orientation]
 
 
 def _set_image_attributes(seg: Dataset, header: Dataset) -> None:
@@ -215,6 +267,7 @@ def build_pneumothorax_seg(
         )
         copy_patient_and_study(seg, header)
         _set_image_attributes(seg, header)
+        _set_plane_groups(seg, header)
     logger.info(
         "built pneumothorax SEG %s for source %s (%d pixels)",
         sop_instance_uid,
@@ -224,13 +277,32 @@ def build_pneumothorax_seg(
     return seg
 
 
+def _readable_by_highdicom(ds: Dataset) -> Dataset:
+    """`ds`, or a shallow copy whose shared Pixel Measures item is left out when it has no
+    Slice Thickness: highdicom 0.28's reader demands one, where PS3.3 makes it Type 1C
+    (volumes only), and a projection image has none (`_set_plane_groups`). The mask does
+    not depend on it."""
+    shared = ds.get("SharedFunctionalGroupsSequence")
+    if not shared or "PixelMeasuresSequence" not in shared[0]:
+        return ds
+    if all("SliceThickness" in item for item in shared[0].PixelMeasuresSequence):
+        return ds
+    readable = _shallow_copy(ds)
+    groups = copy.deepcopy(shared[0])
+    del groups.PixelMeasuresSequence
+    # A new element, not a new value: the copy shares its elements with `ds`.
+    tag = Tag("SharedFunctionalGroupsSequence")
+    readable[tag] = DataElement(tag, "SQ", [groups])
+    return readable
+
+
 def read_pneumothorax_seg(ds: Dataset) -> PneumothoraxSegment:
     """Read back the pneumothorax segment of a SEG built by `build_pneumothorax_seg` (or any
     Segmentation of one source image with one segment of type SCT Pneumothorax)."""
     if not isinstance(ds, Dataset):
         raise ValueError(f"ds must be a pydicom Dataset, got {type(ds).__name__}")
     try:
-        seg = hd.seg.Segmentation.from_dataset(ds)
+        seg = hd.seg.Segmentation.from_dataset(_readable_by_highdicom(ds))
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         raise ValueError(f"ds is not a DICOM Segmentation: {error}") from error
     numbers = seg.get_segment_numbers(segmented_property_type=PNEUMOTHORAX)

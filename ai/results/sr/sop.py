@@ -12,8 +12,9 @@ threshold and heatmap method as parameters), and the classifier's probability.
 - A present finding with regions (`ai.results.regions`): one TID 1410 group per region, its
   outline a closed POLYLINE (last point = first) in the source image's pixel coordinates,
   and, when the SEG was made, a Referenced Segment item (an extension of the extensible
-  template) pointing at the SEG segment that holds the same pixels. The groups and the SEG
-  segment share the finding's Tracking UID: one finding, seen as outlines and as a mask.
+  template) pointing at the SEG segment that holds the same pixels. The largest region's
+  group and the SEG segment share the finding's Tracking UID (each other region has its
+  own, derived from it: OHIF draws one outline per tracking UID).
 
 highdicom builds the report of the first source of a kind; the sources after it get that
 report with their own values put in (`ai.results.sr.content`), at a tenth of the cost. A
@@ -182,6 +183,15 @@ def _measurement_group(
     return group
 
 
+def _region_tracking_uid(tracking_uid: str, number: int) -> str:
+    """The largest region carries the finding's own tracking UID (the SEG segment's); each
+    other region one derived from it. OHIF merges groups that share a tracking UID and
+    draws only the first outline, so each outline needs its own."""
+    if number == 1:
+        return tracking_uid
+    return generate_uid(entropy_srcs=[tracking_uid, "region", str(number)])
+
+
 def _region_groups(
     source: Dataset,
     probability: float,
@@ -194,7 +204,8 @@ def _region_groups(
     groups = []
     for number, outline in enumerate(regions, start=1):
         tracking = hd.sr.TrackingIdentifier(
-            uid=tracking_uid, identifier=f"{REGION_IDENTIFIER} {number} of {len(regions)}"
+            uid=_region_tracking_uid(tracking_uid, number),
+            identifier=f"{REGION_IDENTIFIER} {number} of {len(regions)}",
         )
         region = hd.sr.ImageRegion(
             graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
