@@ -9,8 +9,11 @@ double-clicks the SR and the SEG thumbnails, and checks the viewport's pixels. S
 go to the test's tmp_path and, when $PNEUMONODE_SCREENSHOTS is set, to that folder.
 
 What OHIF 3.13.2 does with the node's objects (seen here, with its console errors):
-- The SR: drawn. Its viewport outlines the region in green over the X-ray, labelled with
-  the probability. Only the first region is drawn: OHIF merges measurement groups that share
+- The SR: drawn, read-only. Its viewport outlines the region in green over the X-ray,
+  labelled with the probability. OHIF cannot hydrate it into editable measurements ("This
+  structured report is not compatible with this application."): cornerstone's adapters
+  take a POLYLINE of more than 5 points only from a Cornerstone tracking identifier
+  ("Cornerstone3DTools@^0.1.0:PlanarFreehandROI"). Only the first region is drawn: OHIF merges measurement groups that share
   a Tracking Unique Identifier into one measurement and draws that measurement's first
   SCOORD (cornerstone-dicom-sr `_getMergedContentSequencesByTrackingUniqueIdentifiers`), and
   the node gives every region of a finding the same tracking UID.
@@ -236,7 +239,7 @@ class Viewer:
             if condition():
                 return
             time.sleep(1)
-        self.screenshot("timeout")
+        self.screenshot("not-shown")
         raise AssertionError(f"OHIF did not show {what}; console errors: {self.errors()}")
 
     def read_console(self) -> None:
