@@ -13,26 +13,29 @@ What OHIF 3.13.2 does with the node's objects (seen here, with its console error
   labelled with the probability. OHIF cannot hydrate it into editable measurements ("This
   structured report is not compatible with this application."): cornerstone's adapters
   take a POLYLINE of more than 5 points only from a Cornerstone tracking identifier
-  ("Cornerstone3DTools@^0.1.0:PlanarFreehandROI"). Only the first region is drawn: OHIF merges measurement groups that share
-  a Tracking Unique Identifier into one measurement and draws that measurement's first
-  SCOORD (cornerstone-dicom-sr `_getMergedContentSequencesByTrackingUniqueIdentifiers`), and
-  the node gives every region of a finding the same tracking UID.
+  ("Cornerstone3DTools@^0.1.0:PlanarFreehandROI"). Only the first region is drawn: OHIF
+  merges measurement groups that share a Tracking Unique Identifier into one measurement
+  and draws that measurement's first SCOORD (cornerstone-dicom-sr
+  `_getMergedContentSequencesByTrackingUniqueIdentifiers`), and the node gives every region
+  of a finding the same tracking UID.
 - The SEG as the node makes it (no Frame of Reference, so no Pixel Measures and no Plane
   Orientation functional groups): not drawn. OHIF's SEG viewport fails with
   "TypeError: Cannot destructure property 'SpacingBetweenSlices' of 'PixelMeasures' as it
   is undefined" (`_getReferencedDisplaySetMetadata`) and the page goes blank; with Pixel
   Measures alone, cornerstone's SEG adapter fails next with "Cannot read properties of
   undefined (reading 'ImageOrientationPatient')" (`checkOrientation`). The SEG is valid
-  without them (dciodvfy: 0 errors); the Segmentation IOD allows both groups without a
-  Frame of Reference.
+  without them (dciodvfy: 0 errors), and dciodvfy accepts both groups without a Frame of
+  Reference too.
 - The same SEG with a shared Pixel Measures group (the source's Pixel Spacing) and a shared
   Plane Orientation group (1\\0\\0\\0\\1\\0) added: still 0 dciodvfy errors, and OHIF draws
-  both regions (the hole too) in red over the X-ray. The test of the node's SEG is an
-  expected failure (strict) until the builder adds them.
+  both regions (the hole too) in red over the X-ray, with a notice that the segment has no
+  Recommended Display CIELab Value (its default colour is used). The test of the node's SEG
+  is an expected failure (strict) until the builder adds the two groups.
 """
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import shutil
@@ -95,8 +98,7 @@ class Study:
 def _seg_with_plane_groups(seg: pydicom.Dataset, source: pydicom.Dataset) -> pydicom.Dataset:
     """The node's SEG plus the shared Pixel Measures and Plane Orientation groups that OHIF
     reads, as a series of its own."""
-    variant = pydicom.Dataset(seg)
-    variant.file_meta = seg.file_meta
+    variant = copy.deepcopy(seg)
     shared = variant.SharedFunctionalGroupsSequence[0]
     measures = Dataset()
     measures.PixelSpacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
