@@ -307,9 +307,11 @@ def test_ohif_outlines_the_sr_region_over_the_xray(viewer: Viewer) -> None:
 def _shows_the_mask(viewer: Viewer, series_number: int, name: str) -> None:
     before = viewer.count(_red)
     viewer.show("SEG", series_number)
-    viewer.wait(lambda: viewer.click_text("Yes") or viewer.count(_red) > before + 5_000,
-                "the question whether to open the segmentation, or its mask")
-    viewer.wait(lambda: viewer.count(_red) > before + 5_000, "the SEG's mask")
+    viewer.wait(lambda: viewer.count(_red) > before + 5_000, "the SEG's mask (a preview)")
+    # OHIF asks whether to open (hydrate) the segmentation: yes, and it stays drawn.
+    viewer.wait(lambda: viewer.click_text("Yes"), "the question whether to open the SEG")
+    viewer.wait(lambda: not viewer.click_text("Yes") and viewer.count(_red) > before + 5_000,
+                "the SEG's mask, opened")
     viewer.screenshot(name)
     mask = _red(viewer.viewport())
     columns = np.nonzero(mask)[1]
