@@ -63,6 +63,7 @@ PROCESS_MODULES = frozenset(
         "test_scale_out.py",
         "test_serve_processes.py",
         "test_tls.py",
+        "test_viewer_ohif.py",  # Orthanc and a headless Chromium
     }
 )
 # Single tests of otherwise in-process modules that start processes or train a model.

@@ -28,6 +28,10 @@ from node.testing.ports import SERVER_START_TRIES, ServerDidNotStart, server_por
 Modality = tuple[str, str, int] | dict[str, Any]
 
 
+# Where Debian's orthanc-dicomweb puts the DICOMweb plugin.
+DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
 def orthanc_binary() -> str:
     found = shutil.which("Orthanc") or shutil.which("Orthanc", path="/usr/sbin:/usr/bin")
     if found is None:
@@ -97,6 +101,7 @@ def start_orthanc(
     ae_title: str = "ORTHANC",
     modalities: dict[str, Modality] | None = None,
     sync_storage: bool = True,
+    dicomweb: bool = False,
     extra: dict[str, Any] | None = None,
 ) -> OrthancProcess:
     """Start Orthanc with storage and SQLite index under `workdir`; wait for its REST API
@@ -105,7 +110,11 @@ def start_orthanc(
 
     A modality is (AE title, host, port), or Orthanc's object form (e.g. with "UseDicomTls");
     `extra` adds or overrides configuration keys (e.g. "DicomTlsEnabled").
+    `dicomweb` loads the DICOMweb plugin (Debian's orthanc-dicomweb), served at /dicom-web/.
     """
+    if dicomweb and not DICOMWEB_PLUGIN.is_file():
+        raise RuntimeError(f"{DICOMWEB_PLUGIN} not found (apt install orthanc-dicomweb)")
+    plugins = [str(DICOMWEB_PLUGIN)] if dicomweb else []
     workdir.mkdir(parents=True, exist_ok=True)
     fixed = {"HttpPort", "DicomPort"} & set(extra or {})
     tries = 1 if fixed else SERVER_START_TRIES
@@ -127,7 +136,8 @@ def start_orthanc(
             "DicomAlwaysAllowEcho": True,
             "StorageCompression": False,
             "SyncStorageArea": sync_storage,
-            "Plugins": [],
+            "Plugins": plugins,
+            **({"DicomWeb": {"Enable": True, "Root": "/dicom-web/"}} if dicomweb else {}),
             "DicomModalities": {
                 name: list(value) if isinstance(value, tuple) else value
                 for name, value in (modalities or {}).items()
