@@ -9,33 +9,26 @@ double-clicks the SR and the SEG thumbnails, and checks the viewport's pixels. S
 go to the test's tmp_path and, when $PNEUMONODE_SCREENSHOTS is set, to that folder.
 
 What OHIF 3.13.2 does with the node's objects (seen here, with its console errors):
-- The SR: drawn, read-only. Its viewport outlines the region in green over the X-ray,
+- The SR: drawn, read-only. Its viewport outlines each region in green over the X-ray,
   labelled with the probability. OHIF cannot hydrate it into editable measurements ("This
   structured report is not compatible with this application."): cornerstone's adapters
   take a POLYLINE of more than 5 points only from a Cornerstone tracking identifier
-  ("Cornerstone3DTools@^0.1.0:PlanarFreehandROI"). Only the first region is drawn: OHIF
-  merges measurement groups that share a Tracking Unique Identifier into one measurement
-  and draws that measurement's first SCOORD (cornerstone-dicom-sr
-  `_getMergedContentSequencesByTrackingUniqueIdentifiers`), and the node gives every region
-  of a finding the same tracking UID.
-- The SEG as the node makes it (no Frame of Reference, so no Pixel Measures and no Plane
-  Orientation functional groups): not drawn. OHIF's SEG viewport fails with
-  "TypeError: Cannot destructure property 'SpacingBetweenSlices' of 'PixelMeasures' as it
-  is undefined" (`_getReferencedDisplaySetMetadata`) and the page goes blank; with Pixel
-  Measures alone, cornerstone's SEG adapter fails next with "Cannot read properties of
-  undefined (reading 'ImageOrientationPatient')" (`checkOrientation`). The SEG is valid
-  without them (dciodvfy: 0 errors), and dciodvfy accepts both groups without a Frame of
-  Reference too.
-- The same SEG with a shared Pixel Measures group (the source's Pixel Spacing) and a shared
-  Plane Orientation group (1\\0\\0\\0\\1\\0) added: still 0 dciodvfy errors, and OHIF draws
-  both regions (the hole too) in red over the X-ray, with a notice that the segment has no
-  Recommended Display CIELab Value (its default colour is used). The test of the node's SEG
-  is an expected failure (strict) until the builder adds the two groups.
+  ("Cornerstone3DTools@^0.1.0:PlanarFreehandROI"). OHIF merges measurement groups that
+  share a Tracking Unique Identifier and draws only the first outline
+  (cornerstone-dicom-sr `_getMergedContentSequencesByTrackingUniqueIdentifiers`), so the
+  node gives each region its own tracking UID (the largest keeps the finding's, the SEG
+  segment's).
+- The SEG: drawn in red over the X-ray, both regions (the hole too). Before the node added
+  the shared Pixel Measures and Plane Orientation functional groups (a SEG without a Frame
+  of Reference needs neither to be valid: dciodvfy reports 0 errors either way) OHIF's SEG
+  viewport failed with "TypeError: Cannot destructure property 'SpacingBetweenSlices' of
+  'PixelMeasures' as it is undefined" (`_getReferencedDisplaySetMetadata`) and a blank page;
+  with Pixel Measures alone, cornerstone's SEG adapter failed next with "Cannot read
+  properties of undefined (reading 'ImageOrientationPatient')" (`checkOrientation`).
 """
 
 from __future__ import annotations
 
-import copy
 import io
 import os
 import shutil
@@ -47,8 +40,6 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 from test_result_kinds import analysed, node_context, segmentation_map, siim, stored
 from test_results_seg import dciodvfy_errors
 
@@ -69,7 +60,6 @@ CHROMEDRIVER = shutil.which("chromedriver") or (
     "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").is_file() else None
 )
 LOAD_TIMEOUT = 120  # seconds for OHIF to show what was asked; never a timing assertion
-VARIANT_SERIES = 9103  # the node's SEG with the two functional groups OHIF needs
 
 
 def _missing() -> str | None:
@@ -89,29 +79,10 @@ def _missing() -> str | None:
 @dataclass
 class Study:
     uid: str
-    files: dict[str, Path]  # source, sr, seg, sc, seg-variant
+    files: dict[str, Path]  # source, sr, seg, sc
     orthanc: OrthancProcess
     ohif: OhifServer
     screenshots: list[Path] = field(default_factory=list)
-
-
-def _seg_with_plane_groups(seg: pydicom.Dataset, source: pydicom.Dataset) -> pydicom.Dataset:
-    """The node's SEG plus the shared Pixel Measures and Plane Orientation groups that OHIF
-    reads, as a series of its own."""
-    variant = copy.deepcopy(seg)
-    shared = variant.SharedFunctionalGroupsSequence[0]
-    measures = Dataset()
-    measures.PixelSpacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
-    shared.PixelMeasuresSequence = [measures]
-    orientation = Dataset()
-    orientation.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    shared.PlaneOrientationSequence = [orientation]
-    variant.SeriesInstanceUID = generate_uid()
-    variant.SOPInstanceUID = generate_uid()
-    variant.file_meta.MediaStorageSOPInstanceUID = variant.SOPInstanceUID
-    variant.SeriesNumber = VARIANT_SERIES
-    variant.SeriesDescription = "Pneumothorax AI segmentation (with plane groups)"
-    return variant
 
 
 @pytest.fixture(scope="module")
@@ -131,10 +102,6 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Study]:
         files[kind] = root / f"{kind}.dcm"
         made = stored(context, results[kind].sop_instance_uid)
         pydicom.dcmwrite(files[kind], made, enforce_file_format=True)
-        if kind == "seg":
-            files["seg-variant"] = root / "seg-variant.dcm"
-            variant = _seg_with_plane_groups(made, source)
-            pydicom.dcmwrite(files["seg-variant"], variant, enforce_file_format=True)
     orthanc = start_orthanc(root / "orthanc", dicomweb=True)
     try:
         for path in files.values():
@@ -269,9 +236,15 @@ def _grey(rgb: np.ndarray) -> np.ndarray:
     return (spread < 8) & (rgb.mean(axis=2) > 40)
 
 
+def _yellow(rgb: np.ndarray) -> np.ndarray:
+    """OHIF's colour for the SR's other measurements: rgb(255, 255, 0)."""
+    r, g, b = rgb[..., 0].astype(int), rgb[..., 1].astype(int), rgb[..., 2].astype(int)
+    return (r > 150) & (g > 150) & (r - b > 80) & (g - b > 80)
+
+
 def _green(rgb: np.ndarray) -> np.ndarray:
     """OHIF's colour for the SR's active measurement: rgb(0, 255, 0)."""
-    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    r, g, b = rgb[..., 0].astype(int), rgb[..., 1].astype(int), rgb[..., 2].astype(int)
     return (g > 150) & (g - r > 80) & (g - b > 80)
 
 
@@ -297,9 +270,11 @@ def test_ohif_outlines_the_sr_region_over_the_xray(viewer: Viewer) -> None:
     viewer.wait(lambda: viewer.count(_green) > 200, "the SR's region outline")
     viewer.screenshot("sr-region")
     after = viewer.viewport()
-    rows, columns = np.nonzero(_green(after))
-    # The first region is the disc on the image's right: its outline lies right of centre.
-    assert np.median(columns) > after.shape[1] / 2
+    # Both regions outlined, each its own measurement: the largest (the disc, right of
+    # centre) active in green, the rectangle left of it in yellow.
+    middle = after.shape[1] / 2
+    assert (np.nonzero(_green(after))[1] > middle).sum() > 100
+    assert (np.nonzero(_yellow(after))[1] < middle).sum() > 100
     assert _grey(after).sum() > 10_000  # still over the X-ray
     assert viewer.errors() == []
 
@@ -321,21 +296,6 @@ def _shows_the_mask(viewer: Viewer, series_number: int, name: str) -> None:
     assert viewer.errors() == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="OHIF 3.13.2 needs the SEG's Pixel Measures and Plane Orientation functional "
-    "groups: TypeError: Cannot destructure property 'SpacingBetweenSlices' of "
-    "'PixelMeasures' as it is undefined",
-)
 def test_ohif_draws_the_nodes_seg_mask_over_the_xray(viewer: Viewer) -> None:
-    try:
-        _shows_the_mask(viewer, 9003, "seg-mask")
-    finally:
-        viewer.screenshot("seg-as-made")
-
-
-def test_ohif_draws_the_seg_mask_once_it_has_the_plane_groups(viewer: Viewer) -> None:
-    """The node's SEG with the two groups added (still dciodvfy-clean): OHIF draws it."""
-    assert dciodvfy_errors(viewer.study.files["seg-variant"]) == []
-    _shows_the_mask(viewer, VARIANT_SERIES, "seg-mask-with-plane-groups")
+    assert dciodvfy_errors(viewer.study.files["seg"]) == []
+    _shows_the_mask(viewer, 9003, "seg-mask")
