@@ -12,6 +12,7 @@ file is not created (its folder must be writable instead).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import socket
@@ -47,8 +48,8 @@ def check_tls(config: Config) -> None:
     """The certificate and key load and belong together; the CA bundle loads."""
     tls = config.tls
     if tls.certificate is not None and tls.private_key is not None:
-        try:
-            server_context(tls)
+        try:  # the pair alone first, so that a bad CA bundle is named as such
+            server_context(dataclasses.replace(tls, ca_bundle=None))
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise StartError(
                 f"tls.certificate/tls.private_key: {tls.certificate} and {tls.private_key} "
@@ -56,7 +57,7 @@ def check_tls(config: Config) -> None:
             ) from exc
     if tls.ca_bundle is not None:
         try:
-            client_context(tls)
+            server_context(tls) if tls.enabled else client_context(tls)
         except (ssl.SSLError, OSError, ValueError) as exc:
             raise StartError(
                 f"tls.ca_bundle: {tls.ca_bundle} does not load as PEM CA certificates "
