@@ -24,6 +24,8 @@ from pydicom.uid import UID
 TEMPORARY_PREFIX = ".incoming-"
 WRITER_LOCK_NAME = "writers.lock"
 MAX_REMEMBERED_FOLDERS = 100_000
+# Tries at making a folder and a file in it, when another writer removes it in between.
+FOLDER_ATTEMPTS = 5
 
 
 def _link_if_absent(source: str, target: Path) -> bool:
@@ -91,8 +93,7 @@ class FileStore:
         target = self.absolute(relative)
         folder = target.parent
         # A folder new here (perhaps again, after someone removed it) has an entry to sync.
-        self._durable_folders.difference_update(self._create_folder(folder))
-        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=".tmp")
+        fd, tmp_name = self._temporary_in(folder)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -107,11 +108,39 @@ class FileStore:
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp_name)
+            self._remove_if_empty(folder)  # a refused or failed write (a full disk)
             raise
         if self.fsync:
             self._fsync_dir(folder)
             self._make_entries_durable(folder)
         return target.relative_to(self.files_root).as_posix()
+
+    def _temporary_in(self, folder: Path) -> tuple[int, str]:
+        """A new temporary file in `folder`, made (again) if need be: another writer whose
+        store failed may remove a folder it found empty just after this one made it."""
+        for attempt in range(FOLDER_ATTEMPTS):
+            try:
+                # A folder new here (perhaps again, after someone removed it) has an entry
+                # to sync.
+                self._durable_folders.difference_update(self._create_folder(folder))
+                return tempfile.mkstemp(dir=folder, prefix=TEMPORARY_PREFIX, suffix=".tmp")
+            except FileNotFoundError:
+                if attempt == FOLDER_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _remove_if_empty(self, folder: Path) -> None:
+        """Remove the series folder and then its study folder if nothing is left in them,
+        so that refused and failed stores leave no empty folders behind. rmdir removes only
+        an empty folder: a file written there meanwhile keeps it."""
+        for candidate in (folder, folder.parent):
+            if candidate == self.files_root or self.files_root not in candidate.parents:
+                return
+            try:
+                candidate.rmdir()
+            except OSError:
+                return  # not empty (or gone already): its parent is not empty either
+            self._durable_folders.discard(candidate)
 
     @staticmethod
     def _create_folder(folder: Path) -> tuple[Path, ...]:
@@ -142,8 +171,11 @@ class FileStore:
         self._durable_folders.update((folder, folder.parent))
 
     def remove(self, relative: str) -> None:
+        """Remove a file, and its series and study folders if that left them empty."""
+        path = self.absolute(relative)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.absolute(relative))
+            os.unlink(path)
+        self._remove_if_empty(path.parent)
 
     def walk(self) -> Iterator[tuple[str, bool]]:
         """(relative path, is a temporary) of every file under the files folder."""

@@ -703,3 +703,83 @@ def test_limited_stops_one_past_the_limit(engine: Engine) -> None:
         assert len(list(response_datasets(prepared.limited(0), conn, AE_TITLE))) == len(every)
         encoded = list(encoded_responses(prepared.limited(1), conn, AE_TITLE, implicit_vr=True))
     assert encoded == [encode(ds, True, True) for ds in every[:2]]
+
+
+# --- long value lists (issue 19) ---------------------------------------------------------
+
+
+def _patients(engine: Engine) -> dict[str, str]:
+    """{PatientID: PatientName} of every patient in the index."""
+    matches = run(engine, PATIENT, "PATIENT", PatientID="", PatientName="")
+    return {m.PatientID: str(m.PatientName) for m in matches}
+
+
+def test_two_thousand_patient_ids_are_matched(engine: Engine) -> None:
+    """A list of 2,000 PatientIDs (SQLite used to refuse it: "Expression tree is too
+    large") matches exactly the listed patients that exist; wildcards beside them too."""
+    patients = _patients(engine)
+    known = sorted(patients)[:3]
+    wanted = [f"NOBODY-{n}" for n in range(2000 - len(known))] + known
+    matches = run(engine, PATIENT, "PATIENT", PatientID="\\".join(wanted))
+    assert sorted(m.PatientID for m in matches) == known
+    with_wildcard = "\\".join([*wanted[:1500], f"{known[0][:-1]}?"])
+    matches = run(engine, PATIENT, "PATIENT", PatientID=with_wildcard)
+    assert known[0] in {m.PatientID for m in matches}
+
+
+def test_two_thousand_patient_names_are_matched(engine: Engine) -> None:
+    patients = _patients(engine)
+    names = sorted({name for name in patients.values() if name})[:2]
+    wanted = [f"NOBODY^{n}" for n in range(2000 - len(names))] + [n.lower() for n in names]
+    matches = run(engine, PATIENT, "PATIENT", PatientName="\\".join(wanted))
+    assert sorted(str(m.PatientName) for m in matches) == sorted(
+        name for name in patients.values() if name in names
+    )
+
+
+def test_a_list_past_the_limit_is_refused_naming_it() -> None:
+    from storage.query.identifier import failure_status
+    from storage.query.matching import MAX_PATTERNS_PER_KEY, MAX_VALUES_PER_KEY
+
+    too_many = "\\".join(f"ID{n}" for n in range(MAX_VALUES_PER_KEY + 1))
+    with pytest.raises(UnprocessableQueryError) as raised:
+        prepare_find(identifier("PATIENT", PatientID=too_many), PATIENT)
+    assert raised.value.comment == f"PatientID: {MAX_VALUES_PER_KEY + 1} values, at most 5000"
+    assert failure_status(raised.value) == 0xC000
+    patterns = "\\".join(f"ID{n}*" for n in range(MAX_PATTERNS_PER_KEY + 1))
+    with pytest.raises(UnprocessableQueryError) as raised:
+        prepare_find(identifier("PATIENT", PatientID=patterns), PATIENT)
+    assert "wildcard/range values" in raised.value.comment
+
+
+# --- one answer per malformed value type (issue 19) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("keyword", "vr", "value"),
+    [
+        ("InstanceNumber", "IS", "x1"),  # an index column
+        ("PixelSpacing", "DS", "0.1x"),  # any other attribute
+        ("SliceThickness", "DS", "abc"),
+        ("AcquisitionNumber", "IS", "1.5"),  # any other attribute
+        ("StudyDate", "DA", "2020"),
+    ],
+)
+def test_a_malformed_number_is_refused_like_a_malformed_date(
+    keyword: str, vr: str, value: str
+) -> None:
+    """Before issue 19 a bad DS answered Success with no match, a bad IS 0xC000."""
+    from storage.query.identifier import failure_status
+
+    query = identifier("IMAGE")
+    add_raw_element(query, keyword, vr, value.encode())
+    with pytest.raises(UnprocessableQueryError) as raised:
+        prepare_find(query, STUDY)
+    assert raised.value.offending == (int(Tag(keyword)),)
+    assert keyword in raised.value.comment
+    assert failure_status(raised.value) == 0xC000
+
+
+def test_well_formed_decimals_still_match_as_before(engine: Engine) -> None:
+    assert isinstance(run(engine, STUDY, "IMAGE", PixelSpacing="0.1\\0.1"), list)
+    assert isinstance(run(engine, STUDY, "IMAGE", SliceThickness="-1.5e3"), list)

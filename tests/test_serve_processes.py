@@ -24,6 +24,7 @@ from node.testing.node_process import restart_node, start_node, wait_for_log
 from node.testing.samples import DX, small_image
 
 HOSTILE_ADDRESS = "127.0.0.2"
+IMAGES_TO_ANALYSE = 40
 
 
 def _processes() -> dict[int, tuple[int, bytes]]:
@@ -207,3 +208,33 @@ def test_kill_9_of_serve_leaves_no_child_process_behind(tmp_path: Path) -> None:
         return not any(_alive(pid) for pid in family)
 
     wait_for(gone, 30, "every child process to die with serve")
+
+
+def test_kill_9_of_serve_while_analysing_leaves_no_child_process_behind(tmp_path: Path) -> None:
+    """As above, but with the demo model analysing images as `serve` is killed (issue 19:
+    the worker and its result process went on analysing for a dead node)."""
+    analysis = analysing_alone(tmp_path / "no-model", result_processes=1, worker_processes=1)
+    node = start_node(tmp_path / "busy", {"node": {"processes": 2}, **analysis})
+    family: set[int] = set()
+    try:
+        wait_for_log(node, "in 2 serve processes", timeout=60)
+        assoc = _associate(node, "MODALITY")
+        assert assoc.is_established
+        for _ in range(IMAGES_TO_ANALYSE):
+            assert assoc.send_c_store(small_image()).Status == 0x0000
+        assoc.release()
+        wait_for_log(node, "analysed SOP", timeout=240)  # killed while the rest wait
+        children = _spawned_children(node.process.pid)
+        result_processes = [p for child in children for p in _spawned_children(child)]
+        assert (len(children), len(result_processes)) == (3, 1)
+        family = _descendants(node.process.pid)
+    finally:
+        node.kill()
+
+    def gone() -> bool:
+        return not any(_alive(pid) for pid in family)
+
+    wait_for(gone, 30, "every child process to die with serve while analysing")
+    analysed = node.log_text().count("analysed SOP")
+    time.sleep(3)
+    assert node.log_text().count("analysed SOP") == analysed, "nobody analyses for a dead node"

@@ -273,6 +273,9 @@ def test_failed_disk_write_is_out_of_resources(node_factory) -> None:
     assert "cannot write the file" in status.ErrorComment
     _assert_nothing_of(node, big.SOPInstanceUID)
     assert set(index_rows(node)) == {small.SOPInstanceUID}
+    # No empty study or series folder is left behind by the failed store (issue 19).
+    assert not (node.storage / "files" / big.StudyInstanceUID).exists()
+    assert (node.storage / "files" / small.StudyInstanceUID / small.SeriesInstanceUID).is_dir()
 
 
 def test_unknown_calling_ae_rejected_when_configured(node_factory) -> None:

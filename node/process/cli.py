@@ -3,7 +3,10 @@ the classifier's commands (stats, train, predict, cam, localise).
 
 Every subcommand takes `--config PATH` (default ./config.toml, or the embedded defaults when
 that file does not exist) and `--log-level`. A configuration error is one line naming the
-key, and exit status 2, before anything starts.
+key, and exit status 2, before anything starts. A valid file that cannot start on this host
+(a certificate that does not load, a port in use, an address not this host's, a storage
+folder that is a file, a database that does not answer) is one line naming the key and the
+cause, and exit status 5, from `config-check` and from `serve` alike.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from node.config import Config, ConfigError, effective_toml, load_config
 from node.dicom.pynetdicom_internals import UnsupportedPynetdicom
 from node.process.logs import configure_logging
+from node.process.start_checks import StartError, check_start
 from storage.migrations import IndexVersionError
 
 log = logging.getLogger(__name__)
@@ -28,6 +32,7 @@ log = logging.getLogger(__name__)
 EXIT_CONFIG_ERROR = 2
 EXIT_WRONG_DEPENDENCY = 3
 EXIT_INDEX_TOO_NEW = 4
+EXIT_START_FAILED = 5  # as node.process.serve_processes.EXIT_START_FAILED
 
 # Subcommand handlers take the parsed arguments and return the exit status.
 Command = Callable[[argparse.Namespace], int]
@@ -171,6 +176,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def cmd_config_check(args: argparse.Namespace) -> int:
     config = _load(args)
+    if not args.file_only:
+        check_start(config)  # StartError: one line, exit status 5 (main)
     print(f"{config.source}: OK")
     if args.show:
         # A file leaves most keys to the defaults: --show says what the node will run with.
@@ -288,6 +295,12 @@ def build_parser(with_ai_commands: bool = True) -> argparse.ArgumentParser:
         action="store_true",
         help="print the effective configuration as TOML (every key, defaults filled in)",
     )
+    check.add_argument(
+        "--file-only",
+        action="store_true",
+        help="check the file alone, not whether it starts on this host (certificates, "
+        "port, address, storage folder, database)",
+    )
     check.set_defaults(func=cmd_config_check)
 
     if with_ai_commands:
@@ -314,6 +327,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except IndexVersionError as exc:  # a newer pneumonode's index: left as it is
         print(f"pneumonode: {exc}", file=sys.stderr)
         return EXIT_INDEX_TOO_NEW
+    except StartError as exc:
+        print(f"pneumonode: cannot start: {exc}", file=sys.stderr)
+        return EXIT_START_FAILED
     except KeyboardInterrupt:
         return 130
 

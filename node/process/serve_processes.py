@@ -22,6 +22,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from multiprocessing.queues import SimpleQueue
 
 from node.config import Config
 from node.context import NodeContext, build_context
@@ -35,6 +36,7 @@ from node.process.server import (
     listener_ports,
     recover_storage,
 )
+from node.process.start_checks import StartError, check_start
 from node.process.supervision import run_until_signalled, tie_to_parent
 from storage.consistency import RecoveryReport, log_recovery
 
@@ -43,6 +45,10 @@ log = logging.getLogger(__name__)
 LISTEN_BACKLOG = 128
 READY_TIMEOUT_SECONDS = 60.0
 RESTART_DELAY_SECONDS = 1.0
+# A serve process that dies this many times in a row before it accepts is not restarted
+# again: the node stops with its reason (a restart would only fail the same way).
+MAX_START_FAILURES = 3
+EXIT_START_FAILED = 5
 # A process killed mid-write may still hold the writer lock for a moment after a restart.
 RECOVERY_LOCK_WAIT_SECONDS = 5.0
 
@@ -55,13 +61,24 @@ def _serve_process_main(
     ready: threading.Event,
     log_level: int,
     parent_pid: int,
+    start_failures: SimpleQueue | None = None,
 ) -> None:
-    """Entry point of one serve process (a fresh interpreter: spawn)."""
+    """Entry point of one serve process (a fresh interpreter: spawn).
+
+    A start that fails is one line on `start_failures` (the supervisor counts them and
+    stops the node after a few in a row) and exit status EXIT_START_FAILED."""
     tie_to_parent(parent_pid)
     configure_logging(logging.getLevelName(log_level), process_tag=f"serve {number + 1}")
-    node = DicomNode(
-        config, slots=slots.for_process(number), listening_sockets=sockets, recover_at_start=False
-    )
+    try:
+        node = DicomNode(
+            config,
+            slots=slots.for_process(number),
+            listening_sockets=sockets,
+            recover_at_start=False,
+        )
+    except Exception as exc:
+        _report_start_failure(number, exc, start_failures)
+        raise SystemExit(EXIT_START_FAILED) from None
 
     def start() -> None:
         node.start()
@@ -69,7 +86,31 @@ def _serve_process_main(
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         ready.set()
 
-    raise SystemExit(run_until_signalled(start, node.stop, what=f"serve process {number + 1}"))
+    try:
+        code = run_until_signalled(start, node.stop, what=f"serve process {number + 1}")
+    except Exception as exc:
+        _report_start_failure(number, exc, start_failures)
+        raise SystemExit(EXIT_START_FAILED) from None
+    raise SystemExit(code)
+
+
+def _report_start_failure(
+    number: int, exc: BaseException, start_failures: SimpleQueue | None
+) -> None:
+    reason = start_failure_reason(exc)
+    log.debug("serve process %d could not start", number + 1, exc_info=exc)
+    log.error("serve process %d could not start: %s", number + 1, reason)
+    if start_failures is not None:
+        start_failures.put((number, reason))
+
+
+def start_failure_reason(exc: BaseException) -> str:
+    """One line for a start that failed: a StartError's own line, else the error's type
+    and first line (the traceback is logged at DEBUG)."""
+    if isinstance(exc, StartError):
+        return str(exc)
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -94,6 +135,9 @@ def recover_when_quiet(context: NodeContext) -> RecoveryReport:
 class ServeProcesses:
     """The supervisor: listening sockets, serve processes, background services."""
 
+    # What each serve process runs (a module-level function: spawn pickles it by name).
+    process_main = staticmethod(_serve_process_main)
+
     def __init__(self, config: Config, services: Sequence[ServiceFactory], processes: int) -> None:
         quiet_pynetdicom()  # the result sender runs here
         self.config = config
@@ -105,6 +149,12 @@ class ServeProcesses:
         self._sockets: dict[int, socket.socket] = {}
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
+        # Set by the monitor when serve processes keep failing to start; `serve` stops.
+        self.stop_requested = threading.Event()
+        self.failure: str | None = None
+        self._start_failures: SimpleQueue = self._spawn_context.SimpleQueue()
+        self._failed_starts = [0] * processes
+        self._reasons: dict[int, str] = {}
         self.slots = AssociationSlots(
             config.node.max_associations, config.node.max_associations_per_address, processes
         )
@@ -113,7 +163,7 @@ class ServeProcesses:
     def _spawn(self, number: int) -> threading.Event:
         ready = self._spawn_context.Event()
         process = self._spawn_context.Process(
-            target=_serve_process_main,
+            target=self.process_main,
             args=(
                 self.config,
                 self._sockets,
@@ -122,6 +172,7 @@ class ServeProcesses:
                 ready,
                 logging.getLogger().getEffectiveLevel(),
                 os.getpid(),
+                self._start_failures,
             ),
             name=f"pneumonode-serve-{number + 1}",
         )
@@ -169,20 +220,46 @@ class ServeProcesses:
             log.error("serve process %d did not start in time", number + 1)
 
     def _watch(self) -> None:
-        """Restart a serve process that died, after clearing the slots it held."""
+        """Restart a serve process that died, after clearing the slots it held; stop the
+        node when one failed to start MAX_START_FAILURES times in a row."""
         while not self._stopping.wait(0.5):
             for number, process in enumerate(self._processes):
                 if process is None or process.is_alive() or self._stopping.is_set():
                     continue
+                self.slots.clear_row(number)
+                if self._count_failed_start(number):
+                    return
                 log.error(
                     "serve process %d exited with %s; restarting it",
                     number + 1,
                     process.exitcode,
                 )
-                self.slots.clear_row(number)
                 if self._stopping.wait(RESTART_DELAY_SECONDS):
                     return
                 self._spawn(number)
+
+    def _count_failed_start(self, number: int) -> bool:
+        """Count a death before ready as a failed start; True when the node must stop."""
+        while not self._start_failures.empty():
+            failed, reason = self._start_failures.get()
+            self._reasons[failed] = reason
+        ready = self._readies[number]
+        if ready is not None and ready.is_set():
+            self._failed_starts[number] = 0
+            return False
+        self._failed_starts[number] += 1
+        if self._failed_starts[number] < MAX_START_FAILURES:
+            return False
+        process = self._processes[number]
+        exitcode = process.exitcode if process is not None else None
+        reason = self._reasons.get(number, f"it exited with {exitcode} before accepting")
+        self.failure = (
+            f"serve process {number + 1} failed to start {MAX_START_FAILURES} times "
+            f"in a row, last: {reason}"
+        )
+        log.error("stopping the node: %s", self.failure)
+        self.stop_requested.set()
+        return True
 
     def stop(self) -> None:
         """Let each serve process finish its associations, then stop the services."""
@@ -214,10 +291,26 @@ def serve_process_count(config: Config) -> int:
 
 def serve(config: Config, services: Iterable[ServiceFactory] = ()) -> int:
     """Run the node (server and background services) until SIGINT or SIGTERM: in this
-    process, or in `node.processes` serve processes on the same port(s)."""
+    process, or in `node.processes` serve processes on the same port(s).
+
+    What can be checked before starting is (node.process.start_checks); a start that fails
+    anyway, or serve processes that keep failing to start, raise StartError with the reason.
+    """
+    check_start(config)
     processes = serve_process_count(config)
-    if processes > 1:
-        supervisor = ServeProcesses(config, tuple(services), processes)
-        return run_until_signalled(supervisor.start, supervisor.stop)
-    node = DicomNode(config, tuple(services))
-    return run_until_signalled(node.start, node.stop)
+    try:
+        if processes > 1:
+            supervisor = ServeProcesses(config, tuple(services), processes)
+            code = run_until_signalled(
+                supervisor.start, supervisor.stop, stop_requested=supervisor.stop_requested
+            )
+            if supervisor.failure is not None:
+                raise StartError(supervisor.failure)
+            return code
+        node = DicomNode(config, tuple(services))
+        return run_until_signalled(node.start, node.stop)
+    except StartError:
+        raise
+    except Exception as exc:
+        log.debug("the node could not start", exc_info=True)
+        raise StartError(start_failure_reason(exc)) from exc

@@ -26,14 +26,19 @@ ORPHANED_EXIT_STATUS = 1
 
 
 def run_until_signalled(
-    start: Callable[[], None], stop: Callable[[], None], what: str = "node"
+    start: Callable[[], None],
+    stop: Callable[[], None],
+    what: str = "node",
+    stop_requested: threading.Event | None = None,
 ) -> int:
-    """Call `start`, wait for SIGINT or SIGTERM, call `stop`; returns the exit code.
+    """Call `start`, wait for SIGINT or SIGTERM (or `stop_requested`, set by the process
+    itself when it cannot go on), call `stop`; returns the exit code.
 
     The handlers stay installed until the process exits: a second signal during the
-    shutdown (an impatient supervisor) must not kill it halfway through.
+    shutdown (an impatient supervisor) must not kill it halfway through. A `start` that
+    raises is followed by `stop` (what it started is stopped) and the error goes on up.
     """
-    stop_requested = threading.Event()
+    stop_requested = stop_requested or threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
         log.info("received %s, stopping the %s", signal.Signals(signum).name, what)
@@ -41,7 +46,14 @@ def run_until_signalled(
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, request_stop)
-    start()
+    try:
+        start()
+    except BaseException:
+        try:
+            stop()
+        except Exception:
+            log.debug("error while stopping after a failed start", exc_info=True)
+        raise
     try:
         while not stop_requested.wait(timeout=1.0):
             pass

@@ -33,6 +33,8 @@ class MatchKind(enum.Enum):
     TIME = "tm"
     DATETIME = "dt"
     NUMBER = "number"  # IS/US stored as integers
+    DECIMAL = "decimal"  # a DS attribute: matched as text, its values must be decimals
+    INTEGER_STRING = "integer"  # an IS attribute: matched as text, its values integers
     MODALITIES = "modalities"  # ModalitiesInStudy: a study matches if one series does
     SOP_CLASSES = "sop classes"  # SOPClassesInStudy: a study matches if one instance does
     COUNT = "count"  # computed, returned only
@@ -45,7 +47,20 @@ _ATTRIBUTE_KINDS = {
     "TM": MatchKind.TIME,
     "DT": MatchKind.DATETIME,
     "UI": MatchKind.UID,
+    "DS": MatchKind.DECIMAL,
+    "IS": MatchKind.INTEGER_STRING,
 }
+
+# Value lists (PS3.4 C.2.2.2.8): how many values one key, and one query, may hold. Exact
+# values are matched with one `IN (...)` of bound parameters each (SQLite allows 32,766
+# per statement, PostgreSQL 65,535); a person name, a value with a wildcard, a date or a
+# time is a clause of its own, and storage.query.sql ORs those in nested groups, since
+# SQLite refuses expressions nested more than 1,000 deep ("Expression tree is too large").
+# Past these limits the query is refused with UnprocessableQueryError (C-FIND 0xC000 and an
+# ErrorComment that says so) before any SQL runs.
+MAX_VALUES_PER_KEY = 5000
+MAX_VALUES_PER_QUERY = 20000
+MAX_PATTERNS_PER_KEY = 1000  # values with a wildcard, dates, times (each a LIKE or range)
 
 
 def attribute_kind(vr: str) -> MatchKind:
@@ -196,10 +211,55 @@ def integers(keyword: str, tag: int, values: Iterable[str]) -> list[int]:
     return numbers
 
 
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
+def decimals(keyword: str, tag: int, values: Iterable[str]) -> None:
+    """Raise UnprocessableQueryError for a value that is not a Decimal String (PS3.5 6.2:
+    a fixed or floating point number, at most 16 characters)."""
+    for value in values:
+        if len(value) > 16 or not _DECIMAL.fullmatch(value):
+            raise UnprocessableQueryError(f"{keyword}: {value[:20]!r} is not a decimal", (tag,))
+
+
 def check_values(kind: MatchKind, keyword: str, tag: int, values: Iterable[str]) -> None:
-    """Raise the UnprocessableQueryError that matching `values` as `kind` would raise."""
+    """Raise the UnprocessableQueryError that matching `values` as `kind` would raise.
+
+    A malformed value is refused the same way whatever its type (DA, TM, DT, IS, DS; an
+    index column or any other attribute): 0xC000 in C-FIND, naming the key. Matching it
+    instead would answer Success with no match, which tells a requester with a typo that
+    nothing is there rather than that its query was wrong, and 0 matches for one type
+    beside a refusal for another would make the same mistake look like two.
+    """
+    values = list(values)
+    check_list_size(kind, keyword, tag, values)
     if kind in (MatchKind.DATE, MatchKind.TIME, MatchKind.DATETIME):
         for value in values:
             time_bounds(kind, keyword, value)
-    elif kind is MatchKind.NUMBER:
+    elif kind in (MatchKind.NUMBER, MatchKind.INTEGER_STRING):
         integers(keyword, tag, values)
+    elif kind is MatchKind.DECIMAL:
+        decimals(keyword, tag, values)
+
+
+def is_pattern(kind: MatchKind, value: str) -> bool:
+    """Whether `value` is a clause of its own in SQL rather than one entry of an IN list."""
+    if kind in (MatchKind.DATE, MatchKind.TIME, MatchKind.DATETIME):
+        return True
+    if kind in (MatchKind.UID, MatchKind.NUMBER, MatchKind.SOP_CLASSES):
+        return False
+    return has_wildcard(value)
+
+
+def check_list_size(kind: MatchKind, keyword: str, tag: int, values: list[str]) -> None:
+    """Refuse a value list longer than the documented limits (MAX_VALUES_PER_KEY)."""
+    if len(values) > MAX_VALUES_PER_KEY:
+        raise UnprocessableQueryError(
+            f"{keyword}: {len(values)} values, at most {MAX_VALUES_PER_KEY}", (tag,)
+        )
+    patterns = sum(1 for value in values if is_pattern(kind, value))
+    if patterns > MAX_PATTERNS_PER_KEY:
+        raise UnprocessableQueryError(
+            f"{keyword}: {patterns} wildcard/range values, at most {MAX_PATTERNS_PER_KEY}",
+            (tag,),
+        )

@@ -23,9 +23,15 @@ from dataclasses import dataclass
 
 from pydicom.datadict import tag_for_keyword
 
-from storage.query.errors import IdentifierMismatchError, QueryError
+from storage.query.errors import IdentifierMismatchError, QueryError, UnprocessableQueryError
 from storage.query.keys import KEY_SPECS, QUERY_LEVEL_TAG, KeyRole, QueryKey, attribute_vr, key_role
-from storage.query.matching import MatchKind, attribute_kind, check_values, has_wildcard
+from storage.query.matching import (
+    MAX_VALUES_PER_QUERY,
+    MatchKind,
+    attribute_kind,
+    check_values,
+    has_wildcard,
+)
 from storage.query.model import UNIQUE_KEYS, Level, QueryModel
 
 
@@ -42,6 +48,11 @@ class FindRequest:
         keys = tuple(sorted(self.keys, key=lambda key: key.tag))
         if len({key.tag for key in keys}) != len(keys):
             raise ValueError("a find request names each key once")
+        total = sum(len(key.values) for key in keys if not key.is_universal)
+        if total > MAX_VALUES_PER_QUERY:
+            raise UnprocessableQueryError(
+                f"{total} values in the query, at most {MAX_VALUES_PER_QUERY}"
+            )
         object.__setattr__(self, "keys", keys)
 
     @property

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 from pydicom.datadict import tag_for_keyword
 from sqlalchemy import (
+    Boolean,
     ColumnElement,
     Select,
     and_,
@@ -28,7 +29,9 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    type_coerce,
 )
+from sqlalchemy.sql.elements import Grouping
 
 from storage.models import Instance, InstanceAttribute, Patient, Series, Study
 from storage.query.errors import QueryError
@@ -170,14 +173,36 @@ def _time_column(column: ColumnElement) -> ColumnElement:
 
 
 def _text_condition(spec: KeySpec, column, values: list[str]) -> ColumnElement:
-    conditions = []
-    for value in values:
-        if spec.kind is MatchKind.PERSON_NAME:
-            conditions.append(_person_name_condition(column, value))
-        elif has_wildcard(value):
-            conditions.append(CaseSensitiveLike(column, value))
-        else:
-            conditions.append(column == value)
+    """Exact values as one `IN` list (a list of thousands stays one shallow expression),
+    each value with a wildcard as its own LIKE (storage.query.matching limits how many)."""
+    if spec.kind is MatchKind.PERSON_NAME:
+        return _person_names_condition(column, values)
+    exact = [value for value in values if not has_wildcard(value)]
+    conditions = [CaseSensitiveLike(column, value) for value in values if has_wildcard(value)]
+    if exact:
+        conditions.append(column.in_(exact) if len(exact) > 1 else column == exact[0])
+    return any_of(conditions)
+
+
+def _person_names_condition(column, values: list[str]) -> ColumnElement:
+    """One clause per name (the folded column has no portable "alphabetic group" to put
+    in an IN list), OR-ed as a balanced tree so that thousands of names stay shallow."""
+    return any_of([_person_name_condition(column, value) for value in values])
+
+
+# Clauses per OR group: "a OR b OR c ..." nests one level per term in SQLite's parse tree
+# (at most 1,000 deep); groups of groups keep thousands of terms a few dozen deep.
+OR_GROUP = 32
+
+
+def any_of(conditions: list[ColumnElement]) -> ColumnElement:
+    """OR of `conditions`, parenthesised in groups of OR_GROUP, groups of groups, ..."""
+    while len(conditions) > OR_GROUP:
+        conditions = [
+            # type_coerce: SQLAlchemy would flatten a bare OR inside an OR back into one.
+            Grouping(type_coerce(or_(*conditions[i : i + OR_GROUP]), Boolean))
+            for i in range(0, len(conditions), OR_GROUP)
+        ]
     return or_(*conditions)
 
 
@@ -234,7 +259,7 @@ def _condition(spec: KeySpec, values: list[str]) -> ColumnElement | None:
     if spec.kind is MatchKind.NUMBER:
         return _number_condition(spec, column, values)
     conditions = [_date_time_condition(spec.kind, spec.keyword, column, v) for v in values]
-    return or_(*conditions)
+    return any_of(conditions)
 
 
 def _count(counted, *joins_and_filters) -> ColumnElement:
@@ -331,9 +356,9 @@ def _attribute_condition(key: QueryKey, level: Level) -> ColumnElement:
     kind = attribute_kind(attribute_vr(key))
     attribute = _attribute.alias("match_attribute")
     if kind is MatchKind.PERSON_NAME:
-        wanted = or_(*(_person_name_condition(attribute.c.folded, v) for v in values))
+        wanted = _person_names_condition(attribute.c.folded, values)
     elif kind in (MatchKind.DATE, MatchKind.TIME, MatchKind.DATETIME):
-        wanted = or_(*(_date_time_condition(kind, keyword, attribute.c.value, v) for v in values))
+        wanted = any_of([_date_time_condition(kind, keyword, attribute.c.value, v) for v in values])
     elif kind is MatchKind.UID:
         wanted = attribute.c.value.in_(values)
     else:
