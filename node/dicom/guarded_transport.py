@@ -17,7 +17,9 @@ Pending responses written in batches). `tests/test_guarded_transport.py` and
   hold, does the TLS handshake in the connection's own thread with a deadline, not in the
   accept loop where one silent client would stop every other, and shares one copy of the
   supported presentation contexts instead of pynetdicom's deep copy per association;
-- `node.dicom.reactor_wakeups` wakes pynetdicom's two polling reactors when there is work.
+- `node.dicom.reactor_wakeups` wakes pynetdicom's two polling reactors when there is work;
+- `node.dicom.peer_silence` keeps the idle timer (`node.network_timeout`) from counting the
+  time the node spends serving a request.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from dataclasses import dataclass
 
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from node.dicom.peer_silence import restart_after_each_request
 from node.dicom.reactor_wakeups import close_wakeups, make_responsive
 from node.dicom.slots import ADDRESS_FULL, NODE_FULL, AssociationSlots
 
@@ -273,6 +276,7 @@ class GuardedRequestHandler(RequestHandler):
         guard_socket(assoc.dul.socket, self.server.limits)
         assoc.dul.socket._node_full = self.server.is_over_limit(self.request)
         make_responsive(assoc)
+        restart_after_each_request(assoc)
         self._assoc = assoc
         return assoc
 

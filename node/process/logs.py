@@ -18,7 +18,16 @@ import sys
 import warnings
 
 _PYDICOM_MODULES = r"pydicom(\..*)?$"
-_REDUNDANT = frozenset({"Received an invalid DIMSE message"})
+# pynetdicom's lines that the node logs better itself: a C-STORE sub-operation of a C-MOVE
+# or C-GET that failed is one line of node.dicom.retrieve, naming the instance and why.
+_REDUNDANT = frozenset(
+    {
+        "Received an invalid DIMSE message",
+        "C-STORE sub-operation failed.",
+        "'Dataset' object has no attribute 'Status'",
+        "The association with a peer SCP must be established before sending a C-STORE request",
+    }
+)
 
 
 def configure_logging(level: str, process_tag: str = "") -> None:
