@@ -57,6 +57,9 @@ class NodeSettings:
     # Give a presentation context to any SOP class UID the node does not know when it is
     # offered under a storage transfer syntax, and store it like any other instance.
     accept_unknown_sop_classes: bool = False
+    # Associations callers that are not [[peers]] may hold together (the rest are kept for
+    # peers); as loaded, at most max_associations, and all of them with no [[peers]].
+    max_unknown_associations: int = 15
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "relational_queries": _bool,
         "processes": _int_range(0, 256),
         "accept_unknown_sop_classes": _bool,
+        "max_unknown_associations": _int_range(0, 1000),
     },
     "storage": {
         "folder": _string,
@@ -356,9 +360,26 @@ def merge_over_defaults(data: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _unknown_associations(node: dict[str, Any], explicit: bool, peers: bool) -> int:
+    """The slots callers that are not [[peers]] may hold: below max_associations, so that
+    peers always find one. The default shrinks with a small max_associations (keeping one
+    slot for peers); with no [[peers]] there is nobody to keep slots for."""
+    total = node["max_associations"]
+    unknown = node["max_unknown_associations"]
+    if not peers:
+        return total
+    if explicit and unknown >= total:
+        raise ConfigError(
+            "node.max_unknown_associations: must be < node.max_associations, "
+            "so that [[peers]] always find a slot"
+        )
+    return min(unknown, total - 1)
+
+
 def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
     """Validate a parsed TOML document merged over the embedded defaults; relative paths
     are resolved against base_dir."""
+    explicit = "max_unknown_associations" in (data.get("node") or {})
     data = merge_over_defaults(data)
     sections = {name: _check_section(name, data[name], schema) for name, schema in _SCHEMA.items()}
     raw_peers = data["peers"]
@@ -380,6 +401,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
     node = sections["node"]
     if node["max_associations_per_address"] > node["max_associations"]:
         raise ConfigError("node.max_associations_per_address: must be <= node.max_associations")
+    node["max_unknown_associations"] = _unknown_associations(node, explicit, bool(peers))
     storage = sections["storage"]
     folder = (base_dir / storage["folder"]).resolve()
     analysis = sections["analysis"]

@@ -33,6 +33,7 @@ from node.process.server import (
     DicomNode,
     ServiceFactory,
     listener_ports,
+    node_slots,
     recover_storage,
 )
 from node.process.supervision import run_until_signalled, tie_to_parent
@@ -105,9 +106,7 @@ class ServeProcesses:
         self._sockets: dict[int, socket.socket] = {}
         self._stopping = threading.Event()
         self._monitor: threading.Thread | None = None
-        self.slots = AssociationSlots(
-            config.node.max_associations, config.node.max_associations_per_address, processes
-        )
+        self.slots = node_slots(config, processes)
         self.context: NodeContext | None = None
 
     def _spawn(self, number: int) -> threading.Event:
