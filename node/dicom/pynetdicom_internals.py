@@ -37,71 +37,33 @@ class ReliedOn:
 
 
 RELIED_ON: tuple[ReliedOn, ...] = (
-    ReliedOn(
-        DULServiceProvider._read_pdu_data,
-        "self.socket.recv(6)",
-        "guarded_transport bounds the PDU header read",
-    ),
-    ReliedOn(
-        DULServiceProvider._read_pdu_data,
-        "self.socket.recv(pdu_length)",
-        "guarded_transport bounds the PDU body read",
-    ),
-    ReliedOn(
-        RequestHandler._create_association,
-        "AssociationSocket(assoc, client_socket=self.request)",
-        "guarded_transport wraps each acceptor socket",
-    ),
-    ReliedOn(
-        RequestHandler._create_association,
-        "deepcopy(self.server.contexts)",
-        "the shared presentation contexts are not copied per association",
-    ),
-    ReliedOn(
-        DULServiceProvider.run_reactor,
-        "time.sleep(self._run_loop_delay)",
-        "reactor_wakeups replaces the DUL reactor's nap",
-    ),
-    ReliedOn(
-        Association._run_reactor,
-        "self.dimse.get_msg(block=False)",
-        "reactor_wakeups keeps a paused reactor off the sender's responses",
-    ),
-    ReliedOn(
-        Association._run_reactor,
-        "self._reactor_checkpoint.wait()",
-        "reactor_wakeups knows where the reactor pauses",
-    ),
-    ReliedOn(
-        Association.send_c_store,
-        "self._reactor_checkpoint.clear()",
-        "a send pauses the reactor before it reads its response",
-    ),
-    ReliedOn(
-        DIMSEServiceProvider.receive_primitive,
-        "self.msg_queue.put(",
-        "reactor_wakeups wakes the association reactor on a queued message",
-    ),
-    ReliedOn(
-        Association._run_reactor,
-        "self._serve_request(msg,",
-        "peer_silence restarts the idle timer once a request is served",
-    ),
-    ReliedOn(
-        Association._run_reactor,
-        "self.dul.idle_timer_expired()",
-        "peer_silence: the reactor checks the idle timer between requests",
-    ),
-    ReliedOn(
-        DULServiceProvider.idle_timer_expired,
-        "self._idle_timer.expired",
-        "peer_silence restarts or turns off the DUL's idle timer",
-    ),
-    ReliedOn(
-        DULServiceProvider._process_recv_primitive,
-        "self.to_provider_queue.queue[0]",
-        "reactor_wakeups wakes the DUL on a queued primitive",
-    ),
+    ReliedOn(DULServiceProvider._read_pdu_data, "self.socket.recv(6)",
+             "guarded_transport bounds the PDU header read"),
+    ReliedOn(DULServiceProvider._read_pdu_data, "self.socket.recv(pdu_length)",
+             "guarded_transport bounds the PDU body read"),
+    ReliedOn(RequestHandler._create_association,
+             "AssociationSocket(assoc, client_socket=self.request)",
+             "guarded_transport wraps each acceptor socket"),
+    ReliedOn(RequestHandler._create_association, "deepcopy(self.server.contexts)",
+             "the shared presentation contexts are not copied per association"),
+    ReliedOn(DULServiceProvider.run_reactor, "time.sleep(self._run_loop_delay)",
+             "reactor_wakeups replaces the DUL reactor's nap"),
+    ReliedOn(Association._run_reactor, "self.dimse.get_msg(block=False)",
+             "reactor_wakeups keeps a paused reactor off the sender's responses"),
+    ReliedOn(Association._run_reactor, "self._reactor_checkpoint.wait()",
+             "reactor_wakeups knows where the reactor pauses"),
+    ReliedOn(Association.send_c_store, "self._reactor_checkpoint.clear()",
+             "a send pauses the reactor before it reads its response"),
+    ReliedOn(DIMSEServiceProvider.receive_primitive, "self.msg_queue.put(",
+             "reactor_wakeups wakes the association reactor on a queued message"),
+    ReliedOn(Association._run_reactor, "self._serve_request(msg,",
+             "peer_silence restarts the idle timer once a request is served"),
+    ReliedOn(Association._run_reactor, "self.dul.idle_timer_expired()",
+             "peer_silence: the reactor checks the idle timer between requests"),
+    ReliedOn(DULServiceProvider.idle_timer_expired, "self._idle_timer.expired",
+             "peer_silence restarts or turns off the DUL's idle timer"),
+    ReliedOn(DULServiceProvider._process_recv_primitive, "self.to_provider_queue.queue[0]",
+             "reactor_wakeups wakes the DUL on a queued primitive"),
 )
 
 
