@@ -160,10 +160,17 @@ class GuardedAssociationSocket(AssociationSocket):
             except TimeoutError:
                 raise TimeoutError(self._stalled(len(data), nr_bytes)) from None
             if not chunk:
+                self._closed_by_peer()
                 break  # closed by the peer: pynetdicom sees the short read
             data.extend(chunk)
         sock.settimeout(self._limits.read_timeout)  # sends must not block forever either
         return data
+
+    def _closed_by_peer(self) -> None:
+        """A connection closed before its A-ASSOCIATE-RQ gives its pending count back now;
+        pynetdicom ends its association only after ARTIM."""
+        if self._first_pdu and self._slots is not None and self._ticket is not None:
+            self._slots.give_back(self._ticket)
 
     def _stalled(self, received: int, wanted: int) -> str:
         what = "association request" if self._first_pdu else "PDU"

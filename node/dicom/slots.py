@@ -167,11 +167,11 @@ class AssociationSlots:
 
     def give_back(self, ticket: Ticket) -> None:
         """Free what the connection of `ticket` held in this process's row."""
-        if ticket.stage == GONE:
-            return
         base = self.row * self._row_length
         counts = self._counts
-        with self._lock:
+        with self._lock:  # the connection's reactor and its handler may both give back
+            if ticket.stage == GONE:
+                return
             if ticket.stage == PENDING and not ticket.peer_address:
                 counts[base + 2] = max(0, counts[base + 2] - 1)
             elif ticket.stage in (PEER, UNKNOWN):
@@ -179,7 +179,7 @@ class AssociationSlots:
                 if ticket.stage == UNKNOWN:
                     counts[base + 1] = max(0, counts[base + 1] - 1)
             self._add_address(address_key(ticket.address), -1)
-        ticket.stage = GONE
+            ticket.stage = GONE
 
     def clear_row(self, row: int) -> None:
         """Forget every slot serve process `row` held (it died; its sockets are gone)."""
