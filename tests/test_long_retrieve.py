@@ -105,6 +105,29 @@ def test_a_move_longer_than_the_network_timeout_keeps_its_association(setup: Set
     assert "Network timeout reached" not in log
 
 
+def test_the_caller_may_think_a_moment_after_a_long_move(setup: Setup) -> None:
+    """After a move longer than the timeout, the caller's association is as fresh as after
+    any answer: it can wait a little and ask again (no race with an A-RELEASE-RQ here)."""
+    setup.slow.delay = 0.8
+    ae = AE(ae_title="PYMOVE")
+    ae.add_requested_context(Move)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    assoc = ae.associate(setup.node.host, setup.node.port, ae_title=setup.node.ae_title)
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = setup.study[0].study
+    try:
+        responses = list(assoc.send_c_move(query, "SLOW", Move))
+        assert responses[-1][0].Status == 0x0000
+        time.sleep(NETWORK_TIMEOUT / 4)
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        if assoc.is_established:
+            assoc.release()
+
+
 def test_a_silent_caller_is_still_dropped_after_the_network_timeout(setup: Setup) -> None:
     """What the timeout is for: a caller that says nothing while the node waits for it."""
     ae = AE(ae_title="SILENT")
