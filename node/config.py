@@ -360,26 +360,19 @@ def merge_over_defaults(data: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def _unknown_associations(node: dict[str, Any], explicit: bool, peers: bool) -> int:
-    """The slots callers that are not [[peers]] may hold: below max_associations, so that
-    peers always find one. The default shrinks with a small max_associations (keeping one
-    slot for peers); with no [[peers]] there is nobody to keep slots for."""
+def _unknown_associations(node: dict[str, Any], peers: bool) -> int:
+    """The slots callers that are not [[peers]] may hold: at most max_associations - 1, so
+    that peers always find one (a file that lowers max_associations alone keeps working);
+    with no [[peers]] there is nobody to keep slots for."""
     total = node["max_associations"]
-    unknown = node["max_unknown_associations"]
     if not peers:
         return total
-    if explicit and unknown >= total:
-        raise ConfigError(
-            "node.max_unknown_associations: must be < node.max_associations, "
-            "so that [[peers]] always find a slot"
-        )
-    return min(unknown, total - 1)
+    return min(node["max_unknown_associations"], total - 1)
 
 
 def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
     """Validate a parsed TOML document merged over the embedded defaults; relative paths
     are resolved against base_dir."""
-    explicit = "max_unknown_associations" in (data.get("node") or {})
     data = merge_over_defaults(data)
     sections = {name: _check_section(name, data[name], schema) for name, schema in _SCHEMA.items()}
     raw_peers = data["peers"]
@@ -401,7 +394,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
     node = sections["node"]
     if node["max_associations_per_address"] > node["max_associations"]:
         raise ConfigError("node.max_associations_per_address: must be <= node.max_associations")
-    node["max_unknown_associations"] = _unknown_associations(node, explicit, bool(peers))
+    node["max_unknown_associations"] = _unknown_associations(node, bool(peers))
     storage = sections["storage"]
     folder = (base_dir / storage["folder"]).resolve()
     analysis = sections["analysis"]
