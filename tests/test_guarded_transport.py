@@ -9,6 +9,7 @@ import queue
 import socket
 import struct
 import time
+from types import SimpleNamespace
 
 import pynetdicom.association
 import pynetdicom.dul
@@ -18,6 +19,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.timer import Timer
 from pynetdicom.transport import (
     AddressInformation,
     AssociationServer,
@@ -36,6 +38,7 @@ from node.dicom.guarded_transport import (
     SharedContexts,
     guard_socket,
 )
+from node.dicom.peer_silence import no_idle_timeout_as_requestor, restart_after_each_request
 from node.dicom.reactor_wakeups import (
     ASSOCIATION_REACTOR_NAP,
     install,
@@ -304,3 +307,29 @@ def test_woken_requestor_gets_every_response_from_a_fast_peer(tmp_path) -> None:
         scp.stop()
     assert statuses == [0] * len(images)
     assert len(scp.received_uids()) == len(images)
+
+
+# --- the idle timer (node.dicom.peer_silence) ---------------------------------------------
+
+
+def test_the_idle_timer_restarts_once_a_request_is_served() -> None:
+    """A request served for longer than network_timeout (a long C-FIND before its first
+    match) leaves a fresh timer: the node waits for the peer only from then on."""
+    timer = Timer(0.05)
+    timer.start()
+    assoc = SimpleNamespace(
+        dul=SimpleNamespace(_idle_timer=timer), _serve_request=lambda msg, cx: time.sleep(0.1)
+    )
+    restart_after_each_request(assoc)
+    assoc._serve_request(None, 1)
+    assert not timer.expired
+    time.sleep(0.06)
+    assert timer.expired  # the peer's silence still counts
+
+
+def test_the_node_s_requestor_associations_have_no_idle_timeout() -> None:
+    timer = Timer(0.01)
+    timer.start()
+    no_idle_timeout_as_requestor(SimpleNamespace(dul=SimpleNamespace(_idle_timer=timer)))
+    time.sleep(0.02)
+    assert not timer.expired

@@ -20,10 +20,11 @@ from pydicom.uid import (
     JPEGBaseline8Bit,
     SecondaryCaptureImageStorage,
 )
-from pynetdicom import AE, evt
+from pynetdicom import AE, build_role, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
 )
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet as Get
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelMove as Move
 from retrieve_data import Item, build_archive, retrieve_keys, run_scu, send_as_stored
 
@@ -126,6 +127,47 @@ def test_the_caller_may_think_a_moment_after_a_long_move(setup: Setup) -> None:
     finally:
         if assoc.is_established:
             assoc.release()
+
+
+def test_a_get_longer_than_the_network_timeout_keeps_its_association(setup: Setup) -> None:
+    """C-GET: the caller stores each instance itself, slowly; the node waits for it, but
+    only for each answer, never for the whole retrieve."""
+    received: list[str] = []
+
+    def store(event: evt.Event) -> int:
+        time.sleep(0.8)
+        received.append(str(event.request.AffectedSOPInstanceUID))
+        return 0x0000
+
+    ae = AE(ae_title="PYGET")
+    ae.add_requested_context(Get)
+    ae.add_requested_context("1.2.840.10008.1.1")
+    syntaxes = [JPEGBaseline8Bit, ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+    ae.add_requested_context(SecondaryCaptureImageStorage, syntaxes)
+    role = build_role(SecondaryCaptureImageStorage, scp_role=True)
+    assoc = ae.associate(
+        setup.node.host,
+        setup.node.port,
+        ae_title=setup.node.ae_title,
+        ext_neg=[role],
+        evt_handlers=[(evt.EVT_C_STORE, store)],
+    )
+    assert assoc.is_established
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = setup.study[0].study
+    try:
+        started = time.monotonic()
+        responses = list(assoc.send_c_get(query, Get))
+        assert time.monotonic() - started > NETWORK_TIMEOUT
+        assert responses[-1][0].Status == 0x0000
+        time.sleep(NETWORK_TIMEOUT / 4)
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0x0000
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    assert sorted(received) == sorted(item.sop for item in setup.study)
 
 
 def test_a_silent_caller_is_still_dropped_after_the_network_timeout(setup: Setup) -> None:
