@@ -301,7 +301,8 @@ class GuardedRequestHandler(RequestHandler):
         assoc = super()._create_association()
         guard_socket(assoc.dul.socket, self.server.limits)
         assoc.dul.socket._slots = self.server.slots
-        assoc.dul.socket._ticket = self.server.ticket(self.request)
+        # By address and port: after a TLS handshake `self.request` is another object.
+        assoc.dul.socket._ticket = self.server.ticket(self.client_address)
         make_responsive(assoc)
         restart_after_each_request(assoc)
         self._assoc = assoc
@@ -348,7 +349,7 @@ class GuardedServer(ThreadedAssociationServer):
         self.limits = limits
         self.tls_context = tls_context
         self._listening_socket = listening_socket
-        self._tickets: dict[int, Ticket] = {}
+        self._tickets: dict[tuple, Ticket] = {}  # by the connection's (address, port)
         self._tickets_lock = threading.Lock()
         super().__init__(*args, **kwargs)
         # One process alone: slots for this server's AE only.
@@ -405,19 +406,19 @@ class GuardedServer(ThreadedAssociationServer):
             )
             return False
         with self._tickets_lock:
-            self._tickets[id(request)] = ticket
+            self._tickets[tuple(client_address[:2])] = ticket
         return True
 
-    def ticket(self, request) -> Ticket | None:
+    def ticket(self, client_address) -> Ticket | None:
         with self._tickets_lock:
-            return self._tickets.get(id(request))
+            return self._tickets.get(tuple(client_address[:2]))
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             with self._tickets_lock:
-                ticket = self._tickets.pop(id(request), None)
+                ticket = self._tickets.pop(tuple(client_address[:2]), None)
             if ticket is not None:
                 self.slots.give_back(ticket)
 
