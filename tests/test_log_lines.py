@@ -43,10 +43,12 @@ def lax_pynetdicom() -> Iterator[None]:
 def test_control_characters_from_a_peer_stay_inside_their_line(
     node: NodeProcess, siim_dicom_files: list[Path], lax_pynetdicom: None
 ) -> None:
-    for title in ("EVIL\n2026-01-01", "\r\n2026-01-01\x1b"):
-        ae = AE(ae_title=title)
+    titles = [("EVIL\n2026-01-01", node.ae_title), ("\r\n2026-01-01\x1b", node.ae_title)]
+    titles.append(("HONEST", "X\n2026-01-01"))  # the called AE title
+    for calling, called in titles:
+        ae = AE(ae_title=calling)
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-        assoc = ae.associate(node.host, node.port, ae_title=node.ae_title)
+        assoc = ae.associate(node.host, node.port, ae_title=called)
         if assoc.is_established:
             assoc.release()
     ae = AE(ae_title="HONEST")
