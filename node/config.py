@@ -57,6 +57,9 @@ class NodeSettings:
     # Give a presentation context to any SOP class UID the node does not know when it is
     # offered under a storage transfer syntax, and store it like any other instance.
     accept_unknown_sop_classes: bool = False
+    # Associations callers that are not [[peers]] may hold together (the rest are kept for
+    # peers); as loaded, at most max_associations, and all of them with no [[peers]].
+    max_unknown_associations: int = 15
 
 
 @dataclass(frozen=True)
@@ -254,6 +257,7 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "relational_queries": _bool,
         "processes": _int_range(0, 256),
         "accept_unknown_sop_classes": _bool,
+        "max_unknown_associations": _int_range(0, 1000),
     },
     "storage": {
         "folder": _string,
@@ -356,6 +360,16 @@ def merge_over_defaults(data: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def _unknown_associations(node: dict[str, Any], peers: bool) -> int:
+    """The slots callers that are not [[peers]] may hold: at most max_associations - 1, so
+    that peers always find one (a file that lowers max_associations alone keeps working);
+    with no [[peers]] there is nobody to keep slots for."""
+    total = node["max_associations"]
+    if not peers:
+        return total
+    return min(node["max_unknown_associations"], total - 1)
+
+
 def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
     """Validate a parsed TOML document merged over the embedded defaults; relative paths
     are resolved against base_dir."""
@@ -380,6 +394,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
     node = sections["node"]
     if node["max_associations_per_address"] > node["max_associations"]:
         raise ConfigError("node.max_associations_per_address: must be <= node.max_associations")
+    node["max_unknown_associations"] = _unknown_associations(node, bool(peers))
     storage = sections["storage"]
     folder = (base_dir / storage["folder"]).resolve()
     analysis = sections["analysis"]

@@ -104,6 +104,7 @@ def test_peers_in_a_file_replace_the_default_peers(tmp_path: Path, text, peers) 
         ("peers = 5", "peers: must be an array of tables"),
         ("peers = []\n[node]\naccept_unknown_callers = false", "node.accept_unknown_callers:"),
         ("[node]\nmax_associations_per_address = 30", "node.max_associations_per_address:"),
+        ("[node]\nmax_unknown_associations = -1", "node.max_unknown_associations: -1"),
         (
             "[delivery]\nretry_initial_seconds = 500.0",
             "delivery.retry_max_seconds: must be >= delivery.retry_initial_seconds",
@@ -129,6 +130,24 @@ def test_bad_key_is_named(tmp_path: Path, capsys, text, message) -> None:
     assert code == EXIT_CONFIG_ERROR
     assert len(err.strip().splitlines()) == 1
     assert message in err
+
+
+@pytest.mark.parametrize(
+    ("text", "unknown"),
+    [
+        ("", 15),  # the default, with the default [[peers]]
+        ("[node]\nmax_associations = 5\nmax_associations_per_address = 5", 4),
+        ("peers = []\n[node]\nmax_associations = 5\nmax_associations_per_address = 5", 5),
+        ("[node]\nmax_unknown_associations = 0", 0),
+        ("[node]\nmax_unknown_associations = 20", 19),  # peers keep at least one
+    ],
+)
+def test_unknown_callers_leave_slots_for_peers(tmp_path: Path, text, unknown) -> None:
+    """A default that does not fit a small max_associations keeps one slot for peers; with
+    no [[peers]] there is nobody to keep slots for."""
+    path = tmp_path / "config.toml"
+    path.write_text(text + "\n")
+    assert load_config(path).node.max_unknown_associations == unknown
 
 
 def test_a_cross_key_check_sees_the_defaults(tmp_path: Path, capsys) -> None:

@@ -9,6 +9,7 @@ import queue
 import socket
 import struct
 import time
+from types import SimpleNamespace
 
 import pynetdicom.association
 import pynetdicom.dul
@@ -18,6 +19,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+from pynetdicom.timer import Timer
 from pynetdicom.transport import (
     AddressInformation,
     AssociationServer,
@@ -36,13 +38,14 @@ from node.dicom.guarded_transport import (
     SharedContexts,
     guard_socket,
 )
+from node.dicom.peer_silence import no_idle_timeout_as_requestor, restart_after_each_request
 from node.dicom.reactor_wakeups import (
     ASSOCIATION_REACTOR_NAP,
     install,
     keep_responses_for_the_sender,
     wake_on_put,
 )
-from node.dicom.slots import ADDRESS_FULL, ADMITTED, NODE_FULL, AssociationSlots
+from node.dicom.slots import ADDRESS_FULL, ADMITTED, PENDING_FULL, UNKNOWN_FULL, AssociationSlots
 from node.process.server import build_ae
 
 LIMITS = GuardLimits(read_timeout=0.3, request_timeout=0.3, max_pdu_length=1024, max_per_address=2)
@@ -103,12 +106,8 @@ def test_a_whole_pdu_passes(guarded) -> None:
 
 
 def test_pynetdicom_reactors_nap_where_the_wakeups_take_over() -> None:
-    assert "time.sleep(self._run_loop_delay)" in inspect.getsource(
-        DULServiceProvider.run_reactor
-    )
-    assert f"time.sleep({ASSOCIATION_REACTOR_NAP})" in inspect.getsource(
-        Association._run_reactor
-    )
+    assert "time.sleep(self._run_loop_delay)" in inspect.getsource(DULServiceProvider.run_reactor)
+    assert f"time.sleep({ASSOCIATION_REACTOR_NAP})" in inspect.getsource(Association._run_reactor)
     assert "self.dimse.get_msg(block=False)" in inspect.getsource(Association._run_reactor)
     assert "self.msg_queue.put(" in inspect.getsource(DIMSEServiceProvider.receive_primitive)
     assert "self.to_provider_queue.queue[0]" in inspect.getsource(
@@ -140,9 +139,7 @@ def test_a_queued_primitive_wakes_the_dul() -> None:
 
 
 def test_pynetdicom_copies_the_server_contexts_for_each_association() -> None:
-    assert "deepcopy(self.server.contexts)" in inspect.getsource(
-        RequestHandler._create_association
-    )
+    assert "deepcopy(self.server.contexts)" in inspect.getsource(RequestHandler._create_association)
     shared = SharedContexts([object()])
     assert copy.deepcopy(shared) is shared
 
@@ -168,20 +165,45 @@ def test_acceptor_negotiation_leaves_the_supported_contexts_untouched() -> None:
 
 
 def test_slots_count_for_the_whole_node_across_process_rows() -> None:
-    slots = AssociationSlots(total=3, per_address=2, processes=2)
+    slots = AssociationSlots(total=3, per_address=2, processes=2, unknown=2)
     first, second = slots.for_process(0), slots.for_process(1)
-    assert first.take("10.0.0.1").outcome == ADMITTED
-    assert second.take("10.0.0.1").outcome == ADMITTED
-    verdict = first.take("10.0.0.1")
+
+    def associate(row: AssociationSlots, address: str, peer: bool = False):
+        verdict, ticket = row.connect(address, peer_address=peer)
+        if verdict.outcome == ADMITTED:
+            assert row.associate(ticket, peer) == ADMITTED or not peer
+        return verdict, ticket
+
+    a, ticket_a = associate(first, "10.0.0.1")
+    b, _ = associate(second, "10.0.0.1")
+    assert a.outcome == b.outcome == ADMITTED
+    verdict, _ = first.connect("10.0.0.1")
     assert verdict.outcome == ADDRESS_FULL and verdict.held_by_address == 2
-    assert second.take("10.0.0.2").outcome == ADMITTED
-    assert first.take("10.0.0.3").outcome == NODE_FULL
+    # Unknown callers hold their 2 of 3: the third slot is a peer's.
+    verdict, ticket = second.connect("10.0.0.2")
+    assert verdict.outcome == ADMITTED
+    assert second.associate(ticket, peer=False) == UNKNOWN_FULL
+    _, peer_ticket = associate(second, "10.0.0.9", peer=True)
     assert slots.held() == 3
-    first.give_back("10.0.0.1")
-    assert first.take("10.0.0.3").outcome == ADMITTED
-    second.clear_row(1)  # process 2 died: its two slots are free
+    first.give_back(ticket_a)
+    assert slots.held() == 2
+    second.clear_row(1)  # process 2 died: its slots are free
+    assert slots.held() == 0
+
+
+def test_waiting_connections_take_no_association_slot() -> None:
+    slots = AssociationSlots(total=4, per_address=3, processes=1, unknown=2)
+    waiting = [slots.connect(address)[0].outcome for address in ("10.0.0.1", "10.0.0.2")]
+    assert waiting == [ADMITTED, ADMITTED]
+    verdict, _ = slots.connect("10.0.0.3")
+    assert verdict.outcome == PENDING_FULL  # unknown hosts: 2 may wait at once
+    verdict, ticket = slots.connect("10.0.0.9", peer_address=True)  # a peer's host
+    assert verdict.outcome == ADMITTED
+    assert slots.associate(ticket, peer=True) == ADMITTED
     assert slots.held() == 1
-    assert first.take("10.0.0.1").outcome == ADMITTED
+    slots.give_back(ticket)
+    slots.give_back(ticket)  # twice is harmless
+    assert slots.held() == 0
 
 
 def test_nothing_of_the_server_keeps_a_finished_association_alive() -> None:
@@ -200,10 +222,13 @@ def test_nothing_of_the_server_keeps_a_finished_association_alive() -> None:
     served: list[weakref.ref] = []
     ae = AE()
     ae.add_supported_context(Verification)
-    limits = GuardLimits(read_timeout=5, request_timeout=5, max_pdu_length=1 << 20,
-                         max_per_address=4)
+    limits = GuardLimits(
+        read_timeout=5, request_timeout=5, max_pdu_length=1 << 20, max_per_address=4
+    )
     server = ae.make_server(
-        ("127.0.0.1", 0), server_class=GuardedServer, request_handler=GuardedRequestHandler,
+        ("127.0.0.1", 0),
+        server_class=GuardedServer,
+        request_handler=GuardedRequestHandler,
         limits=limits,
         evt_handlers=[(evt.EVT_ESTABLISHED, lambda event: served.append(weakref.ref(event.assoc)))],
     )
@@ -282,3 +307,29 @@ def test_woken_requestor_gets_every_response_from_a_fast_peer(tmp_path) -> None:
         scp.stop()
     assert statuses == [0] * len(images)
     assert len(scp.received_uids()) == len(images)
+
+
+# --- the idle timer (node.dicom.peer_silence) ---------------------------------------------
+
+
+def test_the_idle_timer_restarts_once_a_request_is_served() -> None:
+    """A request served for longer than network_timeout (a long C-FIND before its first
+    match) leaves a fresh timer: the node waits for the peer only from then on."""
+    timer = Timer(0.05)
+    timer.start()
+    assoc = SimpleNamespace(
+        dul=SimpleNamespace(_idle_timer=timer), _serve_request=lambda msg, cx: time.sleep(0.1)
+    )
+    restart_after_each_request(assoc)
+    assoc._serve_request(None, 1)
+    assert not timer.expired
+    time.sleep(0.06)
+    assert timer.expired  # the peer's silence still counts
+
+
+def test_the_node_s_requestor_associations_have_no_idle_timeout() -> None:
+    timer = Timer(0.01)
+    timer.start()
+    no_idle_timeout_as_requestor(SimpleNamespace(dul=SimpleNamespace(_idle_timer=timer)))
+    time.sleep(0.02)
+    assert not timer.expired

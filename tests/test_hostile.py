@@ -187,7 +187,7 @@ def test_one_address_holds_at_most_its_share(tmp_path: Path) -> None:
         for a in held:
             if a.is_established:
                 a.release()
-        wait_for_log(node, "refused connection from 127.0.0.2: it holds 2 associations", timeout=10)
+        wait_for_log(node, "refused connection from 127.0.0.2: it holds 2 connections", timeout=10)
     finally:
         assert node.stop() == 0
 

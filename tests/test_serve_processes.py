@@ -76,8 +76,8 @@ def _alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def _start(workdir: Path, node_settings: dict):
-    node = start_node(workdir, {"node": {"processes": 2, **node_settings}})
+def _start(workdir: Path, node_settings: dict, **sections):
+    node = start_node(workdir, {"node": {"processes": 2, **node_settings}, **sections})
     wait_for_log(node, "in 2 serve processes", timeout=60)
     return node
 
@@ -133,7 +133,10 @@ def test_the_address_limit_holds_across_processes(tmp_path: Path) -> None:
 
 
 def test_the_node_limit_holds_across_processes(tmp_path: Path) -> None:
-    node = _start(tmp_path / "full", {"max_associations": 3, "max_associations_per_address": 3})
+    # No [[peers]]: unknown callers may take every slot (none is kept for peers).
+    node = _start(
+        tmp_path / "full", {"max_associations": 3, "max_associations_per_address": 3}, peers=[]
+    )
     try:
         held = [_associate(node, "FILLER", f"127.0.0.{n}") for n in (2, 3, 4)]
         assert all(a.is_established for a in held)

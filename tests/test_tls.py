@@ -4,12 +4,14 @@ sends to the node, the node's result sender delivers to Orthanc), certificates m
 
 from __future__ import annotations
 
+import ssl
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 from dicom_data import file_bytes
+from pynetdicom import AE
 from sqlalchemy import create_engine
 from tls_support import Pki, make_pki
 
@@ -199,3 +201,39 @@ def test_orthanc_dicom_tls_both_ways(tmp_path: Path, pki: Pki) -> None:
     finally:
         assert node.stop() == 0
         orthanc.stop()
+
+
+def test_associations_over_tls_count_against_the_slots(tmp_path: Path, pki: Pki) -> None:
+    """The handshake replaces the connection's socket: its slot must still be found."""
+    node = start_node(
+        tmp_path / "slots",
+        {
+            "tls": tls_section(pki),
+            "node": {"max_associations": 2, "max_associations_per_address": 2},
+            "peers": [],
+        },
+    )
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.check_hostname = False
+    ae = AE(ae_title="TLSCALLER")
+    ae.add_requested_context("1.2.840.10008.1.1")
+    held = []
+    try:
+        for source in ("127.0.0.2", "127.0.0.3", "127.0.0.4"):
+            held.append(
+                ae.associate(
+                    "127.0.0.1",
+                    node.tls_port,
+                    ae_title=node.ae_title,
+                    tls_args=(context, None),
+                    bind_address=(source, 0),
+                )
+            )
+        assert [a.is_established for a in held] == [True, True, False]
+        assert held[2].is_rejected
+        wait_for_log(node, "association rejected: the node holds node.max_associations")
+    finally:
+        for assoc in held:
+            if assoc.is_established:
+                assoc.release()
+        assert node.stop() == 0

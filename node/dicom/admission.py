@@ -52,6 +52,15 @@ class Admission:
             peer.ae_title: _addresses(peer.host) for peer in config.peers if not peer.any_address
         }
 
+    def is_peer(self, calling: str) -> bool:
+        """Whether `calling` is a [[peers]] AE title (asked once `__call__` let it in)."""
+        return calling in self.peers
+
+    def is_peer_host(self, address: str) -> bool:
+        """Whether `address` is the host of a [[peers]] entry bound to its addresses."""
+        remote = _normalised(address)
+        return any(remote in addresses for addresses in self._addresses.values())
+
     def __call__(self, calling: str, called: str, address: str) -> str | None:
         peer = self.peers.get(calling)
         if peer is None:

@@ -17,7 +17,9 @@ Pending responses written in batches). `tests/test_guarded_transport.py` and
   hold, does the TLS handshake in the connection's own thread with a deadline, not in the
   accept loop where one silent client would stop every other, and shares one copy of the
   supported presentation contexts instead of pynetdicom's deep copy per association;
-- `node.dicom.reactor_wakeups` wakes pynetdicom's two polling reactors when there is work.
+- `node.dicom.reactor_wakeups` wakes pynetdicom's two polling reactors when there is work;
+- `node.dicom.peer_silence` keeps the idle timer (`node.network_timeout`) from counting the
+  time the node spends serving a request.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from dataclasses import dataclass
 
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
+from node.dicom.peer_silence import restart_after_each_request
 from node.dicom.reactor_wakeups import close_wakeups, make_responsive
-from node.dicom.slots import ADDRESS_FULL, NODE_FULL, AssociationSlots
+from node.dicom.slots import ADDRESS_FULL, ADMITTED, NODE_FULL, AssociationSlots, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +81,10 @@ class GuardLimits:
     max_pdu_length: int  # the node's maximum PDU (0: unlimited)
     max_per_address: int  # associations one remote address may hold at once
     admission: Admission | None = None
+    # Whether a calling AE title is a [[peers]] one (asked once admission let it in), and
+    # whether an address is the host of one: they get the slots unknown callers cannot.
+    is_peer: Callable[[str], bool] | None = None
+    is_peer_host: Callable[[str], bool] | None = None
 
 
 class PduRefused(ConnectionAbortedError):
@@ -98,7 +105,8 @@ class GuardedAssociationSocket(AssociationSocket):
     _pdu_type: int
     _first_pdu: bool
     _accepted_ids: frozenset[int] | None
-    _node_full: bool
+    _slots: AssociationSlots | None
+    _ticket: Ticket | None
 
     def recv(self, nr_bytes: int) -> bytearray:
         if self._expect_header:
@@ -152,10 +160,17 @@ class GuardedAssociationSocket(AssociationSocket):
             except TimeoutError:
                 raise TimeoutError(self._stalled(len(data), nr_bytes)) from None
             if not chunk:
+                self._closed_by_peer()
                 break  # closed by the peer: pynetdicom sees the short read
             data.extend(chunk)
         sock.settimeout(self._limits.read_timeout)  # sends must not block forever either
         return data
+
+    def _closed_by_peer(self) -> None:
+        """A connection closed before its A-ASSOCIATE-RQ gives its pending count back now;
+        pynetdicom ends its association only after ARTIM."""
+        if self._first_pdu and self._slots is not None and self._ticket is not None:
+            self._slots.give_back(self._ticket)
 
     def _stalled(self, received: int, wanted: int) -> str:
         what = "association request" if self._first_pdu else "PDU"
@@ -191,22 +206,35 @@ class GuardedAssociationSocket(AssociationSocket):
 
     def _admit(self, body: bytes) -> None:
         """Apply the admission rule to the A-ASSOCIATE-RQ (PS3.8 9.3.2: protocol version,
-        reserved, called AE title, calling AE title, each title 16 bytes)."""
-        if self._node_full:
+        reserved, called AE title, calling AE title, each title 16 bytes), then take an
+        association slot for the connection: a [[peers]] caller may take any, an unknown
+        one only those of node.max_unknown_associations."""
+        called = body[4:20].decode("ascii", "replace").strip() if len(body) >= 36 else ""
+        calling = body[20:36].decode("ascii", "replace").strip() if len(body) >= 36 else ""
+        limits = self._limits
+        if limits.admission is not None and len(body) >= 36:
+            reason = limits.admission(calling, called, self.assoc.requestor.address_info.address)
+            if reason is not None:
+                self._refuse(
+                    REJECT_CALLING_AE,
+                    f"association rejected: calling AE {calling!r}: {reason}",
+                    level=logging.INFO,
+                )
+        if self._slots is None or self._ticket is None:
+            return
+        peer = limits.is_peer is not None and limits.is_peer(calling)
+        outcome = self._slots.associate(self._ticket, peer)
+        if outcome == NODE_FULL:
             self._refuse(
                 REJECT_LOCAL_LIMIT,
-                "association rejected: the node holds node.max_associations associations",
+                "association rejected: the node holds node.max_associations associations, "
+                f"calling AE {calling!r}",
             )
-        if self._limits.admission is None or len(body) < 36:
-            return
-        called = body[4:20].decode("ascii", "replace").strip()
-        calling = body[20:36].decode("ascii", "replace").strip()
-        reason = self._limits.admission(calling, called, self.assoc.requestor.address_info.address)
-        if reason is not None:
+        if outcome != ADMITTED:
             self._refuse(
-                REJECT_CALLING_AE,
-                f"association rejected: calling AE {calling!r}: {reason}",
-                level=logging.INFO,
+                REJECT_LOCAL_LIMIT,
+                "association rejected: callers not in [[peers]] hold "
+                f"node.max_unknown_associations associations, calling AE {calling!r}",
             )
 
     def _refuse(self, answer: bytes, message: str, level: int = logging.WARNING) -> None:
@@ -226,7 +254,8 @@ def guard_socket(assoc_socket: AssociationSocket, limits: GuardLimits) -> None:
     guarded._pdu_type = 0
     guarded._first_pdu = True
     guarded._accepted_ids = None
-    guarded._node_full = False
+    guarded._slots = None
+    guarded._ticket = None
     if guarded.socket is not None:
         guarded.socket.settimeout(limits.read_timeout)
         # Streams of small responses (C-FIND Pendings) must not wait for delayed ACKs.
@@ -271,8 +300,11 @@ class GuardedRequestHandler(RequestHandler):
     def _create_association(self):  # noqa: ANN202 - pynetdicom's own return type
         assoc = super()._create_association()
         guard_socket(assoc.dul.socket, self.server.limits)
-        assoc.dul.socket._node_full = self.server.is_over_limit(self.request)
+        assoc.dul.socket._slots = self.server.slots
+        # By address and port: after a TLS handshake `self.request` is another object.
+        assoc.dul.socket._ticket = self.server.ticket(self.client_address)
         make_responsive(assoc)
+        restart_after_each_request(assoc)
         self._assoc = assoc
         return assoc
 
@@ -317,8 +349,8 @@ class GuardedServer(ThreadedAssociationServer):
         self.limits = limits
         self.tls_context = tls_context
         self._listening_socket = listening_socket
-        self._over_limit: set[int] = set()
-        self._over_limit_lock = threading.Lock()
+        self._tickets: dict[tuple, Ticket] = {}  # by the connection's (address, port)
+        self._tickets_lock = threading.Lock()
         super().__init__(*args, **kwargs)
         # One process alone: slots for this server's AE only.
         self.slots = slots or AssociationSlots(
@@ -348,40 +380,47 @@ class GuardedServer(ThreadedAssociationServer):
             super().server_activate()
 
     def verify_request(self, request, client_address) -> bool:
-        """Take a node-wide slot for the connection, or refuse it.
+        """Count the connection as pending (node.dicom.slots), or refuse it at once.
 
-        Runs in the accept loop. An address that holds its share is refused at once; when
-        the node is full the connection is kept just long enough to answer its
-        A-ASSOCIATE-RQ with a transient rejection (local limit exceeded).
+        Runs in the accept loop. An address that holds its share is refused, and so is an
+        address that is no peer's host while node.max_unknown_associations connections
+        from such addresses wait for their A-ASSOCIATE-RQ. The association slot is taken
+        when the A-ASSOCIATE-RQ names the caller (GuardedAssociationSocket._admit).
         """
         address = str(client_address[0])
-        verdict = self.slots.take(address)
+        peer_host = self.limits.is_peer_host is not None and self.limits.is_peer_host(address)
+        verdict, ticket = self.slots.connect(address, peer_host)
         if verdict.outcome == ADDRESS_FULL:
             log.warning(
-                "refused connection from %s: it holds %d associations "
+                "refused connection from %s: it holds %d connections "
                 "(node.max_associations_per_address)",
                 address,
                 verdict.held_by_address,
             )
             return False
-        if verdict.outcome == NODE_FULL:
-            with self._over_limit_lock:
-                self._over_limit.add(id(request))
+        if verdict.outcome != ADMITTED:
+            log.warning(
+                "refused connection from %s: node.max_unknown_associations connections from "
+                "unknown hosts wait for their association request",
+                address,
+            )
+            return False
+        with self._tickets_lock:
+            self._tickets[tuple(client_address[:2])] = ticket
         return True
 
-    def is_over_limit(self, request) -> bool:
-        with self._over_limit_lock:
-            return id(request) in self._over_limit
+    def ticket(self, client_address) -> Ticket | None:
+        with self._tickets_lock:
+            return self._tickets.get(tuple(client_address[:2]))
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self._over_limit_lock:
-                over_limit = id(request) in self._over_limit
-                self._over_limit.discard(id(request))
-            if not over_limit:
-                self.slots.give_back(str(client_address[0]))
+            with self._tickets_lock:
+                ticket = self._tickets.pop(tuple(client_address[:2]), None)
+            if ticket is not None:
+                self.slots.give_back(ticket)
 
     def handle_error(self, request, client_address) -> None:
         """One log line instead of socketserver's traceback on stderr."""

@@ -20,6 +20,7 @@ from pynetdicom.sop_class import Verification
 
 from node.config import Config, Peer
 from node.context import NodeContext
+from node.dicom.peer_silence import no_idle_timeout_as_requestor
 from node.dicom.retrieve import Retrieve, refuse, select_instances, sub_operations
 from node.dicom.send_instances import connection_arguments, send_without_delay
 
@@ -48,6 +49,7 @@ class _DestinationAssociation:
     def _accepted(self, event: evt.Event) -> None:
         self.assoc = event.assoc
         send_without_delay(event.assoc)
+        no_idle_timeout_as_requestor(event.assoc)  # converting a file is the node's work
         log.info(
             "%s association to %s at %s:%d%s: %d of %d contexts accepted",
             self.retrieve.service,

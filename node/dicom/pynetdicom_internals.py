@@ -56,6 +56,12 @@ RELIED_ON: tuple[ReliedOn, ...] = (
              "a send pauses the reactor before it reads its response"),
     ReliedOn(DIMSEServiceProvider.receive_primitive, "self.msg_queue.put(",
              "reactor_wakeups wakes the association reactor on a queued message"),
+    ReliedOn(Association._run_reactor, "self._serve_request(msg,",
+             "peer_silence restarts the idle timer once a request is served"),
+    ReliedOn(Association._run_reactor, "self.dul.idle_timer_expired()",
+             "peer_silence: the reactor checks the idle timer between requests"),
+    ReliedOn(DULServiceProvider.idle_timer_expired, "self._idle_timer.expired",
+             "peer_silence restarts or turns off the DUL's idle timer"),
     ReliedOn(DULServiceProvider._process_recv_primitive, "self.to_provider_queue.queue[0]",
              "reactor_wakeups wakes the DUL on a queued primitive"),
 )

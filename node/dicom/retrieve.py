@@ -81,9 +81,28 @@ class Retrieve:
         self.counts = {"completed": 0, "warning": 0, "failed": 0}
         self.status: int | None = None  # a status the handler answered itself
         self._notes: dict[str, str] = {}
+        self._awaiting: str | None = None  # the instance sent and not yet answered
 
     def sending(self, outgoing: Outgoing) -> None:
         self._notes[outgoing.instance.sop_instance_uid] = outgoing.describe()
+        self._awaiting = outgoing.instance.sop_instance_uid
+
+    def settle(self) -> None:
+        """pynetdicom has moved on from the instance last sent: without a response (the
+        receiver timed out, aborted, answered nonsense, or the association was gone) it
+        failed. pynetdicom counts it so, but logs only an exception's text."""
+        uid = self._awaiting
+        if uid is None:
+            return
+        self._awaiting = None
+        self._notes.pop(uid, None)
+        self.counts["failed"] += 1
+        log.warning(
+            "%s SOP %s to %s failed: no response (timed out, aborted or not associated)",
+            self.service,
+            uid,
+            self.destination,
+        )
 
     def refused(self, outgoing: Outgoing) -> None:
         self.counts["failed"] += 1
@@ -99,8 +118,9 @@ class Retrieve:
         """EVT_DIMSE_RECV of the association the sub-operations run on: one line per
         instance sent, with the receiver's status."""
         command = event.message.command_set
-        if command.get("CommandField") != C_STORE_RSP:
-            return
+        if command.get("CommandField") != C_STORE_RSP or self._awaiting is None:
+            return  # not a store response, or one that came after the node gave up
+        self._awaiting = None
         code = int(command.Status)
         uid = str(command.get("AffectedSOPInstanceUID", ""))
         category = STORAGE_SERVICE_CLASS_STATUS.get(code, ("Failure",))[0]
@@ -115,8 +135,22 @@ class Retrieve:
             code,
         )
 
+    def final_status(self) -> int | None:
+        """The status the request was answered with: the handler's own, or the one
+        pynetdicom derives from the counts (PS3.4 C.4.2.1.5)."""
+        if self.status is not None:
+            return self.status
+        failed, warning = self.counts["failed"], self.counts["warning"]
+        if self.instances and failed == self.instances:
+            return 0xA702
+        if failed or warning:
+            return 0xB000
+        return None
+
     def summary(self) -> None:
-        status = "" if self.status is None else f" status=0x{self.status:04X}"
+        self.settle()
+        final = self.final_status()
+        status = "" if final is None else f" status=0x{final:04X}"
         log.info(
             "%s %s level=%s to %s: instances=%d completed=%d warning=%d failed=%d%s calling AE %r",
             self.service,
@@ -215,3 +249,4 @@ def sub_operations(
             continue
         retrieve.sending(outgoing)
         yield STATUS_PENDING, outgoing.dataset
+        retrieve.settle()

@@ -18,6 +18,7 @@ from collections import defaultdict
 
 from node.config import Peer
 from node.context import NodeContext
+from node.dicom.peer_silence import no_idle_timeout_as_requestor
 from node.dicom.send_instances import (
     connection_arguments,
     prepare,
@@ -113,6 +114,7 @@ class DeliverySender:
             self._not_associated(assoc, peer, items)
             return
         send_without_delay(assoc)
+        no_idle_timeout_as_requestor(assoc)  # reading the next file is the node's work
         try:
             for item in items:
                 if self._stop.is_set() or not assoc.is_established:

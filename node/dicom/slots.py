@@ -2,12 +2,24 @@
 
 `node.max_associations` and `node.max_associations_per_address` are promises about the
 node, not about one of its processes: with four serve processes, one remote address must
-still hold at most its share. The counts live in shared memory made by the supervising
-`serve` process and handed to each serve process when it starts; each process counts in its
-own row, so the rows of a process that died can be cleared by the supervisor (`clear_row`)
-without touching anyone else's.
+still hold at most its share. A connection goes through two stages, counted apart:
 
-Row layout (int64): [associations held, then `capacity` pairs of (address key, count)].
+- from accept until its A-ASSOCIATE-RQ it is *pending*. Pending connections take no
+  association slot: a silent connection cannot lock anyone out of an association. Those
+  from addresses that are not a `[[peers]]` host share a pool of
+  `node.max_unknown_associations`; a peer's host always gets its connection accepted;
+- once its A-ASSOCIATE-RQ names the caller it holds an association slot: a `[[peers]]`
+  caller any of the `node.max_associations`, an unknown caller one of the
+  `node.max_unknown_associations` among them, so the rest are kept for peers.
+
+One remote address holds at most `node.max_associations_per_address` connections, pending
+or associated. The counts live in shared memory made by the supervising `serve` process and
+handed to each serve process when it starts; each process counts in its own row, so the
+rows of a process that died can be cleared by the supervisor (`clear_row`) without
+touching anyone else's.
+
+Row layout (int64): [associations, unknown associations, unknown pending, then `capacity`
+pairs of (address key, connections of that address)].
 """
 
 from __future__ import annotations
@@ -19,6 +31,16 @@ from dataclasses import dataclass
 ADMITTED = "admitted"
 NODE_FULL = "node full"
 ADDRESS_FULL = "address full"
+PENDING_FULL = "pending full"
+UNKNOWN_FULL = "unknown full"
+
+PENDING = "pending"
+PEER = "peer"
+UNKNOWN = "unknown"
+GONE = "gone"
+
+_HEADER = 3  # associations, unknown associations, unknown pending
+_PAIR = 2
 
 
 def address_key(address: str) -> int:
@@ -29,19 +51,32 @@ def address_key(address: str) -> int:
 
 @dataclass(frozen=True)
 class SlotVerdict:
-    outcome: str  # ADMITTED, NODE_FULL or ADDRESS_FULL
-    held_by_address: int  # associations the address held before this one
+    outcome: str  # ADMITTED, NODE_FULL, ADDRESS_FULL or PENDING_FULL
+    held_by_address: int  # connections the address held before this one
+
+
+@dataclass
+class Ticket:
+    """What one connection holds: PENDING, then PEER or UNKNOWN, or GONE."""
+
+    address: str
+    peer_address: bool  # from the host of a [[peers]] entry: not in the unknown pending pool
+    stage: str = PENDING
 
 
 class AssociationSlots:
-    """Shared association counts; picklable into processes started with `spawn`."""
+    """Shared connection counts; picklable into processes started with `spawn`."""
 
-    def __init__(self, total: int, per_address: int, processes: int) -> None:
+    def __init__(
+        self, total: int, per_address: int, processes: int, unknown: int | None = None
+    ) -> None:
         context = multiprocessing.get_context("spawn")
         self.total = total
         self.per_address = per_address
-        self.capacity = total  # no process ever holds more than the node's total
-        self._row_length = 1 + 2 * self.capacity
+        self.unknown = total if unknown is None else unknown
+        # No process holds more connections than associations plus pending ones.
+        self.capacity = 2 * total + self.unknown + 8
+        self._row_length = _HEADER + _PAIR * self.capacity
         self._lock = context.Lock()
         self._counts = context.RawArray("q", self._row_length * max(1, processes))
         self.processes = max(1, processes)
@@ -54,54 +89,97 @@ class AssociationSlots:
         other.row = row
         return other
 
-    def take(self, address: str) -> SlotVerdict:
-        """Count a new association from `address` if the node and the address have room."""
-        key = address_key(address)
-        counts = self._counts
+    def _sum(self, column: int) -> int:
         width = self._row_length
-        with self._lock:
-            held_total = 0
-            held_by_address = 0
-            for row in range(self.processes):
-                base = row * width
-                held_total += counts[base]
-                for pair in range(base + 1, base + width, 2):
-                    if counts[pair] == key:
-                        held_by_address += counts[pair + 1]
-            if held_by_address >= self.per_address:
-                return SlotVerdict(ADDRESS_FULL, held_by_address)
-            if held_total >= self.total:
-                return SlotVerdict(NODE_FULL, held_by_address)
-            base = self.row * width
-            free = None
-            for pair in range(base + 1, base + width, 2):
-                if counts[pair] == key:
-                    counts[pair + 1] += 1
-                    break
-                if free is None and counts[pair] == 0:
-                    free = pair
-            else:
-                if free is None:  # cannot happen: a row has a pair for each of its slots
-                    return SlotVerdict(NODE_FULL, held_by_address)
-                counts[free] = key
-                counts[free + 1] = 1
-            counts[base] += 1
-        return SlotVerdict(ADMITTED, held_by_address)
+        return sum(self._counts[row * width + column] for row in range(self.processes))
 
-    def give_back(self, address: str) -> None:
-        """Free the slot an association from `address` held in this process's row."""
-        key = address_key(address)
+    def _held_by(self, key: int) -> int:
+        counts = self._counts
+        held = 0
+        for row in range(self.processes):
+            base = row * self._row_length
+            for pair in range(base + _HEADER, base + self._row_length, _PAIR):
+                if counts[pair] == key:
+                    held += counts[pair + 1]
+        return held
+
+    def _add_address(self, key: int, delta: int) -> bool:
         counts = self._counts
         base = self.row * self._row_length
+        free = None
+        for pair in range(base + _HEADER, base + self._row_length, _PAIR):
+            if counts[pair] == key:
+                counts[pair + 1] += delta
+                if counts[pair + 1] <= 0:
+                    counts[pair] = counts[pair + 1] = 0
+                return True
+            if free is None and counts[pair] == 0:
+                free = pair
+        if delta <= 0 or free is None:
+            return False
+        counts[free] = key
+        counts[free + 1] = delta
+        return True
+
+    def connect(self, address: str, peer_address: bool = False) -> tuple[SlotVerdict, Ticket]:
+        """Count a new connection from `address` as pending, if there is room for it."""
+        key = address_key(address)
+        ticket = Ticket(address, peer_address, GONE)
+        base = self.row * self._row_length
         with self._lock:
-            for pair in range(base + 1, base + self._row_length, 2):
-                if counts[pair] == key:
-                    counts[pair + 1] -= 1
-                    if counts[pair + 1] <= 0:
-                        counts[pair] = 0
-                        counts[pair + 1] = 0
-                    counts[base] = max(0, counts[base] - 1)
-                    return
+            held_by_address = self._held_by(key)
+            if held_by_address >= self.per_address:
+                return SlotVerdict(ADDRESS_FULL, held_by_address), ticket
+            if not peer_address and self._sum(2) >= self.unknown:
+                return SlotVerdict(PENDING_FULL, held_by_address), ticket
+            if not self._add_address(key, 1):
+                return SlotVerdict(PENDING_FULL, held_by_address), ticket
+            if not peer_address:
+                self._counts[base + 2] += 1
+        ticket.stage = PENDING
+        return SlotVerdict(ADMITTED, held_by_address), ticket
+
+    def associate(self, ticket: Ticket, peer: bool) -> str:
+        """Turn a pending connection into an association of a [[peers]] caller (`peer`)
+        or of an unknown one: ADMITTED, or NODE_FULL or UNKNOWN_FULL, the connection then
+        counted nowhere."""
+        if ticket.stage != PENDING:
+            return NODE_FULL
+        base = self.row * self._row_length
+        counts = self._counts
+        with self._lock:
+            if not ticket.peer_address:
+                counts[base + 2] = max(0, counts[base + 2] - 1)
+            full = None
+            if self._sum(0) >= self.total:
+                full = NODE_FULL
+            elif not peer and self._sum(1) >= self.unknown:
+                full = UNKNOWN_FULL
+            if full is not None:
+                self._add_address(address_key(ticket.address), -1)
+                ticket.stage = GONE
+                return full
+            counts[base] += 1
+            if not peer:
+                counts[base + 1] += 1
+        ticket.stage = PEER if peer else UNKNOWN
+        return ADMITTED
+
+    def give_back(self, ticket: Ticket) -> None:
+        """Free what the connection of `ticket` held in this process's row."""
+        base = self.row * self._row_length
+        counts = self._counts
+        with self._lock:  # the connection's reactor and its handler may both give back
+            if ticket.stage == GONE:
+                return
+            if ticket.stage == PENDING and not ticket.peer_address:
+                counts[base + 2] = max(0, counts[base + 2] - 1)
+            elif ticket.stage in (PEER, UNKNOWN):
+                counts[base] = max(0, counts[base] - 1)
+                if ticket.stage == UNKNOWN:
+                    counts[base + 1] = max(0, counts[base + 1] - 1)
+            self._add_address(address_key(ticket.address), -1)
+            ticket.stage = GONE
 
     def clear_row(self, row: int) -> None:
         """Forget every slot serve process `row` held (it died; its sockets are gone)."""
@@ -113,6 +191,4 @@ class AssociationSlots:
     def held(self) -> int:
         """Associations the whole node holds now."""
         with self._lock:
-            return sum(
-                self._counts[row * self._row_length] for row in range(self.processes)
-            )
+            return self._sum(0)

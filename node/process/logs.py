@@ -9,16 +9,61 @@ traceback when a sender breaks an association (an over-long UID in a request, a 
 the traceback is dropped and the message kept, so a hostile sender costs one line; and
 where a process runs an AE, `quiet_pynetdicom` keeps its handlers from logging each
 message's identifiers.
+
+Every record is one line: values from the network or from files (UIDs, AE titles, error
+comments, names) may hold a newline followed by text shaped like a record, and are logged
+by pynetdicom, pydicom and the node alike. `OneLineFormatter` escapes the control
+characters of each formatted message (a newline shows as `\\n`), whoever logged it. A
+traceback is the node's own text and keeps its lines, but each one is indented, so
+that no line of it (an exception message may quote a value too) can pass for a record.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 
 _PYDICOM_MODULES = r"pydicom(\..*)?$"
-_REDUNDANT = frozenset({"Received an invalid DIMSE message"})
+# pynetdicom's lines that the node logs better itself: a C-STORE sub-operation of a C-MOVE
+# or C-GET that failed is one line of node.dicom.retrieve, naming the instance and why.
+_REDUNDANT = frozenset(
+    {
+        "Received an invalid DIMSE message",
+        "C-STORE sub-operation failed.",
+        "'Dataset' object has no attribute 'Status'",
+        "The association with a peer SCP must be established before sending a C-STORE request",
+    }
+)
+
+
+# C0 and C1 controls, DEL, and the Unicode line and paragraph separators.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTINUATION = "    | "
+
+
+def _escape(match: re.Match[str]) -> str:
+    return match.group().encode("unicode_escape").decode("ascii")
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters written as escapes (`\\n`, `\\x1b`)."""
+    return _CONTROL.sub(_escape, text)
+
+
+class OneLineFormatter(logging.Formatter):
+    """A record's message on one line; its traceback, if any, indented below it."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = one_line(record.message)
+        return super().formatMessage(record)
+
+    def format(self, record: logging.LogRecord) -> str:
+        first, *rest = super().format(record).split("\n")
+        if not rest:
+            return first
+        return "\n".join([first, *(_CONTINUATION + one_line(line) for line in rest)])
 
 
 def configure_logging(level: str, process_tag: str = "") -> None:
@@ -29,6 +74,10 @@ def configure_logging(level: str, process_tag: str = "") -> None:
         format=f"%(asctime)s %(levelname)s %(name)s{tag}: %(message)s",
         stream=sys.stderr,
     )
+    for handler in logging.getLogger().handlers:
+        formatter = handler.formatter or logging.Formatter()
+        if not isinstance(formatter, OneLineFormatter):
+            handler.setFormatter(OneLineFormatter(formatter._fmt, formatter.datefmt))
     # highdicom logs each module it copies at INFO and names patients in its warnings:
     # the node logs one line per result itself, with UIDs only.
     logging.getLogger("highdicom").setLevel(max(logging.WARNING, logging.getLogger().level))

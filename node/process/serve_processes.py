@@ -34,6 +34,7 @@ from node.process.server import (
     DicomNode,
     ServiceFactory,
     listener_ports,
+    node_slots,
     recover_storage,
 )
 from node.process.start_checks import StartError, check_start
@@ -155,9 +156,7 @@ class ServeProcesses:
         self._start_failures: SimpleQueue = self._spawn_context.SimpleQueue()
         self._failed_starts = [0] * processes
         self._reasons: dict[int, str] = {}
-        self.slots = AssociationSlots(
-            config.node.max_associations, config.node.max_associations_per_address, processes
-        )
+        self.slots = node_slots(config, processes)
         self.context: NodeContext | None = None
 
     def _spawn(self, number: int) -> threading.Event:

@@ -88,10 +88,25 @@ class BackgroundServices:
         self._running.clear()
 
 
+def node_slots(config: Config, processes: int) -> AssociationSlots:
+    """The node-wide association counts for `processes` serve processes."""
+    node = config.node
+    return AssociationSlots(
+        node.max_associations,
+        node.max_associations_per_address,
+        processes,
+        unknown=node.max_unknown_associations,
+    )
+
+
 def build_ae(config: Config) -> AE:
     """The AE with its limits and every presentation context the node accepts."""
     ae = AE(ae_title=config.node.ae_title)
-    ae.maximum_associations = config.node.max_associations
+    # node.dicom.slots counts associations and waiting connections for the whole node;
+    # pynetdicom's own count includes connections that have not yet asked, so it is only
+    # a backstop here.
+    node = config.node
+    ae.maximum_associations = 4 * node.max_associations + node.max_unknown_associations
     ae.maximum_pdu_size = config.node.max_pdu
     ae.network_timeout = config.node.network_timeout
     # As acceptor, the ACSE timeout is the ARTIM timer: a connection that sends nothing.
@@ -239,19 +254,22 @@ class DicomNode:
         run the recovery pass, so `recover_at_start` is False."""
         quiet_pynetdicom()
         self.config = config
-        self._slots = slots
+        self._slots = slots or node_slots(config, processes=1)
         self._listening_sockets = dict(listening_sockets or {})
         self._recover_at_start = recover_at_start
         self.ae = build_ae(config)
         self.context = context or build_context(config)
         self._services = BackgroundServices(services)
         self._servers: list[GuardedServer] = []
+        admission = Admission(config)
         self.limits = GuardLimits(
             read_timeout=config.node.network_timeout,
             request_timeout=config.node.association_request_timeout,
             max_pdu_length=config.node.max_pdu,
             max_per_address=config.node.max_associations_per_address,
-            admission=Admission(config),
+            admission=admission,
+            is_peer=admission.is_peer,
+            is_peer_host=admission.is_peer_host,
         )
 
     @property
