@@ -97,12 +97,24 @@ def test_garbage_ca_bundle(tmp_path: Path, capsys, pki: Pki) -> None:
 
 
 def test_port_in_use(tmp_path: Path, capsys) -> None:
+    """serve refuses a port in use; config-check warns and goes on, since checking the file
+    of a running node (whose listener holds the port) is what an operator does before a
+    restart."""
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
         holder.listen(1)
         port = holder.getsockname()[1]
         path = _config(tmp_path, node={"port": port})
-        _refused(path, capsys, f"node.port: port {port} on 127.0.0.1 is in use")
+        cause = f"node.port: port {port} on 127.0.0.1 is in use"
+        assert main(["config-check", "--config", str(path)]) == 0
+        checked = capsys.readouterr()
+        assert checked.err.startswith(f"warning: {cause}") and "OK" in checked.out
+        result = subprocess.run(
+            node_command(path), env=node_env(), capture_output=True, text=True,
+            timeout=SERVE_TIMEOUT_SECONDS,
+        )
+        assert result.returncode == EXIT_START_FAILED, result.stderr
+        assert result.stderr.strip() == f"pneumonode: cannot start: {cause}"
 
 
 def test_address_not_local(tmp_path: Path, capsys) -> None:

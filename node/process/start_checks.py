@@ -18,6 +18,7 @@ import os
 import socket
 import ssl
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from sqlalchemy import create_engine, text
@@ -36,10 +37,23 @@ class StartError(Exception):
     """A reason the node cannot start on this host; str() is the one line to print."""
 
 
-def check_start(config: Config) -> None:
-    """Every check below, in the order a start would meet them; raises StartError."""
+class PortInUse(StartError):
+    """A listener's port is taken: by another program, or by this node already running."""
+
+
+def check_start(config: Config, *, busy_port: Callable[[str], None] | None = None) -> None:
+    """Every check below, in the order a start would meet them; raises StartError.
+
+    With `busy_port`, a port in use is handed to it instead of raised (`config-check` beside
+    a running node, whose own listener holds the port, says so and goes on).
+    """
     check_tls(config)
-    check_listeners(config)
+    try:
+        check_listeners(config)
+    except PortInUse as busy:
+        if busy_port is None:
+            raise
+        busy_port(str(busy))
     check_storage_folder(config.storage.folder)
     check_database(config.storage.database_url, config.storage.folder)
 
@@ -104,7 +118,7 @@ def check_bind(host: str, port: int, key: str = "node.port") -> None:
                     f"node.bind_address: {host} is not an address of this host"
                 ) from exc
             if exc.errno == errno.EADDRINUSE:
-                raise StartError(f"{key}: port {port} on {host} is in use") from exc
+                raise PortInUse(f"{key}: port {port} on {host} is in use") from exc
             if exc.errno == errno.EACCES:
                 raise StartError(
                     f"{key}: port {port} on {host} needs privileges this process lacks"
