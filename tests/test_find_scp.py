@@ -617,3 +617,25 @@ def test_relational_query_negotiation_is_answered_truthfully(synthetic_node, nod
     assert negotiated(synthetic_node) == b"\x01\x00\x00\x00"
     strict = node_factory({"node": {"relational_queries": False}}, name="strict_negotiation")
     assert negotiated(strict) == b"\x00\x00\x00\x00"
+
+
+def test_a_list_of_2000_patient_ids_is_matched_over_the_network(
+    synthetic_node: NodeProcess,
+) -> None:
+    """Before: 0xA700 "index unavailable" (SQLite: "Expression tree is too large")."""
+    wanted = [f"N{n}" for n in range(1999)] + ["FIND%1"]
+    (patient,), final = pyfind(
+        synthetic_node, PATIENT_ROOT, query("PATIENT", PatientID="\\".join(wanted))
+    )
+    assert final.Status == 0x0000
+    assert patient.PatientID == "FIND%1"
+
+
+def test_a_list_past_the_limit_is_refused_over_the_network(synthetic_node: NodeProcess) -> None:
+    matches, final = pyfind(
+        synthetic_node,
+        PATIENT_ROOT,
+        query("PATIENT", PatientID="\\".join(f"N{n}" for n in range(5001))),
+    )
+    assert matches == [] and final.Status == 0xC000
+    assert "PatientID: 5001 values, at most 5000" in str(final.get("ErrorComment", ""))
