@@ -40,6 +40,7 @@ from node.process.server import (
 from node.process.start_checks import StartError, check_start
 from node.process.supervision import run_until_signalled, tie_to_parent
 from storage.consistency import RecoveryReport, log_recovery
+from storage.migrations import IndexVersionError
 
 log = logging.getLogger(__name__)
 
@@ -308,8 +309,8 @@ def serve(config: Config, services: Iterable[ServiceFactory] = ()) -> int:
             return code
         node = DicomNode(config, tuple(services))
         return run_until_signalled(node.start, node.stop)
-    except StartError:
-        raise
+    except (StartError, IndexVersionError):
+        raise  # an index a newer pneumonode wrote has its own message and exit status (4)
     except Exception as exc:
         log.debug("the node could not start", exc_info=True)
         raise StartError(start_failure_reason(exc)) from exc
