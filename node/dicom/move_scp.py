@@ -23,6 +23,7 @@ from node.context import NodeContext
 from node.dicom.peer_silence import no_idle_timeout_as_requestor
 from node.dicom.retrieve import Retrieve, refuse, select_instances, sub_operations
 from node.dicom.send_instances import connection_arguments, send_without_delay
+from node.dicom.stored_send import send_stored_files
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,7 @@ class _DestinationAssociation:
 
     def _accepted(self, event: evt.Event) -> None:
         self.assoc = event.assoc
+        send_stored_files(event.assoc)
         send_without_delay(event.assoc)
         no_idle_timeout_as_requestor(event.assoc)  # converting a file is the node's work
         log.info(
