@@ -57,7 +57,8 @@ def fast_path_implicit_vr(event: evt.Event) -> bool | None:
     return _FAST_SYNTAXES.get(syntax)
 
 
-def _pdu(context_id: int, control: int, fragment: bytes) -> bytes:
+def p_data_pdu(context_id: int, control: int, fragment: bytes) -> bytes:
+    """One P-DATA-TF PDU carrying one PDV (PS3.8 9.3.5)."""
     item_length = len(fragment) + 2
     return (
         P_DATA_TF
@@ -97,7 +98,7 @@ class PendingWriter:
         command = command_set(event, status)
         if self._fragment and len(command) > self._fragment:
             raise ValueError("peer's maximum PDU length is below one C-FIND-RSP command set")
-        self._command_pdu = _pdu(self._context_id, COMMAND_LAST, command)
+        self._command_pdu = p_data_pdu(self._context_id, COMMAND_LAST, command)
         self._batch: list[bytes] = []
         self._batched = 0
 
@@ -106,14 +107,14 @@ class PendingWriter:
         self._batch.append(self._command_pdu)
         fragment = self._fragment
         if not fragment or len(identifier) <= fragment:
-            self._batch.append(_pdu(self._context_id, DATA_LAST, identifier))
+            self._batch.append(p_data_pdu(self._context_id, DATA_LAST, identifier))
         else:
             view = memoryview(identifier)
             for start in range(0, len(identifier), fragment):
                 last = start + fragment >= len(identifier)
                 control = DATA_LAST if last else DATA_MORE
                 self._batch.append(
-                    _pdu(self._context_id, control, bytes(view[start : start + fragment]))
+                    p_data_pdu(self._context_id, control, bytes(view[start : start + fragment]))
                 )
         self._batched += len(identifier) + 64
         if self._batched >= FLUSH_BYTES:

@@ -81,7 +81,9 @@ class Outgoing:
         (on an association set up with stored_send.send_stored_files); None if refused."""
         if self.stored_path:
             instance = self.instance
-            return StoredFile(self.stored_path, instance.sop_class_uid, instance.sop_instance_uid)
+            return StoredFile(
+                self.stored_path, instance.sop_class_uid, instance.sop_instance_uid, self.syntax
+            )
         return self.dataset
 
     def describe(self) -> str:
@@ -197,7 +199,7 @@ def send(assoc: Association, outgoing: Outgoing) -> int | None:
     if outgoing.refusal:
         raise ValueError(f"SOP {outgoing.instance.sop_instance_uid}: {outgoing.refusal}")
     if outgoing.stored_path:
-        status = send_stored(assoc, outgoing.stored_path)
+        status = send_stored(assoc, outgoing.payload)
     else:
         status = assoc.send_c_store(outgoing.dataset)
     return getattr(status, "Status", None)

@@ -13,6 +13,17 @@ Datasets and hands each to the association's `send_c_store`. So the handler yiel
 path), and `send_stored_files(assoc)` puts a `send_c_store` on that one association that
 turns a StoredFile back into its path. Any other Dataset goes through unchanged.
 
+On the node's own requestor associations over plain TCP (a C-MOVE's destination, the
+result sender), where nothing but the C-STORE being sent writes to the socket, the node
+frames the PDUs itself, as node.dicom.find_stream does for C-FIND: the command set encoded
+by pynetdicom's own message class, the stored bytes after the file meta cut to the peer's
+maximum PDU length, all handed to the socket in one write, while the association reactor
+is paused exactly as pynetdicom's `send_c_store` pauses it; the response is then taken from
+pynetdicom's DIMSE queue as `send_c_store` takes it. pynetdicom's own path queues one
+primitive per PDU for the DUL thread to encode and send: that costs about 3 ms per image.
+A C-GET answers on the requester's association, where pynetdicom's DUL thread may still be
+writing the previous Pending response: there pynetdicom's path from the file is used.
+
 This adapts pynetdicom's internals; node.dicom.pynetdicom_internals checks the code relied
 on and tests/test_stored_send.py pins the behaviour.
 """
@@ -21,12 +32,21 @@ from __future__ import annotations
 
 import contextlib
 import os
+import ssl
+import time
 from collections.abc import Iterable
+from io import BytesIO
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import _config
 from pynetdicom.association import Association
+from pynetdicom.dimse_messages import C_STORE_RQ
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+
+from node.dicom.find_stream import COMMAND_LAST, DATA_LAST, DATA_MORE, PDV_OVERHEAD, p_data_pdu
+from storage.structure import file_meta_end
 
 _config.STORE_SEND_CHUNKED_DATASET = True
 
@@ -34,23 +54,121 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 class StoredFile(Dataset):
     """Stands for a stored file in pynetdicom's sub-operation loop: its UIDs only."""
 
-    def __init__(self, path: str | os.PathLike[str], sop_class: str, sop_instance: str) -> None:
+    def __init__(
+        self, path: str | os.PathLike[str], sop_class: str, sop_instance: str, syntax: str
+    ) -> None:
         super().__init__()
         self.SOPClassUID = sop_class
         self.SOPInstanceUID = sop_instance
         self.stored_path = os.fspath(path)
+        self.stored_syntax = syntax
 
 
 def send_c_store(assoc: Association, dataset: Dataset | str, *args: Any, **kwargs: Any) -> Dataset:
-    """`assoc.send_c_store` that sends a StoredFile (or a path) from the file's bytes."""
-    _config.STORE_SEND_CHUNKED_DATASET = True  # a path always means "as stored"
+    """`assoc.send_c_store` that sends a StoredFile from the file's bytes (framed by the
+    node where it alone writes to the socket, else by pynetdicom from the path)."""
     if isinstance(dataset, StoredFile):
+        if framing_allowed(assoc):
+            return send_framed(assoc, dataset, *args, **kwargs)
         dataset = dataset.stored_path
+    _config.STORE_SEND_CHUNKED_DATASET = True  # a path always means "as stored"
     return Association.send_c_store(assoc, dataset, *args, **kwargs)
+
+
+def framing_allowed(assoc: Association) -> bool:
+    """The node's own requestor association over plain TCP: nothing else writes to it
+    while a C-STORE waits for its response."""
+    try:
+        raw = assoc.dul.socket.socket
+    except AttributeError:
+        return False
+    return bool(assoc.is_requestor) and raw is not None and not isinstance(raw, ssl.SSLSocket)
+
+
+def command_set(
+    stored: StoredFile,
+    msg_id: int,
+    priority: int,
+    originator_aet: str | None,
+    originator_id: int | None,
+) -> bytes:
+    """The encoded C-STORE-RQ command set, as pynetdicom's `send_c_store` would build it."""
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.Priority = priority
+    req.MoveOriginatorApplicationEntityTitle = originator_aet
+    req.MoveOriginatorMessageID = originator_id
+    req.AffectedSOPClassUID = stored.SOPClassUID
+    req.AffectedSOPInstanceUID = stored.SOPInstanceUID
+    req.DataSet = BytesIO(b"\0\0")  # any data set: CommandDataSetType says one follows
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+    encoded = encode(message.command_set, True, True)
+    if not encoded:
+        raise ValueError("pynetdicom could not encode the C-STORE-RQ command set")
+    return encoded
+
+
+def framed(context_id: int, command: bytes, data: memoryview, max_pdu: int) -> bytes:
+    """The P-DATA-TF PDUs of one C-STORE-RQ: the command set, then the data set cut to
+    the peer's maximum PDU length (0: no limit)."""
+    fragment = max(max_pdu - PDV_OVERHEAD, 1) if max_pdu else max(len(data), len(command))
+    pdus = []
+    for start in range(0, len(command), fragment):
+        last = start + fragment >= len(command)
+        pdus.append(
+            p_data_pdu(
+                context_id, COMMAND_LAST if last else 0x01, command[start : start + fragment]
+            )
+        )
+    for start in range(0, len(data), fragment):
+        last = start + fragment >= len(data)
+        pdus.append(
+            p_data_pdu(
+                context_id, DATA_LAST if last else DATA_MORE, bytes(data[start : start + fragment])
+            )
+        )
+    return b"".join(pdus)
+
+
+def send_framed(
+    assoc: Association,
+    stored: StoredFile,
+    msg_id: int = 1,
+    priority: int = 2,
+    originator_aet: str | None = None,
+    originator_id: int | None = None,
+) -> Dataset:
+    """C-STORE `stored` over `assoc` from its file's bytes, framed here; the response's
+    status as `send_c_store` returns it (an empty Dataset when none came)."""
+    if not assoc.is_established:
+        raise RuntimeError("no association to send a C-STORE on")
+    with open(stored.stored_path, "rb") as handle:
+        data = handle.read()
+    view = memoryview(data)[file_meta_end(data) :]
+    context = assoc._get_valid_context(
+        stored.SOPClassUID, stored.stored_syntax, "scu", allow_conversion=False
+    )
+    command = command_set(stored, msg_id, priority, originator_aet, originator_id)
+    pdus = framed(int(context.context_id), command, view, int(assoc.dimse.maximum_pdu_size or 0))
+    # Pause the reactor as send_c_store does, so that the response waits for us.
+    assoc._reactor_checkpoint.clear()
+    try:
+        while not assoc._is_paused and assoc.is_established:
+            time.sleep(0.0001)
+        assoc.dul.socket.send(pdus)
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    if rsp is None:
+        assoc._handle_no_response()
+        return Dataset()
+    return assoc._check_received_status(rsp)
 
 
 def send_stored_files(assoc: Association) -> None:
     """Let pynetdicom's sub-operation loop on `assoc` send StoredFiles as stored bytes."""
+
     def own(dataset: Dataset | str, *args: Any, **kwargs: Any) -> Dataset:
         return send_c_store(assoc, dataset, *args, **kwargs)
 
