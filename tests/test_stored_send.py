@@ -1,9 +1,11 @@
 """Instances sent as stored go from their files' bytes, never decoded (node.dicom.stored_send).
 
 In one process, so that dcmread can be watched: the node's C-GET sub-operations
-(node.dicom.retrieve) on a pynetdicom C-GET SCP, retrieved by dcmtk's getscu, and the result
-sender's `send` into dcmtk's storescp. Both write what they receive bit for bit (`+B`): the
-dataset after the file meta is the stored file's, and dcmread never opened a stored file.
+(node.dicom.retrieve) on a pynetdicom C-GET SCP, retrieved by dcmtk's getscu (pynetdicom's
+send from a path), and the result sender's `send` into dcmtk's storescp (PDUs framed by the
+node). Both write what they receive bit for bit (`+B`): the dataset after the file meta is
+the stored file's, and dcmread never opened a stored file. The node's own command set is
+pynetdicom's, byte for byte.
 """
 
 from __future__ import annotations
@@ -25,8 +27,16 @@ from retrieve_data import dataset_bytes
 
 import node.dicom.send_instances as send_instances
 from node.dicom.retrieve import Retrieve, sub_operations
-from node.dicom.send_instances import prepare, send
-from node.dicom.stored_send import send_stored_files, stop_sending_stored_files
+from node.dicom.send_instances import prepare, send, send_without_delay
+from node.dicom.stored_send import (
+    StoredFile,
+    command_set,
+    framed,
+    framing_allowed,
+    pynetdicom_command_set,
+    send_stored_files,
+    stop_sending_stored_files,
+)
 from node.testing.dcmtk import DCMTK_ENV, StoreSCP, dcmtk
 
 COUNT = 3
@@ -85,6 +95,7 @@ def get_scp(stored) -> Iterator[int]:
 
     def handle_get(event: evt.Event) -> Iterator:
         retrieve = Retrieve("C-GET", event, destination="GETSCU")
+        assert not framing_allowed(event.assoc)  # the requester's association: pynetdicom's path
         send_stored_files(event.assoc)
         try:
             yield len(rows)
@@ -139,6 +150,8 @@ def test_result_sender_sends_the_stored_bytes_undecoded(
         ae.add_requested_context(SecondaryCaptureImageStorage, [JPEGBaseline8Bit])
         assoc = ae.associate("127.0.0.1", scp.port, ae_title=scp.ae_title)
         assert assoc.is_established
+        send_without_delay(assoc)
+        assert framing_allowed(assoc)  # the node's own requestor association: framed here
         try:
             accepted = assoc.accepted_contexts
             codes = [send(assoc, prepare(archive, row, accepted, "X")) for row in rows]
@@ -154,3 +167,34 @@ def test_result_sender_sends_the_stored_bytes_undecoded(
     for row, path in zip(rows, sent, strict=True):
         assert dataset_bytes(received[row.sop_instance_uid]) == dataset_bytes(Path(path))
     assert not set(during) & set(sent), "a stored file was decoded to be sent as stored"
+
+
+@pytest.mark.parametrize("sop", ["1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.12"])
+@pytest.mark.parametrize(
+    ("originator_aet", "originator_id"), [(None, None), ("MOVESCU", 7), ("ODD", 65535), ("N  ", 1)]
+)
+def test_the_command_set_is_the_one_pynetdicom_encodes(sop, originator_aet, originator_id) -> None:
+    stored = StoredFile("/unused", SecondaryCaptureImageStorage, sop, JPEGBaseline8Bit)
+    for msg_id, priority in [(1, 2), (65535, 0)]:
+        arguments = (stored, msg_id, priority, originator_aet, originator_id)
+        assert command_set(*arguments) == pynetdicom_command_set(*arguments)
+
+
+def test_the_framed_pdus_cut_the_data_set_to_the_peer_maximum() -> None:
+    data = memoryview(bytes(range(256)) * 100)
+    command = b"\x01" * 40
+    pieces = framed(3, command, data, max_pdu=16384)
+    joined = b"".join(pieces)
+    pdus, offset, payload = [], 0, b""
+    while offset < len(joined):
+        assert joined[offset : offset + 2] == b"\x04\x00"
+        length = int.from_bytes(joined[offset + 2 : offset + 6], "big")
+        assert length <= 16384
+        pdv = joined[offset + 6 : offset + 6 + length]
+        assert int.from_bytes(pdv[:4], "big") == length - 4 and pdv[4] == 3
+        pdus.append(pdv[5])
+        if pdv[5] in (0x00, 0x02):
+            payload += pdv[6:]
+        offset += 6 + length
+    assert pdus == [0x03, 0x00, 0x02]
+    assert payload == bytes(data)

@@ -35,6 +35,7 @@ from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import encode
 
 P_DATA_TF = b"\x04\x00"
+COMMAND_MORE = 0x01  # message control header: command, more fragments follow
 COMMAND_LAST = 0x03  # message control header: command, last fragment
 DATA_MORE = 0x00  # data set, more fragments follow
 DATA_LAST = 0x02  # data set, last fragment
@@ -57,14 +58,15 @@ def fast_path_implicit_vr(event: evt.Event) -> bool | None:
     return _FAST_SYNTAXES.get(syntax)
 
 
+def pdv_header(context_id: int, control: int, length: int) -> bytes:
+    """The PDU and PDV headers of a P-DATA-TF PDU carrying one PDV of `length` bytes."""
+    item_length = length + 2
+    return P_DATA_TF + struct.pack(">IIBB", item_length + 4, item_length, context_id, control)
+
+
 def p_data_pdu(context_id: int, control: int, fragment: bytes) -> bytes:
     """One P-DATA-TF PDU carrying one PDV (PS3.8 9.3.5)."""
-    item_length = len(fragment) + 2
-    return (
-        P_DATA_TF
-        + struct.pack(">IIBB", item_length + 4, item_length, context_id, control)
-        + fragment
-    )
+    return pdv_header(context_id, control, len(fragment)) + fragment
 
 
 def command_set(event: evt.Event, status: int) -> bytes:
