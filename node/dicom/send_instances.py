@@ -20,6 +20,7 @@ algorithm (`send_without_delay`), as dcmtk does with TCP_NODELAY=1.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -181,8 +182,8 @@ def prepare(
     path = archive.path_of(instance.file_path)
     try:
         if syntax == instance.transfer_syntax_uid:
-            with open(path, "rb"):  # its bytes are read as they are sent
-                return Outgoing(instance, None, syntax=str(syntax), stored_path=str(path))
+            os.stat(path)  # there; its bytes are read as they are sent
+            return Outgoing(instance, None, syntax=str(syntax), stored_path=str(path))
         dataset = dcmread(path)
     except Exception as exc:  # OSError, or a file changed behind the index's back
         return Outgoing(instance, None, refusal=f"stored file unreadable: {type(exc).__name__}")

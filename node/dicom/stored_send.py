@@ -35,6 +35,7 @@ import os
 import ssl
 import struct
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from typing import Any
 
@@ -225,8 +226,13 @@ def stop_sending_stored_files(assoc: Association) -> None:
 
 
 def read_ahead(paths: Iterable[str]) -> None:
-    """Ask the kernel to start reading these files now, so that they are in memory by the
-    time they are sent (the sending waits on the network, not on the disk)."""
+    """Ask the kernel, from a background thread, to start reading these files now, so that
+    they are in memory by the time they are sent (the sending waits on the network, not on
+    the disk, and not on these system calls)."""
+    _READER.submit(_will_need, list(paths))
+
+
+def _will_need(paths: list[str]) -> None:
     for path in paths:
         try:
             fd = os.open(path, os.O_RDONLY)
@@ -238,3 +244,6 @@ def read_ahead(paths: Iterable[str]) -> None:
             pass
         finally:
             os.close(fd)
+
+
+_READER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead")
