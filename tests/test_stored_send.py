@@ -4,8 +4,8 @@ In one process, so that dcmread can be watched: the node's C-GET sub-operations
 (node.dicom.retrieve) on a pynetdicom C-GET SCP, retrieved by dcmtk's getscu (pynetdicom's
 send from a path), and the result sender's `send` into dcmtk's storescp (PDUs framed by the
 node). Both write what they receive bit for bit (`+B`): the dataset after the file meta is
-the stored file's, and dcmread never opened a stored file. The node's own command set is
-pynetdicom's, byte for byte.
+the stored file's, and dcmread never opened a stored file. The command sets the node
+encodes itself (C-STORE-RQ, Pending C-MOVE-RSP) are pynetdicom's, byte for byte.
 """
 
 from __future__ import annotations
@@ -22,10 +22,17 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage
 from pynetdicom import AE, evt
-from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelGet
+from pynetdicom.dimse_messages import C_MOVE_RSP
+from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import (
+    StudyRootQueryRetrieveInformationModelGet,
+    StudyRootQueryRetrieveInformationModelMove,
+)
 from retrieve_data import dataset_bytes
 
 import node.dicom.send_instances as send_instances
+from node.dicom.move_pending import pending_command_set
 from node.dicom.retrieve import Retrieve, sub_operations
 from node.dicom.send_instances import prepare, send, send_without_delay
 from node.dicom.stored_send import (
@@ -198,3 +205,25 @@ def test_the_framed_pdus_cut_the_data_set_to_the_peer_maximum() -> None:
         offset += 6 + length
     assert pdus == [0x03, 0x00, 0x02]
     assert payload == bytes(data)
+
+
+def _pending(remaining: int, completed: int, failed: int, warning: int) -> C_MOVE:
+    rsp = C_MOVE()
+    rsp.MessageIDBeingRespondedTo = 7
+    rsp.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelMove
+    rsp.Status = 0xFF00
+    rsp.NumberOfRemainingSuboperations = remaining
+    rsp.NumberOfCompletedSuboperations = completed
+    rsp.NumberOfFailedSuboperations = failed
+    rsp.NumberOfWarningSuboperations = warning
+    rsp.Identifier = None
+    return rsp
+
+
+@pytest.mark.parametrize("counts", [(199, 1, 0, 0), (0, 65000, 3, 65535)])
+def test_the_pending_move_response_is_the_one_pynetdicom_encodes(counts) -> None:
+    rsp = _pending(*counts)
+    message = C_MOVE_RSP()
+    message.primitive_to_message(rsp)
+
+    assert pending_command_set(rsp) == encode(message.command_set, True, True)

@@ -20,6 +20,7 @@ from pynetdicom.sop_class import Verification
 
 from node.config import Config, Peer
 from node.context import NodeContext
+from node.dicom.move_pending import stop_writing_pending, write_pending_directly
 from node.dicom.peer_silence import no_idle_timeout_as_requestor
 from node.dicom.retrieve import Retrieve, refuse, select_instances, sub_operations
 from node.dicom.send_instances import connection_arguments, send_without_delay
@@ -71,9 +72,11 @@ def handle_move(event: evt.Event, context: NodeContext) -> Iterator[Any]:
     """EVT_C_MOVE handler (bound with the NodeContext as extra argument)."""
     retrieve = Retrieve("C-MOVE", event, destination=(event.move_destination or "").strip())
     send_without_delay(event.assoc)  # a Pending response follows every sub-operation
+    write_pending_directly(event.assoc)
     try:
         yield from _move(event, context, retrieve)
     finally:
+        stop_writing_pending(event.assoc)
         retrieve.summary()
 
 

@@ -105,32 +105,38 @@ def command_set(
     for byte what pynetdicom's `send_c_store` sends (`pynetdicom_command_set`, pinned by
     tests/test_stored_send.py) at a hundredth of pydicom's cost."""
     elements = [
-        _element(0x0002, _padded(stored.SOPClassUID, b"\0")),
-        _element(0x0100, struct.pack("<H", C_STORE_RQ_FIELD)),
-        _element(0x0110, struct.pack("<H", msg_id)),
-        _element(0x0700, struct.pack("<H", priority)),
-        _element(0x0800, struct.pack("<H", DATA_SET_PRESENT)),
-        _element(0x1000, _padded(stored.SOPInstanceUID, b"\0")),
+        command_element(0x0002, padded_uid(stored.SOPClassUID)),
+        command_element(0x0100, struct.pack("<H", C_STORE_RQ_FIELD)),
+        command_element(0x0110, struct.pack("<H", msg_id)),
+        command_element(0x0700, struct.pack("<H", priority)),
+        command_element(0x0800, struct.pack("<H", DATA_SET_PRESENT)),
+        command_element(0x1000, padded_uid(stored.SOPInstanceUID)),
     ]
     if originator_aet is not None:
-        elements.append(_element(0x1030, _padded(originator_aet, b" ")))
+        elements.append(command_element(0x1030, _padded(originator_aet, b" ")))
     if originator_id is not None:
-        elements.append(_element(0x1031, struct.pack("<H", originator_id)))
+        elements.append(command_element(0x1031, struct.pack("<H", originator_id)))
     body = b"".join(elements)
-    return _element(0x0000, struct.pack("<I", len(body))) + body
+    return command_element(0x0000, struct.pack("<I", len(body))) + body
 
 
 C_STORE_RQ_FIELD = 0x0001
 DATA_SET_PRESENT = 0x0001  # CommandDataSetType: anything but 0x0101
 
 
-def _element(element: int, value: bytes) -> bytes:
+def command_element(element: int, value: bytes) -> bytes:
+    """One command set element, Implicit VR Little Endian (group 0000)."""
     return struct.pack("<HHI", 0x0000, element, len(value)) + value
 
 
 def _padded(text: str, pad: bytes) -> bytes:
     raw = str(text).encode("ascii")
     return raw + pad if len(raw) % 2 else raw
+
+
+def padded_uid(uid: str) -> bytes:
+    """A UI value: padded to even length with a NUL."""
+    return _padded(uid, b"\0")
 
 
 def pynetdicom_command_set(
