@@ -4,7 +4,8 @@ The move destination is an AE title looked up in `[[peers]]` (the calling AE tit
 who asks, not where anything listens): unknown is 0xA801. The instances the identifier
 selects go over one association to the destination, opened by pynetdicom with the
 contexts, AE title and TLS that node.dicom.send_instances gives for them; each is sent as stored
-when the destination accepted its syntax, converted otherwise (node.dicom.retrieve).
+when the destination accepted its syntax, converted otherwise (node.dicom.retrieve). The
+Pending responses to the requester are written as PDUs by the node (node.dicom.move_pending).
 """
 
 from __future__ import annotations
