@@ -35,6 +35,7 @@ from pynetdicom.dimse_primitives import C_FIND
 from pynetdicom.dsutils import encode
 
 P_DATA_TF = b"\x04\x00"
+COMMAND_MORE = 0x01  # message control header: command, more fragments follow
 COMMAND_LAST = 0x03  # message control header: command, last fragment
 DATA_MORE = 0x00  # data set, more fragments follow
 DATA_LAST = 0x02  # data set, last fragment
@@ -57,13 +58,15 @@ def fast_path_implicit_vr(event: evt.Event) -> bool | None:
     return _FAST_SYNTAXES.get(syntax)
 
 
-def _pdu(context_id: int, control: int, fragment: bytes) -> bytes:
-    item_length = len(fragment) + 2
-    return (
-        P_DATA_TF
-        + struct.pack(">IIBB", item_length + 4, item_length, context_id, control)
-        + fragment
-    )
+def pdv_header(context_id: int, control: int, length: int) -> bytes:
+    """The PDU and PDV headers of a P-DATA-TF PDU carrying one PDV of `length` bytes."""
+    item_length = length + 2
+    return P_DATA_TF + struct.pack(">IIBB", item_length + 4, item_length, context_id, control)
+
+
+def p_data_pdu(context_id: int, control: int, fragment: bytes) -> bytes:
+    """One P-DATA-TF PDU carrying one PDV (PS3.8 9.3.5)."""
+    return pdv_header(context_id, control, len(fragment)) + fragment
 
 
 def command_set(event: evt.Event, status: int) -> bytes:
@@ -97,7 +100,7 @@ class PendingWriter:
         command = command_set(event, status)
         if self._fragment and len(command) > self._fragment:
             raise ValueError("peer's maximum PDU length is below one C-FIND-RSP command set")
-        self._command_pdu = _pdu(self._context_id, COMMAND_LAST, command)
+        self._command_pdu = p_data_pdu(self._context_id, COMMAND_LAST, command)
         self._batch: list[bytes] = []
         self._batched = 0
 
@@ -106,14 +109,14 @@ class PendingWriter:
         self._batch.append(self._command_pdu)
         fragment = self._fragment
         if not fragment or len(identifier) <= fragment:
-            self._batch.append(_pdu(self._context_id, DATA_LAST, identifier))
+            self._batch.append(p_data_pdu(self._context_id, DATA_LAST, identifier))
         else:
             view = memoryview(identifier)
             for start in range(0, len(identifier), fragment):
                 last = start + fragment >= len(identifier)
                 control = DATA_LAST if last else DATA_MORE
                 self._batch.append(
-                    _pdu(self._context_id, control, bytes(view[start : start + fragment]))
+                    p_data_pdu(self._context_id, control, bytes(view[start : start + fragment]))
                 )
         self._batched += len(identifier) + 64
         if self._batched >= FLUSH_BYTES:

@@ -4,7 +4,8 @@ The instances go back on the requester's own association, over the storage conte
 proposed with SCP/SCU role selection (the node accepts the SCU role for every storage SOP
 class, node.process.server). An instance whose SOP class the requester did not offer, or whose
 stored syntax it did not offer and that cannot be converted to one it did, is a failed
-sub-operation; the node's log says why.
+sub-operation; the node's log says why. Instances sent as stored go from their files'
+bytes (node.dicom.stored_send).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pynetdicom import evt
 from node.context import NodeContext
 from node.dicom.retrieve import Retrieve, refuse, select_instances, sub_operations
 from node.dicom.send_instances import send_without_delay
+from node.dicom.stored_send import send_stored_files, stop_sending_stored_files
 
 
 def handle_get(event: evt.Event, context: NodeContext) -> Iterator[Any]:
@@ -25,9 +27,11 @@ def handle_get(event: evt.Event, context: NodeContext) -> Iterator[Any]:
     on_response = retrieve.on_store_response
     event.assoc.bind(evt.EVT_DIMSE_RECV, on_response)
     send_without_delay(event.assoc)
+    send_stored_files(event.assoc)
     try:
         yield from _get(event, context, retrieve)
     finally:
+        stop_sending_stored_files(event.assoc)
         event.assoc.unbind(evt.EVT_DIMSE_RECV, on_response)
         retrieve.summary()
 

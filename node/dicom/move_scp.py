@@ -4,7 +4,8 @@ The move destination is an AE title looked up in `[[peers]]` (the calling AE tit
 who asks, not where anything listens): unknown is 0xA801. The instances the identifier
 selects go over one association to the destination, opened by pynetdicom with the
 contexts, AE title and TLS that node.dicom.send_instances gives for them; each is sent as stored
-when the destination accepted its syntax, converted otherwise (node.dicom.retrieve).
+when the destination accepted its syntax, converted otherwise (node.dicom.retrieve). The
+Pending responses to the requester are written as PDUs by the node (node.dicom.move_pending).
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from pynetdicom.sop_class import Verification
 
 from node.config import Config, Peer
 from node.context import NodeContext
+from node.dicom.move_pending import stop_writing_pending, write_pending_directly
 from node.dicom.peer_silence import no_idle_timeout_as_requestor
 from node.dicom.retrieve import Retrieve, refuse, select_instances, sub_operations
 from node.dicom.send_instances import connection_arguments, send_without_delay
+from node.dicom.stored_send import send_stored_files
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ class _DestinationAssociation:
 
     def _accepted(self, event: evt.Event) -> None:
         self.assoc = event.assoc
+        send_stored_files(event.assoc)
         send_without_delay(event.assoc)
         no_idle_timeout_as_requestor(event.assoc)  # converting a file is the node's work
         log.info(
@@ -69,9 +73,11 @@ def handle_move(event: evt.Event, context: NodeContext) -> Iterator[Any]:
     """EVT_C_MOVE handler (bound with the NodeContext as extra argument)."""
     retrieve = Retrieve("C-MOVE", event, destination=(event.move_destination or "").strip())
     send_without_delay(event.assoc)  # a Pending response follows every sub-operation
+    write_pending_directly(event.assoc)
     try:
         yield from _move(event, context, retrieve)
     finally:
+        stop_writing_pending(event.assoc)
         retrieve.summary()
 
 

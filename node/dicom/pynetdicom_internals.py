@@ -1,8 +1,9 @@
 """The pynetdicom release whose internals the node adapts, checked before it serves.
 
-`guarded_transport`, `reactor_wakeups` and `find_stream` reach into pynetdicom's private
-code (how it reads a PDU, builds acceptor sockets, naps in its reactors, pauses around a
-send, copies its contexts). A different release may change any of these and the node would
+`guarded_transport`, `reactor_wakeups`, `find_stream` and `stored_send` reach into
+pynetdicom's private code (how it reads a PDU, builds acceptor sockets, naps in its
+reactors, pauses around a send, copies its contexts, sends a C-STORE from a file). A
+different release may change any of these and the node would
 start and misbehave, so `serve` and `worker` refuse to start unless the installed pynetdicom
 is the one pinned in pyproject.toml and constraints.txt and still holds each piece of code
 relied on. `tests/test_guarded_transport.py` pins the same pieces with behaviour tests.
@@ -18,6 +19,7 @@ import pynetdicom
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.transport import RequestHandler
 
 REQUIRED_PYNETDICOM = "3.0.4"
@@ -62,6 +64,20 @@ RELIED_ON: tuple[ReliedOn, ...] = (
              "peer_silence: the reactor checks the idle timer between requests"),
     ReliedOn(DULServiceProvider.idle_timer_expired, "self._idle_timer.expired",
              "peer_silence restarts or turns off the DUL's idle timer"),
+    ReliedOn(Association.send_c_store, "req._dataset_path = (fpath, offset)",
+             "stored_send: a path is sent from the file's bytes, not decoded"),
+    ReliedOn(Association.send_c_store, "self._get_valid_context(",
+             "stored_send frames a C-STORE in the context send_c_store would choose"),
+    ReliedOn(Association.send_c_store, "status = self._check_received_status(rsp)",
+             "stored_send reads the C-STORE response as send_c_store does"),
+    ReliedOn(Association.send_c_store, "self._handle_no_response()",
+             "stored_send treats a missing C-STORE response as send_c_store does"),
+    ReliedOn(Association._run_reactor, "self._is_paused = True",
+             "stored_send waits for the paused reactor as send_c_store does"),
+    ReliedOn(QueryRetrieveServiceClass._get_scp, "self.assoc.send_c_store(dataset, msg_id",
+             "stored_send: C-GET sub-operations go through the association's send_c_store"),
+    ReliedOn(QueryRetrieveServiceClass._move_scp, "store_assoc.send_c_store(",
+             "stored_send: C-MOVE sub-operations go through the association's send_c_store"),
     ReliedOn(DULServiceProvider._process_recv_primitive, "self.to_provider_queue.queue[0]",
              "reactor_wakeups wakes the DUL on a queued primitive"),
 )

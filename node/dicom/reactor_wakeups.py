@@ -153,11 +153,35 @@ def keep_responses_for_the_sender(assoc: Any) -> None:
 
 
 def wake_requestor(assoc: Any) -> None:
-    """Wire one of the node's requestor associations, once established, to wake on work."""
+    """Wire one of the node's requestor associations, once established, to wake on work;
+    its association reactor naps until `pause_reactor` nudges it."""
     if hasattr(assoc.dul, "_pneumonode_waker"):
         return
     keep_responses_for_the_sender(assoc)
     wake_dul_on_work(assoc)
+    nudge = threading.Event()
+
+    def association_nap(seconds: float) -> None:
+        if seconds != ASSOCIATION_REACTOR_NAP:
+            time.sleep(seconds)
+            return
+        nudge.wait(seconds)
+        nudge.clear()
+
+    assoc._pneumonode_waker = association_nap
+    assoc._pneumonode_nudge = nudge
+
+
+def pause_reactor(assoc: Any) -> None:
+    """Pause the association reactor as pynetdicom's `send_*` do (clear its checkpoint, wait
+    until it stops there), nudging a requestor's reactor out of its nap so that the wait
+    is not the rest of a millisecond."""
+    assoc._reactor_checkpoint.clear()
+    nudge = getattr(assoc, "_pneumonode_nudge", None)
+    if nudge is not None:
+        nudge.set()
+    while not assoc._is_paused and assoc.is_established:
+        time.sleep(0.0001)
 
 
 def close_wakeups(assoc: Any) -> None:

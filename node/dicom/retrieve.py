@@ -7,7 +7,9 @@ response that carries the remaining, completed, failed and warning counts, and e
 failed, or 0xFE00 (with the counts so far) when the handler yields Cancel after a C-CANCEL.
 
 The instances are those C-FIND matches (storage.query.selection); each goes as
-node.dicom.send_instances prepares it for the association. Two behaviours of pynetdicom this
+node.dicom.send_instances prepares it for the association: as its stored file's bytes,
+never decoded, when the stored syntax was accepted (node.dicom.stored_send), else as a
+converted dataset. Two behaviours of pynetdicom this
 relies on, pinned by tests/test_retrieve_pynetdicom.py:
 - An instance that cannot go (no context for it, no conversion) is yielded as
   `unsendable(...)`, a dataset with its UIDs and no file meta: pynetdicom's `send_c_store`
@@ -39,6 +41,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from node.context import NodeContext
 from node.dicom.dimse import status_dataset
 from node.dicom.send_instances import Outgoing, StoredInstance, prepare
+from node.dicom.stored_send import read_ahead
 from storage.query.errors import QueryError, UnprocessableQueryError
 from storage.query.identifier import (
     STATUS_IDENTIFIER_MISMATCH,
@@ -66,6 +69,7 @@ STATUS_PENDING = 0xFF00
 STATUS_CANCEL = 0xFE00
 STATUS_OUT_OF_RESOURCES = 0xA701  # unable to calculate the number of matches
 C_STORE_RSP = 0x8001
+READ_AHEAD = 8  # files asked of the kernel ahead of the one being sent
 
 
 class Retrieve:
@@ -236,17 +240,22 @@ def sub_operations(
     accepted: Callable[[], Sequence[PresentationContext]],
 ) -> Iterator[tuple[int, Dataset | None]]:
     """(Pending, dataset) per instance, prepared for the contexts `accepted()` returns;
-    Cancel as soon as the requester sent C-CANCEL."""
-    for instance in instances:
+    Cancel as soon as the requester sent C-CANCEL. The association the sub-operations go
+    on must send StoredFiles (stored_send.send_stored_files); the files of the next
+    instances are read ahead while one is sent."""
+    paths = [str(context.archive.path_of(instance.file_path)) for instance in instances]
+    read_ahead(paths[:READ_AHEAD])
+    for number, instance in enumerate(instances):
         if event.is_cancelled:
             retrieve.status = STATUS_CANCEL
             yield STATUS_CANCEL, None
             return
+        read_ahead(paths[number + READ_AHEAD : number + READ_AHEAD + 1])
         outgoing = prepare(context.archive, instance, accepted(), retrieve.destination)
-        if outgoing.dataset is None:
+        if outgoing.refusal:
             retrieve.refused(outgoing)
             yield STATUS_PENDING, unsendable(instance)
             continue
         retrieve.sending(outgoing)
-        yield STATUS_PENDING, outgoing.dataset
+        yield STATUS_PENDING, outgoing.payload
         retrieve.settle()

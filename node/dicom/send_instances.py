@@ -6,11 +6,12 @@ Three steps, each shared:
   class is proposed once per stored transfer syntax, and once more with the uncompressed
   Little Endian syntaxes, so a receiver that refuses the stored syntax can still take a
   converted copy (dcmtk's storescu proposes in the same way).
-- `prepare`: once the receiver has answered, the dataset to send for one instance: read as
-  stored when its syntax was accepted, else converted (storage.conversion) to an accepted
-  uncompressed one, else the reason it cannot go, for the caller to report as a failure.
+- `prepare`: once the receiver has answered, what to send for one instance: its stored
+  file, sent from its bytes without decoding (node.dicom.stored_send), when its syntax was
+  accepted; else a dataset converted (storage.conversion) to an accepted uncompressed
+  syntax; else the reason it cannot go, for the caller to report as a failure.
 - `send`: the C-STORE itself, for callers that drive the association (the result sender);
-  C-MOVE and C-GET hand the prepared dataset to pynetdicom's sub-operation loop instead.
+  C-MOVE and C-GET hand `Outgoing.payload` to pynetdicom's sub-operation loop instead.
 
 Every association that carries instances or retrieve responses sends without Nagle's
 algorithm (`send_without_delay`), as dcmtk does with TCP_NODELAY=1.
@@ -19,6 +20,7 @@ algorithm (`send_without_delay`), as dcmtk does with TCP_NODELAY=1.
 from __future__ import annotations
 
 import contextlib
+import os
 import socket
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -34,6 +36,8 @@ from pynetdicom.presentation import PresentationContext
 
 from node.config import Config, Peer
 from node.dicom.reactor_wakeups import wake_requestor
+from node.dicom.stored_send import StoredFile
+from node.dicom.stored_send import send_c_store as send_stored
 from node.dicom.tls import client_context
 from storage.archive import Archive
 from storage.conversion import CONVERSION_TARGETS, ConversionError, choose_syntax, convert
@@ -63,13 +67,25 @@ class Outgoing:
     """One instance made ready for a given association, or the reason it cannot be sent."""
 
     instance: StoredInstance
-    dataset: Dataset | None
+    dataset: Dataset | None  # a converted copy
     syntax: str = ""  # the transfer syntax it goes in
     refusal: str = ""
+    stored_path: str = ""  # the file whose bytes go as stored
 
     @property
     def converted(self) -> bool:
         return self.dataset is not None and self.syntax != self.instance.transfer_syntax_uid
+
+    @property
+    def payload(self) -> Dataset | None:
+        """What pynetdicom's sub-operation loop sends: the converted copy, or a StoredFile
+        (on an association set up with stored_send.send_stored_files); None if refused."""
+        if self.stored_path:
+            instance = self.instance
+            return StoredFile(
+                self.stored_path, instance.sop_class_uid, instance.sop_instance_uid, self.syntax
+            )
+        return self.dataset
 
     def describe(self) -> str:
         """' as <syntax>, converted from <syntax>' for a log line; '' when sent as stored."""
@@ -151,7 +167,7 @@ def prepare(
     accepted: Iterable[PresentationContext],
     receiver: str,
 ) -> Outgoing:
-    """The dataset to send `instance` in over an association that accepted `accepted`."""
+    """What to send `instance` as over an association that accepted `accepted`."""
     sop_class = UID(instance.sop_class_uid)
     offered = _accepted_syntaxes(accepted, sop_class)
     if not offered:
@@ -163,22 +179,28 @@ def prepare(
         return Outgoing(
             instance, None, refusal=f"{receiver} takes only {names}; {stored} does not convert"
         )
+    path = archive.path_of(instance.file_path)
     try:
-        dataset = dcmread(archive.path_of(instance.file_path))
+        if syntax == instance.transfer_syntax_uid:
+            os.stat(path)  # there; its bytes are read as they are sent
+            return Outgoing(instance, None, syntax=str(syntax), stored_path=str(path))
+        dataset = dcmread(path)
     except Exception as exc:  # OSError, or a file changed behind the index's back
         return Outgoing(instance, None, refusal=f"stored file unreadable: {type(exc).__name__}")
-    if syntax != instance.transfer_syntax_uid:
-        try:
-            dataset = convert(dataset, syntax)
-        except ConversionError as exc:
-            return Outgoing(instance, None, refusal=f"not convertible for {receiver}: {exc}")
+    try:
+        dataset = convert(dataset, syntax)
+    except ConversionError as exc:
+        return Outgoing(instance, None, refusal=f"not convertible for {receiver}: {exc}")
     return Outgoing(instance, dataset, syntax=str(syntax))
 
 
 def send(assoc: Association, outgoing: Outgoing) -> int | None:
     """C-STORE a prepared instance; its response status, or None if none came (timeout,
     abort). Raises ValueError for an instance that was refused."""
-    if outgoing.dataset is None:
+    if outgoing.refusal:
         raise ValueError(f"SOP {outgoing.instance.sop_instance_uid}: {outgoing.refusal}")
-    status = assoc.send_c_store(outgoing.dataset)
+    if outgoing.stored_path:
+        status = send_stored(assoc, outgoing.payload)
+    else:
+        status = assoc.send_c_store(outgoing.dataset)
     return getattr(status, "Status", None)

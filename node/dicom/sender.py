@@ -140,7 +140,7 @@ class DeliverySender:
 
     def _send_one(self, assoc, item: DueDelivery, destination: str) -> None:
         outgoing = prepare(self.context.archive, item, assoc.accepted_contexts, destination)
-        if outgoing.dataset is None:
+        if outgoing.refusal:
             # Neither as stored nor converted: another attempt would meet the same answer.
             self.queue.give_up(item, outgoing.refusal)
             log.warning(
