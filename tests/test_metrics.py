@@ -37,6 +37,7 @@ from node.testing.ports import free_port
 
 DESTINATION = "STORESCP"
 DX = "1.2.840.10008.5.1.4.1.1.1.1"
+DASHBOARD = Path(__file__).resolve().parents[1] / "docs" / "grafana" / "pneumonode.json"
 UID_LIKE = re.compile(r"^\d+(\.\d+){3,}$")
 
 
@@ -179,6 +180,25 @@ def test_metrics_count_intake_analysis_and_delivery(
         scp.stop()
 
 
+def dashboard_queries() -> list[str]:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return [
+        target["expr"]
+        for panel in dashboard["panels"]
+        for target in panel.get("targets", [])
+    ]
+
+
+def test_the_dashboard_shows_every_metric() -> None:
+    text = " ".join(dashboard_queries())
+    for name in (
+        "dimse_requests_total", "associations_active", "associations_rejected_total",
+        "received_bytes_total", "store_seconds", "jobs", "inference_seconds", "result_seconds",
+        "results_total", "deliveries_total", "predictions_total", "probability", "build_info",
+    ):
+        assert f"pneumonode_{name}" in text
+
+
 def scrape_with_prometheus(tmp_path: Path, url: str) -> None:
     """A real Prometheus server scrapes the node; its HTTP API returns the node's counts."""
     if shutil.which("prometheus") is None:
@@ -216,6 +236,11 @@ def scrape_with_prometheus(tmp_path: Path, url: str) -> None:
         query = urllib.parse.quote("pneumonode_inference_seconds_count")
         code, body = get(f"http://127.0.0.1:{port}/api/v1/query?query={query}")
         assert code == 200 and float(json.loads(body)["data"]["result"][0]["value"][1]) >= 4
+        # Every query of the Grafana dashboard is one this Prometheus accepts.
+        for expr in dashboard_queries():
+            query = urllib.parse.quote(expr.replace("$job", ".*"))
+            code, body = get(f"http://127.0.0.1:{port}/api/v1/query?query={query}")
+            assert code == 200, f"{expr}: {body}"
     finally:
         server.terminate()
         server.wait(10)
