@@ -96,10 +96,15 @@ class NodeMetrics:
         return False
 
     def stop(self) -> None:
+        """Stop answering HTTP (the node's processes may still count until they stop)."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+    def close(self) -> None:
+        """Remove the multi-process folder, once every child process has stopped."""
+        self.stop()
         if self._folder is not None:
             multiprocess.remove_folder(self._folder)
             self._folder = None

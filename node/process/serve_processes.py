@@ -347,3 +347,5 @@ def serve(config: Config, services: Iterable[ServiceFactory] = ()) -> int:
     except Exception as exc:
         log.debug("the node could not start", exc_info=True)
         raise StartError(start_failure_reason(exc)) from exc
+    finally:
+        telemetry.close()
