@@ -298,3 +298,37 @@ def test_a_silent_http_client_does_not_hold_up_the_next() -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_start_checks_name_the_metrics_keys(tmp_path: Path) -> None:
+    from node.process.start_checks import StartError, check_metrics
+
+    config = parse_config({"metrics": {"address": "192.0.2.1"}}, tmp_path, "test")
+    with pytest.raises(StartError, match="metrics.address: 192.0.2.1 is not an address"):
+        check_metrics(config)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        config = parse_config({"metrics": {"port": port}}, tmp_path, "test")
+        warnings: list[str] = []
+        check_metrics(config, warnings.append)
+        assert warnings and f"metrics.port: port {port} on 127.0.0.1 is in use" in warnings[0]
+        check_metrics(config)  # serve: no refusal, the listener logs it
+
+
+@pytest.mark.slow
+def test_a_metrics_port_in_use_leaves_dicom_serving(node_factory) -> None:
+    from node.testing.dcmtk import echo
+
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        node = node_factory({"metrics": {"port": port}})
+        assert echo(node.host, node.port, node.ae_title)
+        deadline = time.monotonic() + 10
+        while "metrics: cannot listen" not in node.run_log():
+            assert time.monotonic() < deadline, node.run_log()
+            time.sleep(0.05)
+        assert "metrics on http" not in node.run_log()
