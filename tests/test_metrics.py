@@ -30,7 +30,7 @@ from support import siim_files
 
 from node.config import parse_config
 from node.metrics.http import READ_TIMEOUT_SECONDS, MetricsHttpServer
-from node.testing.dcmtk import StoreSCP
+from node.testing.dcmtk import StoreSCP, echo
 from node.testing.index import job_counts
 from node.testing.node_process import node_command, node_env, storescu
 from node.testing.ports import free_port
@@ -107,6 +107,7 @@ def test_metrics_count_intake_analysis_and_delivery(
         url = node.metrics_url()
         assert url.startswith("http://127.0.0.1:")
 
+        assert not echo(node.host, node.port, "NOT-THIS-NODE")  # rejected: called AE title
         files = siim_files()[:4]
         assert storescu(node, files).returncode == 0
         assert send_unreadable(node, tmp_path) == 0xC210
@@ -123,6 +124,9 @@ def test_metrics_count_intake_analysis_and_delivery(
         stores = "pneumonode_dimse_requests_total"
         assert value(text, stores, command="C-STORE", status="0x0000") == 4
         assert value(text, stores, command="C-STORE", status="0xC210") == 1
+        assert value(text, stores, command="C-ECHO", status="0x0000") >= 1  # start-up's echo
+        rejected = "pneumonode_associations_rejected_total"
+        assert value(text, rejected, reason="called_ae_title") == 1
         assert value(text, "pneumonode_inference_seconds_count") == 4
         assert value(text, "pneumonode_probability_count") == 4
         predictions = [
@@ -319,8 +323,6 @@ def test_start_checks_name_the_metrics_keys(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_a_metrics_port_in_use_leaves_dicom_serving(node_factory) -> None:
-    from node.testing.dcmtk import echo
-
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         held.listen()
