@@ -9,6 +9,7 @@ Prometheus server on loopback scrapes the node.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import socket
@@ -334,3 +335,26 @@ def test_a_metrics_port_in_use_leaves_dicom_serving(node_factory) -> None:
             assert time.monotonic() < deadline, node.run_log()
             time.sleep(0.05)
         assert "metrics on http" not in node.run_log()
+
+
+def test_the_metrics_folder_of_a_killed_node_goes_at_the_next_start(monkeypatch) -> None:
+    from node.metrics import multiprocess
+
+    monkeypatch.delenv(multiprocess.ENVIRONMENT, raising=False)
+    child = subprocess.Popen(["true"])  # a pid that is gone
+    child.wait()
+    first = multiprocess.start_folder()
+    stale = first.parent / f"serve-{child.pid}-x"
+    stale.mkdir()
+    (stale / "counter_1.db").write_bytes(b"")
+    multiprocess.remove_folder(first)
+    second = multiprocess.start_folder()
+    try:
+        assert second.is_dir() and not stale.exists()
+        assert os.environ[multiprocess.ENVIRONMENT] == str(second)
+    finally:
+        multiprocess.remove_folder(second)
+    assert multiprocess.ENVIRONMENT not in os.environ and not second.exists()
+    from prometheus_client import values
+
+    assert values.ValueClass is values.MutexValue

@@ -3,7 +3,8 @@
 Every process of the node (the supervisor, serve processes, analysis workers, result
 processes) counts in files of one folder, named by PROMETHEUS_MULTIPROC_DIR in the
 environment that children inherit; the supervisor's /metrics sums them. The folder is made
-fresh at each start (counts of an earlier run would add up wrongly) and removed at stop.
+fresh at each start (counts of an earlier run would add up wrongly) and removed at stop;
+the folders of nodes killed before they could remove theirs go at the next start.
 """
 
 from __future__ import annotations
@@ -25,20 +26,48 @@ def active() -> bool:
     return ENVIRONMENT in os.environ
 
 
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove_stale(parent: Path) -> None:
+    """Folders of `serve`s that are gone (killed: no stop removed them)."""
+    for folder in parent.glob("serve-*"):
+        pid = folder.name.removeprefix("serve-").split("-", 1)[0]
+        if pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
 def start_folder() -> Path:
     """Make an empty folder and name it in this process's environment, before any child
     process starts and before any metric is made."""
-    folder = Path(tempfile.mkdtemp(prefix="pneumonode-metrics-"))
+    parent = Path(tempfile.gettempdir()) / f"pneumonode-metrics-{os.getuid()}"
+    parent.mkdir(mode=0o700, exist_ok=True)
+    _remove_stale(parent)
+    folder = Path(tempfile.mkdtemp(prefix=f"serve-{os.getpid()}-", dir=parent))
     os.environ[ENVIRONMENT] = str(folder)
-    values = sys.modules.get("prometheus_client.values")
-    if values is not None:  # imported already: let metrics made from now on use the files
-        values.ValueClass = values.get_value_class()
+    _choose_value_class()
     return folder
+
+
+def _choose_value_class() -> None:
+    """prometheus_client picks in-memory or file values at import, from the environment:
+    imported already, it picks again, for the metrics made from now on."""
+    values = sys.modules.get("prometheus_client.values")
+    if values is not None:
+        values.ValueClass = values.get_value_class()
 
 
 def remove_folder(folder: Path) -> None:
     if os.environ.get(ENVIRONMENT) == str(folder):
         del os.environ[ENVIRONMENT]
+        _choose_value_class()
     shutil.rmtree(folder, ignore_errors=True)
 
 
