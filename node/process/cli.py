@@ -198,6 +198,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"  storage {config.storage.folder}")
     print(f"  index {config.storage.database_url}")
     print(f"  peers: {', '.join(p.ae_title for p in config.peers) or 'none'}")
+    metrics = config.metrics
+    where = f"http://{metrics.address}:{metrics.port}" if metrics.enabled else "off"
+    print(f"  metrics {where}")
     return 0
 
 
