@@ -358,3 +358,17 @@ def test_the_metrics_folder_of_a_killed_node_goes_at_the_next_start(monkeypatch)
     from prometheus_client import values
 
     assert values.ValueClass is values.MutexValue
+
+
+@pytest.mark.slow
+def test_ready_names_what_is_not_ready(tmp_path: Path, node_factory) -> None:
+    node = node_factory(
+        {"analysis": {"enabled": True, "model": str(tmp_path / "no-model"), "demo_model": False,
+                      "device": "cpu"}}
+    )
+    url = node.metrics_url()
+    code, body = get(f"{url}/health/ready")
+    assert (code, json.loads(body)) == (
+        503, {"status": "not ready", "problems": ["analysis model not loaded"]}
+    )
+    assert get(f"{url}/health/live")[0] == 200
