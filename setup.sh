@@ -11,7 +11,7 @@ if command -v apt-get >/dev/null; then
     [ "$(id -u)" -ne 0 ] && SUDO="sudo"
     export DEBIAN_FRONTEND=noninteractive
     $SUDO apt-get update -qq
-    $SUDO apt-get install -y -qq dcmtk orthanc dicom3tools openssl python3-venv >/dev/null
+    $SUDO apt-get install -y -qq dcmtk orthanc dicom3tools openssl python3-venv prometheus >/dev/null
     # The viewer test (tests/test_viewer_ohif.py): Orthanc's DICOMweb plugin, and headless
     # Chromium with its WebDriver (no display needed).
     $SUDO apt-get install -y -qq orthanc-dicomweb chromium chromium-driver >/dev/null

@@ -81,6 +81,14 @@ class QuerySettings:
 
 
 @dataclass(frozen=True)
+class MetricsSettings:
+    # Prometheus /metrics and the /health endpoints, on their own HTTP listener.
+    enabled: bool = True
+    address: str = "127.0.0.1"
+    port: int = 9108
+
+
+@dataclass(frozen=True)
 class AnalysisSettings:
     enabled: bool
     run_in_serve: bool
@@ -127,6 +135,7 @@ class Config:
     tls: TlsSettings
     peers: tuple[Peer, ...] = field(default_factory=tuple)
     query: QuerySettings = field(default_factory=QuerySettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
     source: str = "<embedded defaults>"
 
     def peer(self, ae_title: str) -> Peer | None:
@@ -294,6 +303,11 @@ _SCHEMA: dict[str, dict[str, Any]] = {
         "retry_max_seconds": _positive_float,
         "max_attempts": _int_range(0, 1_000_000),
     },
+    "metrics": {
+        "enabled": _bool,
+        "address": _address,
+        "port": _PORT_OR_ZERO,
+    },
     "tls": {
         "enabled": _bool,
         "port": _PORT_OR_ZERO,
@@ -419,6 +433,7 @@ def parse_config(data: dict[str, Any], base_dir: Path, source: str) -> Config:
         tls=_tls_settings(sections["tls"], base_dir, peers),
         peers=peers,
         query=QuerySettings(**sections["query"]),
+        metrics=MetricsSettings(**sections["metrics"]),
         source=source,
     )
 

@@ -208,3 +208,38 @@ class DeliveryQueue:
                 .values(state=DeliveryState.PENDING, next_attempt_at=utcnow())
             )
         return result.rowcount or 0
+
+
+def image_delivered_seconds(engine: Engine, result_sop_instance_uid: str) -> float | None:
+    """Seconds from the source image's arrival to now, when the delivery of this result
+    was the last of its image's results still to deliver; None otherwise (or imported)."""
+    from storage.models import AnalysisJob, JobResult
+
+    with engine.connect() as conn:
+        job_pk = conn.scalar(
+            select(JobResult.job_pk).where(JobResult.sop_instance_uid == result_sop_instance_uid)
+        )
+        if job_pk is None:
+            return None
+        siblings = select(JobResult.sop_instance_uid).where(
+            JobResult.job_pk == job_pk, JobResult.sop_instance_uid != ""
+        )
+        undelivered = conn.scalar(
+            select(func.count())
+            .select_from(Delivery)
+            .where(
+                Delivery.sop_instance_uid.in_(siblings),
+                Delivery.state != DeliveryState.DELIVERED,
+            )
+        )
+        if undelivered:
+            return None
+        received = conn.scalar(
+            select(Instance.received_at)
+            .join(AnalysisJob, AnalysisJob.sop_instance_uid == Instance.sop_instance_uid)
+            .where(AnalysisJob.id == job_pk)
+        )
+    if received is None:
+        return None
+    age = utcnow().replace(tzinfo=None) - received.replace(tzinfo=None)
+    return max(0.0, age.total_seconds())

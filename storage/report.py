@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Engine, func, select
 
@@ -30,6 +31,33 @@ class QueueReport:
     kept_reasons: list[tuple[str, int]]  # analysed images whose results are not sent, by why
     kinds: dict[str, dict[str, int]]  # result objects by kind, then state
     kept_results: int = 0  # result objects stored but not sent anywhere
+
+
+def job_counts(engine: Engine) -> dict[str, int]:
+    """Analysis jobs by state (the metrics' queue depth, read at each scrape)."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(AnalysisJob.state, func.count()).group_by(AnalysisJob.state))
+        return {str(getattr(state, "value", state)): count for state, count in rows}
+
+
+def report_data(report: QueueReport) -> dict[str, Any]:
+    """The report as JSON-ready data with named fields (`status --json`)."""
+    return {
+        "instances": report.instances,
+        "results": report.results,
+        "jobs": dict(sorted(report.jobs.items())),
+        "deliveries": dict(sorted(report.deliveries.items())),
+        "result_objects": {k: dict(sorted(s.items())) for k, s in sorted(report.kinds.items())},
+        "identity_conflicts": dict(sorted(report.conflicts.items())),
+        "kept_results": report.kept_results,
+        "kept_reasons": [{"reason": r, "count": c} for r, c in report.kept_reasons],
+        "skip_reasons": [{"reason": r, "count": c} for r, c in report.skip_reasons],
+        "job_errors": [{"sop_instance_uid": u, "reason": r} for u, r in report.job_errors],
+        "delivery_errors": [
+            {"sop_instance_uid": u, "destination_ae": ae, "error": e}
+            for u, ae, e in report.delivery_errors
+        ],
+    }
 
 
 def queue_report(engine: Engine, last: int = 5) -> QueueReport:

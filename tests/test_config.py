@@ -224,6 +224,7 @@ def test_without_show_the_summary_is_printed(tmp_path: Path, capsys) -> None:
         f"  storage {tmp_path / 'var' / 'pneumonode'}",
         f"  index sqlite:///{tmp_path / 'var' / 'pneumonode' / 'index.sqlite'}",
         "  peers: ORTHANC",
+        "  metrics http://127.0.0.1:9108",
     ]
 
 

@@ -40,6 +40,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from node.dicom.peer_silence import restart_after_each_request
 from node.dicom.reactor_wakeups import close_wakeups, make_responsive
 from node.dicom.slots import ADDRESS_FULL, ADMITTED, NODE_FULL, AssociationSlots, Ticket
+from node.metrics.definitions import metrics
 
 log = logging.getLogger(__name__)
 
@@ -215,6 +216,7 @@ class GuardedAssociationSocket(AssociationSocket):
         if limits.admission is not None and len(body) >= 36:
             reason = limits.admission(calling, called, self.assoc.requestor.address_info.address)
             if reason is not None:
+                metrics().associations_rejected.labels("calling_ae_title").inc()
                 self._refuse(
                     REJECT_CALLING_AE,
                     f"association rejected: calling AE {calling!r}: {reason}",
@@ -225,12 +227,14 @@ class GuardedAssociationSocket(AssociationSocket):
         peer = limits.is_peer is not None and limits.is_peer(calling)
         outcome = self._slots.associate(self._ticket, peer)
         if outcome == NODE_FULL:
+            metrics().associations_rejected.labels("max_associations").inc()
             self._refuse(
                 REJECT_LOCAL_LIMIT,
                 "association rejected: the node holds node.max_associations associations, "
                 f"calling AE {calling!r}",
             )
         if outcome != ADMITTED:
+            metrics().associations_rejected.labels("max_unknown_associations").inc()
             self._refuse(
                 REJECT_LOCAL_LIMIT,
                 "association rejected: callers not in [[peers]] hold "
@@ -391,6 +395,7 @@ class GuardedServer(ThreadedAssociationServer):
         peer_host = self.limits.is_peer_host is not None and self.limits.is_peer_host(address)
         verdict, ticket = self.slots.connect(address, peer_host)
         if verdict.outcome == ADDRESS_FULL:
+            metrics().associations_rejected.labels("max_associations_per_address").inc()
             log.warning(
                 "refused connection from %s: it holds %d connections "
                 "(node.max_associations_per_address)",
@@ -399,6 +404,7 @@ class GuardedServer(ThreadedAssociationServer):
             )
             return False
         if verdict.outcome != ADMITTED:
+            metrics().associations_rejected.labels("unknown_hosts_waiting").inc()
             log.warning(
                 "refused connection from %s: node.max_unknown_associations connections from "
                 "unknown hosts wait for their association request",

@@ -26,7 +26,8 @@ from node.dicom.send_instances import (
     send,
     send_without_delay,
 )
-from storage.deliveries import DeliveryQueue, DueDelivery
+from node.metrics.definitions import DELIVERED, FAILED, GIVEN_UP, metrics
+from storage.deliveries import DeliveryQueue, DueDelivery, image_delivered_seconds
 from storage.models import DeliveryState
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class DeliverySender:
         peer = config.peer(destination)
         if peer is None:
             for item in items:
-                self.queue.retry_later(item, f"{destination} is not in [[peers]]")
+                self._retry(item, f"{destination} is not in [[peers]]")
             return
         # The index knows each result's SOP class and transfer syntax: no file is read
         # before the association is up.
@@ -130,19 +131,36 @@ class DeliverySender:
             error = f"{peer.ae_title} accepted none of the contexts proposed"
             log.warning("delivery to %s failed: %s (failed)", peer.ae_title, error)
             for item in items:
-                self.queue.give_up(item, error)
+                self._give_up(item, error)
             return
         reason = "association rejected" if assoc.is_rejected else "cannot connect"
         error = f"{reason} by {peer.ae_title} at {peer.host}:{peer.port}"
         log.warning("delivery to %s failed: %s; will retry", peer.ae_title, error)
         for item in items:
-            self.queue.retry_later(item, error)
+            self._retry(item, error)
+
+    def _retry(self, item: DueDelivery, error: str) -> DeliveryState:
+        state = self.queue.retry_later(item, error)
+        metrics().deliveries.labels(GIVEN_UP if state == DeliveryState.FAILED else FAILED).inc()
+        return state
+
+    def _give_up(self, item: DueDelivery, error: str) -> None:
+        self.queue.give_up(item, error)
+        metrics().deliveries.labels(GIVEN_UP).inc()
+
+    def _delivered(self, item: DueDelivery) -> None:
+        self.queue.delivered(item.delivery_id)
+        counted = metrics()
+        counted.deliveries.labels(DELIVERED).inc()
+        seconds = image_delivered_seconds(self.context.engine, item.sop_instance_uid)
+        if seconds is not None:
+            counted.result_seconds.observe(seconds)
 
     def _send_one(self, assoc, item: DueDelivery, destination: str) -> None:
         outgoing = prepare(self.context.archive, item, assoc.accepted_contexts, destination)
         if outgoing.refusal:
             # Neither as stored nor converted: another attempt would meet the same answer.
-            self.queue.give_up(item, outgoing.refusal)
+            self._give_up(item, outgoing.refusal)
             log.warning(
                 "delivery of SOP %s to %s failed: %s (%s)",
                 item.sop_instance_uid,
@@ -154,14 +172,14 @@ class DeliverySender:
         try:
             code = send(assoc, outgoing)
         except Exception as exc:
-            self.queue.retry_later(item, f"C-STORE error: {exc}")
+            self._retry(item, f"C-STORE error: {exc}")
             return
         if code is None:
-            self.queue.retry_later(item, "no C-STORE response (timeout or abort)")
+            self._retry(item, "no C-STORE response (timeout or abort)")
             log.warning("delivery of SOP %s to %s: no response", item.sop_instance_uid, destination)
             return
         if code in SUCCESS_OR_WARNING:
-            self.queue.delivered(item.delivery_id)
+            self._delivered(item)
             log.info(
                 "delivered SOP %s to %s%s (status 0x%04X)",
                 item.sop_instance_uid,
@@ -170,7 +188,7 @@ class DeliverySender:
                 code,
             )
             return
-        state = self.queue.retry_later(item, f"C-STORE status 0x{code:04X}")
+        state = self._retry(item, f"C-STORE status 0x{code:04X}")
         log.warning(
             "delivery of SOP %s to %s refused with 0x%04X (%s)",
             item.sop_instance_uid,

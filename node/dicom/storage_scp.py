@@ -16,6 +16,7 @@ from sqlalchemy.exc import OperationalError
 
 from node.context import NodeContext
 from node.dicom.dimse import ERROR_COMMENT_LENGTH, status_dataset
+from node.metrics.definitions import metrics
 from storage.archive import envelope_mismatch
 from storage.errors import (
     DeflateError,
@@ -109,6 +110,7 @@ def handle_store(event: evt.Event, context: NodeContext) -> int | Dataset:
     affected = str(event.request.AffectedSOPInstanceUID or "")
     try:
         data = event.encoded_dataset()
+        metrics().received_bytes.inc(len(data))
         header = context.archive.inspect(data)
         mismatch = _mismatch(header, event)
         if mismatch is not None:

@@ -16,6 +16,7 @@ import dataclasses
 import importlib
 import importlib.util
 import inspect
+import json
 import logging
 import sys
 from collections.abc import Callable, Sequence
@@ -80,14 +81,19 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from storage.database import create_index_engine
-    from storage.report import format_report, queue_report
+    from storage.report import format_report, queue_report, report_data
 
     config = _load(args)
     engine = create_index_engine(config.storage.database_url)
     try:
-        print(format_report(queue_report(engine, last=args.last)))
+        report = queue_report(engine, last=args.last)
     finally:
         engine.dispose()
+    if args.json:
+        data = {**report_data(report), "analysis_model": analysis_model_line(config)}
+        print(json.dumps(data, indent=2))
+        return 0
+    print(format_report(report))
     print(analysis_model_line(config))
     return 0
 
@@ -192,6 +198,9 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     print(f"  storage {config.storage.folder}")
     print(f"  index {config.storage.database_url}")
     print(f"  peers: {', '.join(p.ae_title for p in config.peers) or 'none'}")
+    metrics = config.metrics
+    where = f"http://{metrics.address}:{metrics.port}" if metrics.enabled else "off"
+    print(f"  metrics {where}")
     return 0
 
 
@@ -275,6 +284,9 @@ def build_parser(with_ai_commands: bool = True) -> argparse.ArgumentParser:
         "status", parents=[common], help="analysis jobs and deliveries by state, last errors"
     )
     status.add_argument("--last", type=int, default=5, help="how many errors to list")
+    status.add_argument(
+        "--json", action="store_true", help="the same figures as one JSON object, for scripts"
+    )
     status.set_defaults(func=cmd_status)
 
     retry = subparsers.add_parser(

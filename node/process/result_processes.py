@@ -39,6 +39,7 @@ from ai.results.kind import (
 )
 from node.config import Config
 from node.context import NodeContext
+from node.metrics.definitions import metrics
 from node.process.logs import configure_logging
 from node.process.supervision import tie_to_parent
 from storage import deliveries
@@ -121,8 +122,12 @@ class ResultWriter:
         except ResultBuildError as exc:
             log.warning("results of SOP %s not built: %s", uid, exc)
             self.jobs.fail([task.job.job_id], f"results: {exc}")
+            for kind in self.kinds:
+                metrics().results.labels(kind.name, ResultState.FAILED.value).inc()
             return
         records = [self.make(kind, inputs) for kind in self.kinds]
+        for record in records:
+            metrics().results.labels(record.kind, record.state.value).inc()
         stored = [r.sop_instance_uid for r in records if r.state == ResultState.STORED]
         destination, kept_because = self.destination(task.job)
         with self.context.engine.begin() as conn:

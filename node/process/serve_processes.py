@@ -21,12 +21,14 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from multiprocessing.queues import SimpleQueue
 
 from node.config import Config
 from node.context import NodeContext, build_context
 from node.dicom.slots import AssociationSlots
+from node.metrics.multiprocess import process_died
+from node.metrics.service import NodeMetrics
 from node.process.logs import configure_logging, quiet_pynetdicom
 from node.process.server import (
     SHUTDOWN_GRACE_SECONDS,
@@ -227,6 +229,7 @@ class ServeProcesses:
                 if process is None or process.is_alive() or self._stopping.is_set():
                     continue
                 self.slots.clear_row(number)
+                process_died(process.pid)
                 if self._count_failed_start(number):
                     return
                 log.error(
@@ -261,6 +264,13 @@ class ServeProcesses:
         self.stop_requested.set()
         return True
 
+    def not_serving(self) -> str | None:
+        """None while a serve process accepts; else why the DICOM listener does not."""
+        for process, ready in zip(self._processes, self._readies, strict=True):
+            if process is not None and process.is_alive() and ready is not None and ready.is_set():
+                return None
+        return "no serve process accepts DICOM associations"
+
     def stop(self) -> None:
         """Let each serve process finish its associations, then stop the services."""
         self._stopping.set()
@@ -284,6 +294,16 @@ class ServeProcesses:
         log.info("stopped")
 
 
+def _both(first: Callable[[], None], then: Callable[[], None]) -> Callable[[], None]:
+    def stop() -> None:
+        try:
+            first()
+        finally:
+            then()
+
+    return stop
+
+
 def serve_process_count(config: Config) -> int:
     """node.processes, with 0 meaning one per CPU core."""
     return config.node.processes or os.cpu_count() or 1
@@ -298,19 +318,35 @@ def serve(config: Config, services: Iterable[ServiceFactory] = ()) -> int:
     """
     check_start(config)
     processes = serve_process_count(config)
+    # Before any child process starts: they inherit where to count.
+    telemetry = NodeMetrics(config)
     try:
         if processes > 1:
             supervisor = ServeProcesses(config, tuple(services), processes)
+
+            def start() -> None:
+                supervisor.start()
+                assert supervisor.context is not None
+                telemetry.start(supervisor.context, supervisor.slots.held, supervisor.not_serving)
+
             code = run_until_signalled(
-                supervisor.start, supervisor.stop, stop_requested=supervisor.stop_requested
+                start, _both(telemetry.stop, supervisor.stop),
+                stop_requested=supervisor.stop_requested,
             )
             if supervisor.failure is not None:
                 raise StartError(supervisor.failure)
             return code
         node = DicomNode(config, tuple(services))
-        return run_until_signalled(node.start, node.stop)
+
+        def start_one() -> None:
+            node.start()
+            telemetry.start(node.context, node.associations, node.not_serving)
+
+        return run_until_signalled(start_one, _both(telemetry.stop, node.stop))
     except (StartError, IndexVersionError):
         raise  # an index a newer pneumonode wrote has its own message and exit status (4)
     except Exception as exc:
         log.debug("the node could not start", exc_info=True)
         raise StartError(start_failure_reason(exc)) from exc
+    finally:
+        telemetry.close()

@@ -44,6 +44,8 @@ from node.dicom.storage_classes import (
 )
 from node.dicom.storage_scp import handle_store
 from node.dicom.tls import server_context
+from node.metrics.definitions import metrics
+from node.metrics.dimse import DimseMetrics
 from node.process.logs import quiet_pynetdicom
 from storage.consistency import RecoveryReport, log_recovery, recover
 
@@ -142,6 +144,14 @@ _REJECTION_REASONS = {
     (3, 1): "temporary congestion",
     (3, 2): "local limit exceeded (node.max_associations)",
 }
+_REJECTION_LABELS = {
+    (1, 2): "application_context",
+    (1, 3): "calling_ae_title",
+    (1, 7): "called_ae_title",
+    (2, 2): "protocol_version",
+    (3, 1): "congestion",
+    (3, 2): "max_associations",
+}
 # A-ASSOCIATE-AC presentation context results (PS3.8 9.3.3.2).
 _CONTEXT_RESULTS = {
     1: "user rejection",
@@ -172,6 +182,7 @@ class AssociationLog:
         log.info("association accepted: %s%s", _peer_of(event), self._refused(event))
 
     def rejected(self, event: evt.Event) -> None:
+        metrics().associations_rejected.labels(self.reason_label(event)).inc()
         log.info("association rejected: %s, %s", self.reason(event), _peer_of(event))
 
     def released(self, event: evt.Event) -> None:
@@ -179,6 +190,12 @@ class AssociationLog:
 
     def aborted(self, event: evt.Event) -> None:
         log.info("association aborted: %s", _peer_of(event))
+
+    @staticmethod
+    def reason_label(event: evt.Event) -> str:
+        """The rejection as a short metric label (no AE title: titles are the log's)."""
+        answer = event.assoc.acceptor.primitive
+        return _REJECTION_LABELS.get((answer.result_source, answer.diagnostic), "other")
 
     def reason(self, event: evt.Event) -> str:
         """Why pynetdicom answered the request with the A-ASSOCIATE-RJ it sent."""
@@ -230,6 +247,7 @@ def event_handlers(context: NodeContext) -> list[tuple]:
         (evt.EVT_C_GET, handle_get, [context]),
         (evt.EVT_SOP_EXTENDED, handle_sop_extended, [context]),
         *AssociationLog(context.config).handlers(),
+        *DimseMetrics().handlers(),
     ]
     if context.config.node.accept_unknown_sop_classes:
         handlers += UnknownSopClasses().handlers()
@@ -283,6 +301,14 @@ class DicomNode:
             )
             for server in self._servers
         ]
+
+    def associations(self) -> int:
+        """Associations this node holds now."""
+        return self._slots.held()
+
+    def not_serving(self) -> str | None:
+        """None while the listeners accept (started, not yet stopping); else why not."""
+        return None if self._servers else "the DICOM listener is not running"
 
     def _listen(self, port: int, tls_context: ssl.SSLContext | None) -> None:
         server = self.ae.make_server(

@@ -22,6 +22,7 @@ import time
 from node.config import Config
 from node.context import NodeContext, build_context
 from node.dicom.sender import DeliverySender
+from node.metrics.multiprocess import process_died
 from node.process.logs import configure_logging
 from node.process.server import ServiceFactory
 from node.process.supervision import run_until_signalled, tie_to_parent
@@ -70,6 +71,7 @@ class WorkerProcess:
         while not self._stopping.wait(1.0):
             process = self._process
             if process is not None and not process.is_alive() and not self._stopping.is_set():
+                process_died(process.pid)
                 log.error(
                     "analysis worker process exited with %s; restarting in %.0f s",
                     process.exitcode,
@@ -93,6 +95,7 @@ class WorkerProcess:
             log.warning("analysis worker process did not stop in time; killing it")
             process.kill()
             process.join(5)
+        process_died(process.pid)
 
 
 def node_services(config: Config) -> list[ServiceFactory]:

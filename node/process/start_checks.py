@@ -54,8 +54,22 @@ def check_start(config: Config, *, busy_port: Callable[[str], None] | None = Non
         if busy_port is None:
             raise
         busy_port(str(busy))
+    check_metrics(config, busy_port)
     check_storage_folder(config.storage.folder)
     check_database(config.storage.database_url, config.storage.folder)
+
+
+def check_metrics(config: Config, busy_port: Callable[[str], None] | None = None) -> None:
+    """The metrics address is this host's; its port in use is only a warning: the node
+    serves DICOM without /metrics then (node.metrics.service logs it)."""
+    metrics = config.metrics
+    if not metrics.enabled:
+        return
+    try:
+        check_bind(metrics.address, metrics.port, "metrics.port", address_key="metrics.address")
+    except PortInUse as busy:
+        if busy_port is not None:  # serve itself logs it when the listener cannot bind
+            busy_port(f"{busy} (the node would serve without /metrics)")
 
 
 def check_tls(config: Config) -> None:
@@ -103,7 +117,9 @@ def check_listeners(config: Config) -> None:
         check_bind(host, port, key)
 
 
-def check_bind(host: str, port: int, key: str = "node.port") -> None:
+def check_bind(
+    host: str, port: int, key: str = "node.port", address_key: str = "node.bind_address"
+) -> None:
     """Bind `host`:`port` as the listener would (SO_REUSEADDR) and close it at once."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
@@ -111,12 +127,10 @@ def check_bind(host: str, port: int, key: str = "node.port") -> None:
         try:
             sock.bind((host, port))
         except socket.gaierror as exc:
-            raise StartError(f"node.bind_address: {host!r} does not resolve ({exc})") from exc
+            raise StartError(f"{address_key}: {host!r} does not resolve ({exc})") from exc
         except OSError as exc:
             if exc.errno == errno.EADDRNOTAVAIL:
-                raise StartError(
-                    f"node.bind_address: {host} is not an address of this host"
-                ) from exc
+                raise StartError(f"{address_key}: {host} is not an address of this host") from exc
             if exc.errno == errno.EADDRINUSE:
                 raise PortInUse(f"{key}: port {port} on {host} is in use") from exc
             if exc.errno == errno.EACCES:

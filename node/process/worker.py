@@ -30,6 +30,7 @@ from pydicom.uid import generate_uid
 from ai.model.choice import DEMO_NOTICE, choose_model
 from ai.results.kind import ResultModel
 from node.context import NodeContext
+from node.metrics.definitions import metrics
 from node.process.result_processes import (
     ResultPool,
     ResultTask,
@@ -158,6 +159,7 @@ class AnalysisWorker:
             log.error("model at %s refused: %s; analysis waits for a valid model", model_dir, exc)
             return False
         self._analyzer = analyzer
+        metrics().model_loaded.set(1)
         self._heatmap_method = analyzer.resolve_method(self.settings.heatmap)
         self._waiting_logged = False
         log.info(
@@ -283,7 +285,11 @@ class AnalysisWorker:
         predictions = analyzer.explain(inputs, method=self._heatmap_method)
         model_seconds = time.perf_counter() - started
         model = self._result_model(analyzer)
+        counted = metrics()
         for decoded, prediction in zip(batch, predictions, strict=True):
+            counted.inference_seconds.observe(model_seconds / len(batch))
+            counted.predictions.labels(prediction.label).inc()
+            counted.probability.observe(prediction.probability)
             task = ResultTask(
                 job=decoded.job,
                 header=decoded.dataset,

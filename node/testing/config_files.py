@@ -44,6 +44,8 @@ def config_data(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The shipped defaults with `overrides` ({section: {key: value}}, or "peers": [...])
     applied; a value of None removes the key (it then takes its embedded default)."""
     data = tomllib.loads(DEFAULTS_TOML.read_text(encoding="utf-8"))
+    # Nodes under test run side by side: their metrics listeners take any free port.
+    data.setdefault("metrics", {})["port"] = 0
     for section, values in (overrides or {}).items():
         if section == "peers" or not isinstance(values, Mapping):
             data[section] = values

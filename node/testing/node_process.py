@@ -49,6 +49,9 @@ def node_env() -> dict[str, str]:
 # several serve processes): the port it bound, which is how a test learns it.
 LISTENING = re.compile(r"listening as .+? on (?P<host>\S+):(?P<port>\d+)(?P<tls> with DICOM TLS)?")
 
+# The line `serve` logs when its metrics listener is up (node/metrics/service.py).
+METRICS = re.compile(r"metrics on (?P<url>http://\S+:\d+) ")
+
 
 @dataclass
 class NodeProcess:
@@ -92,6 +95,15 @@ class NodeProcess:
         for match in LISTENING.finditer(self.run_log()):
             ports.setdefault(match["tls"] is not None, int(match["port"]))
         return ports
+
+    def metrics_url(self, timeout: float = 10) -> str:
+        """http://host:port of the metrics listener this run logged (waits for the line)."""
+        deadline = time.monotonic() + timeout
+        while (match := METRICS.search(self.run_log())) is None:
+            if time.monotonic() > deadline:
+                raise AssertionError("no 'metrics on http://...' line in the node's log")
+            time.sleep(0.05)
+        return match["url"]
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         """Send `sig` and wait; returns the exit status."""
