@@ -51,7 +51,8 @@ def worker_identity() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this host is running (one owned by another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -229,7 +230,7 @@ class JobQueue:
                 len(parts) == 3
                 and parts[0] == host
                 and parts[1].isdigit()
-                and not _process_alive(int(parts[1]))
+                and not process_alive(int(parts[1]))
             )
             stale = claimed_at is None or claimed_at.replace(tzinfo=None) < expired_before
             if same_host_dead or stale:

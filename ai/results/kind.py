@@ -121,6 +121,17 @@ class ResultKind(Protocol):
         ...
 
 
+def new_instance(kind: ResultKind, inputs: ResultInputs, uids: KindUids) -> dict[str, Any]:
+    """The identity every kind's builder takes for its object: its own series and instance
+    UIDs, its series number, the source's instance number."""
+    return {
+        "series_instance_uid": uids.series,
+        "sop_instance_uid": uids.sop,
+        "series_number": kind.series_number,
+        "instance_number": inputs.instance_number,
+    }
+
+
 def available_kinds() -> tuple[str, ...]:
     """The kinds this installation has: the subpackages of ai.results with a `kind.py`
     (found without importing them, so the config check stays light)."""

@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from storage.jobs import process_alive
+
 log = logging.getLogger(__name__)
 
 ENVIRONMENT = "PROMETHEUS_MULTIPROC_DIR"
@@ -26,21 +28,11 @@ def active() -> bool:
     return ENVIRONMENT in os.environ
 
 
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_stale(parent: Path) -> None:
     """Folders of `serve`s that are gone (killed: no stop removed them)."""
     for folder in parent.glob("serve-*"):
         pid = folder.name.removeprefix("serve-").split("-", 1)[0]
-        if pid.isdigit() and not _running(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 
 from ai.results.errors import building
-from ai.results.kind import MANUFACTURER, KindUids, ResultInputs, ResultModel
+from ai.results.kind import MANUFACTURER, KindUids, ResultInputs, ResultModel, new_instance
 from ai.results.sc.sop import HEATMAP_SERIES_DESCRIPTION
 
 
@@ -44,10 +44,7 @@ class HeatmapSecondaryCapture:
                 inputs.header,
                 picture.rgb,
                 pixel_scale=picture.scale,
-                series_instance_uid=uids.series,
-                sop_instance_uid=uids.sop,
-                series_number=self.series_number,
-                instance_number=inputs.instance_number,
+                **new_instance(self, inputs, uids),
                 manufacturer=MANUFACTURER,
                 model_name=model.name,
                 software_version=model.version,

@@ -7,7 +7,14 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 
 from ai.results.errors import building
-from ai.results.kind import MANUFACTURER, KindUids, ResultInputs, ResultModel, ResultNotMade
+from ai.results.kind import (
+    MANUFACTURER,
+    KindUids,
+    ResultInputs,
+    ResultModel,
+    ResultNotMade,
+    new_instance,
+)
 from ai.results.seg.sop import SEGMENTATION_SERIES_DESCRIPTION, build_pneumothorax_seg
 
 
@@ -38,10 +45,7 @@ class FindingSegmentation:
                 algorithm_name=model.name,
                 algorithm_version=model.version,
                 tracking_uid=inputs.tracking_uid,
-                series_instance_uid=uids.series,
-                sop_instance_uid=uids.sop,
-                series_number=self.series_number,
-                instance_number=inputs.instance_number,
+                **new_instance(self, inputs, uids),
                 manufacturer=MANUFACTURER,
                 model_name=model.name,
                 software_version=model.version,

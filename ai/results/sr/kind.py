@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydicom.dataset import Dataset
 
 from ai.results.errors import building
-from ai.results.kind import MANUFACTURER, KindUids, ResultInputs, ResultModel
+from ai.results.kind import MANUFACTURER, KindUids, ResultInputs, ResultModel, new_instance
 from ai.results.sr.sop import FINDING_SERIES_DESCRIPTION
 
 
@@ -39,10 +39,7 @@ class FindingStructuredReport:
                 device_observer_name=model.observer_name,
                 device_observer_uid=model.observer_uid,
                 device_observer_manufacturer=MANUFACTURER,
-                series_instance_uid=uids.series,
-                sop_instance_uid=uids.sop,
-                series_number=self.series_number,
-                instance_number=inputs.instance_number,
+                **new_instance(self, inputs, uids),
                 tracking_uid=inputs.tracking_uid,
                 regions=[region.outline for region in regions],
                 segmentation=segmentation,
