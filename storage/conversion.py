@@ -7,9 +7,19 @@ with pydicom's pixel handlers (`Dataset.decompress`) and the dataset written in 
 Implicit VR Little Endian. The SOP Instance UID stays: a change of transfer syntax is the
 same instance (PS3.5 10), and the receiver must be able to match it to what it asked for.
 
-Pixel data is decoded by pydicom's own choice of plugin, as the analysis decodes it
-(ai.data.preprocess), so a converted copy holds the pixels the model saw. (Pillow alone decodes
-JPEG Baseline about four times faster here, but differs by 1 in about 3 % of the pixels.)
+Each syntax is decoded by the fastest conformant plugin installed (`DECODERS`), falling back
+to pydicom's own choice when that plugin is missing or refuses the data (Pillow takes no
+12-bit JPEG): Pillow for greyscale JPEG Baseline and Extended, about four times pylibjpeg's
+speed here; pylibjpeg-rle for RLE, far faster than pydicom's Python decoder. Colour JPEG
+keeps pydicom's choice: with subsampled chroma (YBR_FULL_422) Pillow's upsampling differs
+from pylibjpeg's by up to 2. Two conformant decoders of a
+lossy JPEG may differ by 1 in a pixel value (PS3.5 8.2.1 allows it, the JPEG standard bounds
+the decoder's error): that is no loss, so a converted copy may differ by 1 from the pixels
+the analysis decoded (ai.data.preprocess). Lossless syntaxes decode bit-exact, whichever
+plugin (tests/test_conversion.py checks it).
+
+`encode_converted` gives the converted Part 10 bytes, which node.dicom.stored_send frames
+as they are; `convert` reads them back as a Dataset for the paths that need one.
 
 What cannot be converted raises `ConversionError` with a reason short enough for a log
 line: a syntax without a decoder here (MPEG, HEVC), pixel data that does not decode, and
@@ -29,12 +39,24 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    RLELossless,
 )
 
 # What a converted copy is written in, best first: every receiver must accept Implicit VR
 # Little Endian (PS3.5 10.1), most prefer Explicit.
 CONVERSION_TARGETS: tuple[UID, ...] = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+# The decoding plugins to try first, fastest first, per syntax (pydicom plugin names); any
+# other syntax, colour JPEG, or when these fail, gets pydicom's own choice.
+_JPEG = (JPEGBaseline8Bit, JPEGExtended12Bit)
+DECODERS: dict[UID, tuple[str, ...]] = {
+    JPEGBaseline8Bit: ("pillow",),
+    JPEGExtended12Bit: ("pillow",),
+    RLELossless: ("pylibjpeg",),
+}
 
 
 class ConversionError(Exception):
@@ -71,6 +93,15 @@ def convert(dataset: Dataset, target: str) -> Dataset:
 
     `dataset` itself is changed (decompressed in place); pass a fresh copy.
     """
+    return dcmread(BytesIO(encode_converted(dataset, target)))
+
+
+def encode_converted(dataset: Dataset, target: str) -> bytes:
+    """`dataset` (as read from its file, pixel data included) as a Part 10 file in `target`,
+    one of CONVERSION_TARGETS.
+
+    `dataset` itself is changed (decompressed in place); pass a fresh copy.
+    """
     target_uid = UID(target)
     if target_uid not in CONVERSION_TARGETS:
         raise ConversionError(f"cannot convert to {target_uid.name}")
@@ -84,7 +115,7 @@ def convert(dataset: Dataset, target: str) -> Dataset:
         if not can_decode(source):
             raise ConversionError(f"no decoder here for {source.name}")
         try:
-            dataset.decompress(generate_instance_uid=False)
+            decompress(dataset, source)
         except Exception as exc:  # every handler raises its own kind
             raise ConversionError(f"{source.name} pixel data does not decode: {exc}") from exc
     dataset.file_meta.TransferSyntaxUID = target_uid
@@ -99,5 +130,20 @@ def convert(dataset: Dataset, target: str) -> Dataset:
         )
     except Exception as exc:
         raise ConversionError(f"cannot write as {target_uid.name}: {exc}") from exc
-    buffer.seek(0)
-    return dcmread(buffer)
+    return buffer.getvalue()
+
+
+def decompress(dataset: Dataset, source: UID) -> None:
+    """Decompress `dataset`'s pixel data in place with the fastest plugin that takes it."""
+    available = set(get_decoder(source).available_plugins)
+    preferred = DECODERS.get(source, ())
+    if source in _JPEG and dataset.get("SamplesPerPixel", 1) != 1:
+        preferred = ()
+    for plugin in preferred:
+        if plugin in available:
+            try:
+                dataset.decompress(generate_instance_uid=False, decoding_plugin=plugin)
+                return
+            except Exception:  # noqa: S112 - refused (e.g. 12-bit for Pillow): next one
+                continue
+    dataset.decompress(generate_instance_uid=False)

@@ -12,6 +12,7 @@ import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.encaps import encapsulate
+from pydicom.pixels import pixel_array
 from pydicom.uid import (
     MPEG2MPML,
     CTImageStorage,
@@ -19,13 +20,16 @@ from pydicom.uid import (
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
     JPEGBaseline8Bit,
+    JPEGLSLossless,
     RLELossless,
     SecondaryCaptureImageStorage,
 )
 from pynetdicom.presentation import PresentationContext
 
 from node.dicom.send_instances import Outgoing, prepare, requested_contexts
+from storage import conversion
 from storage.conversion import ConversionError, choose_syntax, convert
 
 NATIVE = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
@@ -50,14 +54,24 @@ def test_jpeg_baseline_decompresses_to_either_little_endian(
     assert converted.file_meta.TransferSyntaxUID == target
     assert converted.SOPInstanceUID == original.SOPInstanceUID
     assert converted.PhotometricInterpretation == "MONOCHROME2"
-    assert np.array_equal(converted.pixel_array, original.pixel_array)
+    # Decoded by Pillow: exactly its values, within 1 of pydicom's default (pylibjpeg),
+    # as two conformant decoders of a lossy JPEG may be.
+    assert np.array_equal(converted.pixel_array, pixel_array(original, decoding_plugin="pillow"))
+    difference = converted.pixel_array.astype(int) - original.pixel_array.astype(int)
+    assert np.abs(difference).max() <= 1
 
 
 @pytest.mark.parametrize(
     ("name", "syntax"),
-    [("MR_small_RLE.dcm", RLELossless), ("image_dfl.dcm", DeflatedExplicitVRLittleEndian)],
+    [
+        ("MR_small_RLE.dcm", RLELossless),
+        ("SC_rgb_rle.dcm", RLELossless),
+        ("image_dfl.dcm", DeflatedExplicitVRLittleEndian),
+        ("MR_small_jp2klossless.dcm", JPEG2000Lossless),
+        ("MR_small_jpeg_ls_lossless.dcm", JPEGLSLossless),
+    ],
 )
-def test_rle_and_deflated_convert(name: str, syntax: str) -> None:
+def test_lossless_syntaxes_convert_bit_exact(name: str, syntax: str) -> None:
     path = get_testdata_file(name)
     assert dcmread(path).file_meta.TransferSyntaxUID == syntax
 
@@ -65,6 +79,46 @@ def test_rle_and_deflated_convert(name: str, syntax: str) -> None:
 
     assert converted.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
     assert np.array_equal(converted.pixel_array, dcmread(path).pixel_array)
+
+
+@pytest.mark.parametrize(
+    ("name", "tolerance"),
+    [("SC_rgb_jpeg_dcmtk.dcm", 1), ("SC_rgb_dcmtk_+eb+cy+np.dcm", 0)],
+)
+def test_colour_jpeg_converts_to_rgb(name: str, tolerance: int) -> None:
+    """YBR JPEG goes out as RGB, the colour conversion done by the decoder; subsampled
+    chroma keeps pydicom's own decoder (Pillow's upsampling differs by up to 2)."""
+    path = get_testdata_file(name)
+    original = dcmread(path)
+    assert original.PhotometricInterpretation.startswith("YBR")
+
+    converted = _written_and_read(convert(dcmread(path), ExplicitVRLittleEndian))
+
+    assert converted.PhotometricInterpretation == "RGB"
+    difference = converted.pixel_array.astype(int) - original.pixel_array.astype(int)
+    assert np.abs(difference).max() <= tolerance
+
+
+def test_a_plugin_that_refuses_falls_back_to_pydicoms_choice(
+    siim_dicom_files: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(conversion.DECODERS, JPEGBaseline8Bit, ("no-such-plugin", "pillow"))
+    original = dcmread(siim_dicom_files[0])
+    broken_first = dcmread(siim_dicom_files[0])
+    calls: list[str] = []
+    decompress = type(broken_first).decompress
+
+    def refusing(self, *args, decoding_plugin: str = "", **kwargs) -> None:
+        calls.append(decoding_plugin)
+        if decoding_plugin == "pillow":
+            raise RuntimeError("refused")
+        decompress(self, *args, decoding_plugin=decoding_plugin, **kwargs)
+
+    monkeypatch.setattr(type(broken_first), "decompress", refusing)
+    converted = _written_and_read(convert(broken_first, ExplicitVRLittleEndian))
+
+    assert calls == ["pillow", ""]
+    assert np.array_equal(converted.pixel_array, original.pixel_array)
 
 
 def test_explicit_to_implicit_keeps_every_element() -> None:
@@ -166,13 +220,16 @@ def test_prepare_sends_as_stored_converts_or_says_why(siim_dicom_files: list[Pat
     assert as_stored.syntax == JPEGBaseline8Bit and not as_stored.converted
     converted = ready(_accepted(SecondaryCaptureImageStorage, ImplicitVRLittleEndian))
     assert converted.converted
-    assert converted.dataset.file_meta.TransferSyntaxUID == ImplicitVRLittleEndian
+    assert dcmread(BytesIO(converted.content)).file_meta.TransferSyntaxUID == (
+        ImplicitVRLittleEndian
+    )
+    assert converted.payload.content == converted.content
     assert converted.describe().startswith(" as Implicit VR Little Endian, converted from JPEG")
     assert ready(_accepted(CTImageStorage, JPEGBaseline8Bit)).refusal == (
         "DEST took no context for Secondary Capture Image Storage"
     )
     reverse_role = ready(_accepted(SecondaryCaptureImageStorage, JPEGBaseline8Bit, False))
-    assert reverse_role.dataset is None
+    assert reverse_role.content is None and reverse_role.payload is None
     gone = _row(sop, SecondaryCaptureImageStorage, JPEGBaseline8Bit, "gone.dcm")
     missing = prepare(
         archive, gone, [_accepted(SecondaryCaptureImageStorage, JPEGBaseline8Bit)], "X"

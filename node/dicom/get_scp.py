@@ -5,7 +5,9 @@ proposed with SCP/SCU role selection (the node accepts the SCU role for every st
 class, node.process.server). An instance whose SOP class the requester did not offer, or whose
 stored syntax it did not offer and that cannot be converted to one it did, is a failed
 sub-operation; the node's log says why. Instances sent as stored go from their files'
-bytes (node.dicom.stored_send).
+bytes, converted ones from their converted bytes, framed by the node on plain TCP: every write
+to the requester's socket is whole under one lock (stored_send.serialise_writes), so that
+the node's C-STOREs and the Pending responses pynetdicom's DUL thread writes never interleave.
 """
 
 from __future__ import annotations
@@ -18,7 +20,11 @@ from pynetdicom import evt
 from node.context import NodeContext
 from node.dicom.retrieve import Retrieve, refuse, select_instances, sub_operations
 from node.dicom.send_instances import send_without_delay
-from node.dicom.stored_send import send_stored_files, stop_sending_stored_files
+from node.dicom.stored_send import (
+    send_stored_files,
+    serialise_writes,
+    stop_sending_stored_files,
+)
 
 
 def handle_get(event: evt.Event, context: NodeContext) -> Iterator[Any]:
@@ -27,6 +33,7 @@ def handle_get(event: evt.Event, context: NodeContext) -> Iterator[Any]:
     on_response = retrieve.on_store_response
     event.assoc.bind(evt.EVT_DIMSE_RECV, on_response)
     send_without_delay(event.assoc)
+    serialise_writes(event.assoc)
     send_stored_files(event.assoc)
     try:
         yield from _get(event, context, retrieve)

@@ -9,7 +9,11 @@ failed, or 0xFE00 (with the counts so far) when the handler yields Cancel after 
 The instances are those C-FIND matches (storage.query.selection); each goes as
 node.dicom.send_instances prepares it for the association: as its stored file's bytes,
 never decoded, when the stored syntax was accepted (node.dicom.stored_send), else as a
-converted dataset. Two behaviours of pynetdicom this
+converted copy framed the same way. Preparing an instance (reading, decoding, encoding it
+again) runs in worker threads up to PREPARE_AHEAD instances ahead of the one being sent, so
+that decoding overlaps the sending (Pillow and the other decoders release the GIL); the
+instances still go, and are logged, in order, and a C-CANCEL drops what was prepared
+ahead. Two behaviours of pynetdicom this
 relies on, pinned by tests/test_retrieve_pynetdicom.py:
 - An instance that cannot go (no context for it, no conversion) is yielded as
   `unsendable(...)`, a dataset with its UIDs and no file meta: pynetdicom's `send_c_store`
@@ -23,7 +27,10 @@ relies on, pinned by tests/test_retrieve_pynetdicom.py:
 from __future__ import annotations
 
 import logging
+import os
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -70,6 +77,10 @@ STATUS_CANCEL = 0xFE00
 STATUS_OUT_OF_RESOURCES = 0xA701  # unable to calculate the number of matches
 C_STORE_RSP = 0x8001
 READ_AHEAD = 8  # files asked of the kernel ahead of the one being sent
+PREPARE_AHEAD = 4  # instances prepared (converted) ahead of the one being sent
+_PREPARERS = ThreadPoolExecutor(
+    max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="prepare-ahead"
+)
 
 
 class Retrieve:
@@ -242,20 +253,70 @@ def sub_operations(
     """(Pending, dataset) per instance, prepared for the contexts `accepted()` returns;
     Cancel as soon as the requester sent C-CANCEL. The association the sub-operations go
     on must send StoredFiles (stored_send.send_stored_files); the files of the next
-    instances are read ahead while one is sent."""
+    instances are read ahead, and prepared ahead, while one is sent."""
     paths = [str(context.archive.path_of(instance.file_path)) for instance in instances]
     read_ahead(paths[:READ_AHEAD])
-    for number, instance in enumerate(instances):
-        if event.is_cancelled:
-            retrieve.status = STATUS_CANCEL
-            yield STATUS_CANCEL, None
-            return
-        read_ahead(paths[number + READ_AHEAD : number + READ_AHEAD + 1])
-        outgoing = prepare(context.archive, instance, accepted(), retrieve.destination)
-        if outgoing.refusal:
-            retrieve.refused(outgoing)
-            yield STATUS_PENDING, unsendable(instance)
-            continue
-        retrieve.sending(outgoing)
-        yield STATUS_PENDING, outgoing.payload
-        retrieve.settle()
+    ahead = PreparedAhead(
+        lambda instance: prepare(context.archive, instance, accepted(), retrieve.destination),
+        instances,
+    )
+    try:
+        for number, instance in enumerate(instances):
+            if event.is_cancelled:
+                retrieve.status = STATUS_CANCEL
+                yield STATUS_CANCEL, None
+                return
+            read_ahead(paths[number + READ_AHEAD : number + READ_AHEAD + 1])
+            outgoing = ahead.next()
+            if outgoing.refusal:
+                retrieve.refused(outgoing)
+                yield STATUS_PENDING, unsendable(instance)
+                continue
+            retrieve.sending(outgoing)
+            yield STATUS_PENDING, outgoing.payload
+            retrieve.settle()
+    finally:
+        ahead.drop()
+
+
+class PreparedAhead:
+    """The instances' Outgoings in order, each prepared in a worker thread while earlier
+    ones are sent, at most `depth` at a time (what is decoded waits in memory)."""
+
+    def __init__(
+        self,
+        prepare_one: Callable[[StoredInstance], Outgoing],
+        instances: Sequence[StoredInstance],
+        depth: int = PREPARE_AHEAD,
+        pool: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self._prepare = prepare_one
+        self._upcoming = iter(instances)
+        self._depth = max(1, depth)
+        self._pool = pool or _PREPARERS
+        self._pending: deque[Future[Outgoing]] = deque()
+
+    def _top_up(self) -> None:
+        while len(self._pending) < self._depth:
+            instance = next(self._upcoming, None)
+            if instance is None:
+                return
+            self._pending.append(self._pool.submit(self._prepare, instance))
+
+    def next(self) -> Outgoing:
+        """The next instance's Outgoing (waiting for it if it is not ready yet); the ones
+        after it are started meanwhile. Raises StopIteration past the last one."""
+        self._top_up()
+        if not self._pending:
+            raise StopIteration
+        future = self._pending.popleft()
+        self._top_up()
+        return future.result()
+
+    def drop(self) -> None:
+        """Cancel what was not started (a C-CANCEL, an association gone); what runs
+        finishes in its thread and is dropped."""
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._upcoming = iter(())

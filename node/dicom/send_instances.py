@@ -8,8 +8,10 @@ Three steps, each shared:
   converted copy (dcmtk's storescu proposes in the same way).
 - `prepare`: once the receiver has answered, what to send for one instance: its stored
   file, sent from its bytes without decoding (node.dicom.stored_send), when its syntax was
-  accepted; else a dataset converted (storage.conversion) to an accepted uncompressed
-  syntax; else the reason it cannot go, for the caller to report as a failure.
+  accepted; else a copy converted (storage.conversion) to an accepted uncompressed syntax,
+  as Part 10 bytes in memory that go out framed the same way; else the reason it cannot
+  go, for the caller to report as a failure. `prepare` is safe to run in worker threads
+  (node.dicom.retrieve decodes ahead of the sending).
 - `send`: the C-STORE itself, for callers that drive the association (the result sender);
   C-MOVE and C-GET hand `Outgoing.payload` to pynetdicom's sub-operation loop instead.
 
@@ -28,7 +30,6 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pydicom import dcmread
-from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, build_context
 from pynetdicom.association import Association
@@ -40,7 +41,12 @@ from node.dicom.stored_send import StoredFile
 from node.dicom.stored_send import send_c_store as send_stored
 from node.dicom.tls import client_context
 from storage.archive import Archive
-from storage.conversion import CONVERSION_TARGETS, ConversionError, choose_syntax, convert
+from storage.conversion import (
+    CONVERSION_TARGETS,
+    ConversionError,
+    choose_syntax,
+    encode_converted,
+)
 
 # An A-ASSOCIATE-RQ holds at most 128 presentation contexts (odd IDs 1-255).
 MAX_CONTEXTS = 128
@@ -67,25 +73,30 @@ class Outgoing:
     """One instance made ready for a given association, or the reason it cannot be sent."""
 
     instance: StoredInstance
-    dataset: Dataset | None  # a converted copy
+    content: bytes | None = None  # a converted copy, as a Part 10 file
     syntax: str = ""  # the transfer syntax it goes in
     refusal: str = ""
     stored_path: str = ""  # the file whose bytes go as stored
 
     @property
     def converted(self) -> bool:
-        return self.dataset is not None and self.syntax != self.instance.transfer_syntax_uid
+        return self.content is not None and self.syntax != self.instance.transfer_syntax_uid
 
     @property
-    def payload(self) -> Dataset | None:
-        """What pynetdicom's sub-operation loop sends: the converted copy, or a StoredFile
-        (on an association set up with stored_send.send_stored_files); None if refused."""
-        if self.stored_path:
-            instance = self.instance
-            return StoredFile(
-                self.stored_path, instance.sop_class_uid, instance.sop_instance_uid, self.syntax
-            )
-        return self.dataset
+    def payload(self) -> StoredFile | None:
+        """What pynetdicom's sub-operation loop sends (on an association set up with
+        stored_send.send_stored_files): a StoredFile naming the stored file or carrying the
+        converted copy; None if refused."""
+        if self.refusal:
+            return None
+        instance = self.instance
+        return StoredFile(
+            self.stored_path,
+            instance.sop_class_uid,
+            instance.sop_instance_uid,
+            self.syntax,
+            self.content,
+        )
 
     def describe(self) -> str:
         """' as <syntax>, converted from <syntax>' for a log line; '' when sent as stored."""
@@ -171,27 +182,27 @@ def prepare(
     sop_class = UID(instance.sop_class_uid)
     offered = _accepted_syntaxes(accepted, sop_class)
     if not offered:
-        return Outgoing(instance, None, refusal=f"{receiver} took no context for {sop_class.name}")
+        return Outgoing(instance, refusal=f"{receiver} took no context for {sop_class.name}")
     syntax = choose_syntax(instance.transfer_syntax_uid, offered)
     if syntax is None:
         names = ", ".join(sorted({UID(s).name for s in offered}))
         stored = UID(instance.transfer_syntax_uid).name
         return Outgoing(
-            instance, None, refusal=f"{receiver} takes only {names}; {stored} does not convert"
+            instance, refusal=f"{receiver} takes only {names}; {stored} does not convert"
         )
     path = archive.path_of(instance.file_path)
     try:
         if syntax == instance.transfer_syntax_uid:
             os.stat(path)  # there; its bytes are read as they are sent
-            return Outgoing(instance, None, syntax=str(syntax), stored_path=str(path))
+            return Outgoing(instance, syntax=str(syntax), stored_path=str(path))
         dataset = dcmread(path)
     except Exception as exc:  # OSError, or a file changed behind the index's back
-        return Outgoing(instance, None, refusal=f"stored file unreadable: {type(exc).__name__}")
+        return Outgoing(instance, refusal=f"stored file unreadable: {type(exc).__name__}")
     try:
-        dataset = convert(dataset, syntax)
+        content = encode_converted(dataset, syntax)
     except ConversionError as exc:
-        return Outgoing(instance, None, refusal=f"not convertible for {receiver}: {exc}")
-    return Outgoing(instance, dataset, syntax=str(syntax))
+        return Outgoing(instance, refusal=f"not convertible for {receiver}: {exc}")
+    return Outgoing(instance, content, syntax=str(syntax))
 
 
 def send(assoc: Association, outgoing: Outgoing) -> int | None:
@@ -199,8 +210,5 @@ def send(assoc: Association, outgoing: Outgoing) -> int | None:
     abort). Raises ValueError for an instance that was refused."""
     if outgoing.refusal:
         raise ValueError(f"SOP {outgoing.instance.sop_instance_uid}: {outgoing.refusal}")
-    if outgoing.stored_path:
-        status = send_stored(assoc, outgoing.payload)
-    else:
-        status = assoc.send_c_store(outgoing.dataset)
+    status = send_stored(assoc, outgoing.payload)
     return getattr(status, "Status", None)

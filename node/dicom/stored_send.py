@@ -22,7 +22,13 @@ is paused exactly as pynetdicom's `send_c_store` pauses it; the response is then
 pynetdicom's DIMSE queue as `send_c_store` takes it. pynetdicom's own path queues one
 primitive per PDU for the DUL thread to encode and send: that costs about 3 ms per image.
 A C-GET answers on the requester's association, where pynetdicom's DUL thread may still be
-writing the previous Pending response: there pynetdicom's path from the file is used.
+writing the previous Pending response: `serialise_writes(assoc)` makes every write to that
+socket (the DUL's, one PDU each, and the node's, one whole C-STORE-RQ each) take one lock, so
+that no PDU of one message falls between those of another, and framing is allowed there too.
+
+A converted copy (storage.conversion) goes the same way: a StoredFile may carry the Part 10
+bytes in memory (`content`) instead of naming a file. Where the node cannot frame (DICOM
+TLS), pynetdicom sends the file from its path, or a converted copy as the Dataset read back.
 
 This adapts pynetdicom's internals; node.dicom.pynetdicom_internals checks the code relied
 on and tests/test_stored_send.py pins the behaviour.
@@ -34,11 +40,13 @@ import contextlib
 import os
 import ssl
 import struct
+import threading
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from typing import Any
 
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pynetdicom import _config
 from pynetdicom.association import Association
@@ -61,37 +69,81 @@ _config.STORE_SEND_CHUNKED_DATASET = True
 
 
 class StoredFile(Dataset):
-    """Stands for a stored file in pynetdicom's sub-operation loop: its UIDs only."""
+    """Stands for a Part 10 file in pynetdicom's sub-operation loop: its UIDs only, and
+    either the stored file's path or, for a converted copy, the file's bytes (`content`)."""
 
     def __init__(
-        self, path: str | os.PathLike[str], sop_class: str, sop_instance: str, syntax: str
+        self,
+        path: str | os.PathLike[str],
+        sop_class: str,
+        sop_instance: str,
+        syntax: str,
+        content: bytes | None = None,
     ) -> None:
         super().__init__()
         self.SOPClassUID = sop_class
         self.SOPInstanceUID = sop_instance
         self.stored_path = os.fspath(path)
         self.stored_syntax = syntax
+        self.content = content
+
+    def part10(self) -> bytes:
+        """The whole file: the bytes in memory, else read from the stored file."""
+        if self.content is not None:
+            return self.content
+        with open(self.stored_path, "rb") as handle:
+            return handle.read()
 
 
 def send_c_store(assoc: Association, dataset: Dataset | str, *args: Any, **kwargs: Any) -> Dataset:
     """`assoc.send_c_store` that sends a StoredFile from the file's bytes (framed by the
-    node where it alone writes to the socket, else by pynetdicom from the path)."""
+    node where its writes cannot interleave with another's, else by pynetdicom)."""
     if isinstance(dataset, StoredFile):
         if framing_allowed(assoc):
             return send_framed(assoc, dataset, *args, **kwargs)
+        if dataset.content is not None:  # a converted copy: pynetdicom encodes it again
+            copy = dcmread(BytesIO(dataset.content))
+            return Association.send_c_store(assoc, copy, *args, **kwargs)
         dataset = dataset.stored_path
     _config.STORE_SEND_CHUNKED_DATASET = True  # a path always means "as stored"
     return Association.send_c_store(assoc, dataset, *args, **kwargs)
 
 
 def framing_allowed(assoc: Association) -> bool:
-    """The node's own requestor association over plain TCP: nothing else writes to it
-    while a C-STORE waits for its response."""
+    """Plain TCP, and either the node's own requestor association (nothing else writes to
+    it while a C-STORE waits for its response) or one whose writes are serialised."""
     try:
-        raw = assoc.dul.socket.socket
+        wrapper = assoc.dul.socket
+        raw = wrapper.socket
     except AttributeError:
         return False
-    return bool(assoc.is_requestor) and raw is not None and not isinstance(raw, ssl.SSLSocket)
+    if raw is None or isinstance(raw, ssl.SSLSocket):
+        return False
+    return bool(assoc.is_requestor) or hasattr(wrapper, "_pneumonode_write_lock")
+
+
+def serialise_writes(assoc: Association) -> None:
+    """Make every write to `assoc`'s socket whole under one lock: the DUL thread's (one
+    PDU per call) and the node's framed C-STOREs (one message per call). Idempotent; only
+    on plain TCP (framing is not allowed on TLS anyway)."""
+    try:
+        wrapper = assoc.dul.socket
+        raw = wrapper.socket
+    except AttributeError:
+        return
+    if raw is None or isinstance(raw, ssl.SSLSocket):
+        return
+    if hasattr(wrapper, "_pneumonode_write_lock"):
+        return
+    lock = threading.Lock()
+    send = wrapper.send
+
+    def send_whole(bytestream: bytes) -> None:
+        with lock:
+            send(bytestream)
+
+    wrapper.send = send_whole  # AssociationSocket.send, on this instance only
+    wrapper._pneumonode_write_lock = lock
 
 
 def command_set(
@@ -190,12 +242,11 @@ def send_framed(
     originator_aet: str | None = None,
     originator_id: int | None = None,
 ) -> Dataset:
-    """C-STORE `stored` over `assoc` from its file's bytes, framed here; the response's
+    """C-STORE `stored` over `assoc` from its file's bytes, framed here (one write); the response's
     status as `send_c_store` returns it (an empty Dataset when none came)."""
     if not assoc.is_established:
         raise RuntimeError("no association to send a C-STORE on")
-    with open(stored.stored_path, "rb") as handle:
-        data = handle.read()
+    data = stored.part10()
     view = memoryview(data)[file_meta_end(data) :]
     context = assoc._get_valid_context(
         stored.SOPClassUID, stored.stored_syntax, "scu", allow_conversion=False
