@@ -14,8 +14,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array
 from pydicom.uid import (
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
@@ -29,6 +31,16 @@ from node.testing.node_process import NodeProcess
 from storage.structure import file_meta_end
 
 BIG_STUDY_SIZE = 30
+
+
+def assert_converted_pixels(got: Dataset, source: Path) -> None:
+    """A converted SIIM JPEG holds the values Pillow decodes (the node's decoder for
+    greyscale JPEG), within 1 of pydicom's default decoder's, as conformant decoders of a
+    lossy JPEG may differ (storage.conversion)."""
+    original = dcmread(source)
+    assert np.array_equal(got.pixel_array, pixel_array(original, decoding_plugin="pillow"))
+    difference = got.pixel_array.astype(int) - original.pixel_array.astype(int)
+    assert np.abs(difference).max() <= 1
 
 
 def uid(*parts: object) -> str:
