@@ -29,9 +29,10 @@ from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
     StudyRootQueryRetrieveInformationModelMove,
 )
-from retrieve_data import dataset_bytes
+from retrieve_data import assert_converted_pixels, dataset_bytes
 
 import node.dicom.send_instances as send_instances
+import node.dicom.stored_send as stored_send
 from node.dicom.move_pending import pending_command_set
 from node.dicom.retrieve import Retrieve, sub_operations
 from node.dicom.send_instances import prepare, send, send_without_delay
@@ -42,9 +43,12 @@ from node.dicom.stored_send import (
     framing_allowed,
     pynetdicom_command_set,
     send_stored_files,
+    serialise_writes,
     stop_sending_stored_files,
 )
 from node.testing.dcmtk import DCMTK_ENV, StoreSCP, dcmtk
+from storage.conversion import encode_converted
+from storage.structure import file_meta_end
 
 COUNT = 3
 
@@ -89,6 +93,17 @@ def opened(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.fixture
 def get_scp(stored) -> Iterator[int]:
     """A pynetdicom C-GET SCP running the node's sub-operations over `stored`."""
+    yield from _get_scp(stored, serialised=False)
+
+
+@pytest.fixture
+def serialised_get_scp(stored) -> Iterator[int]:
+    """The same, with the requester's socket writes serialised as node.dicom.get_scp does:
+    the node frames the C-STOREs there."""
+    yield from _get_scp(stored, serialised=True)
+
+
+def _get_scp(stored, serialised: bool) -> Iterator[int]:
     archive, rows = stored
     context = SimpleNamespace(archive=archive)
     ae = AE(ae_title="STOREDSCP")
@@ -103,6 +118,9 @@ def get_scp(stored) -> Iterator[int]:
     def handle_get(event: evt.Event) -> Iterator:
         retrieve = Retrieve("C-GET", event, destination="GETSCU")
         assert not framing_allowed(event.assoc)  # the requester's association: pynetdicom's path
+        if serialised:
+            serialise_writes(event.assoc)
+            assert framing_allowed(event.assoc)
         send_stored_files(event.assoc)
         try:
             yield len(rows)
@@ -144,6 +162,79 @@ def test_c_get_as_stored_sends_the_stored_bytes_undecoded(
         assert dcmread(got).file_meta.TransferSyntaxUID == JPEGBaseline8Bit
         assert dataset_bytes(got) == dataset_bytes(Path(path))
     assert not set(during) & set(sent), "a stored file was decoded to be sent as stored"
+
+
+def _getscu(port: int, folder: Path, *options: str) -> subprocess.CompletedProcess:
+    args = [dcmtk("getscu"), "-S", "-aet", "GETSCU", "-aec", "STOREDSCP", *options, "+B"]
+    args += ["-k", "QueryRetrieveLevel=STUDY", "-k", "StudyInstanceUID=1.2.3"]
+    return subprocess.run(
+        [*args, "-od", str(folder), "127.0.0.1", str(port)],
+        env=DCMTK_ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.parametrize("options", [("+xy",), ()], ids=["as-stored", "converted"])
+def test_c_get_frames_on_the_requesters_association_when_writes_are_serialised(
+    stored, serialised_get_scp: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options
+) -> None:
+    """As stored (getscu +xy) the stored bytes; converted (getscu offers only uncompressed
+    syntaxes) exactly the bytes storage.conversion encodes, which hold Pillow's decode:
+    both framed by the node, with pynetdicom's Pending C-GET responses written by its DUL
+    thread on the same socket."""
+    archive, rows = stored
+    framed_sops: list[str] = []
+    frame = stored_send.send_framed
+
+    def counted(assoc, stored_file, *args, **kwargs):
+        framed_sops.append(str(stored_file.SOPInstanceUID))
+        return frame(assoc, stored_file, *args, **kwargs)
+
+    monkeypatch.setattr(stored_send, "send_framed", counted)
+    result = _getscu(serialised_get_scp, tmp_path, *options)
+
+    assert result.returncode == 0, result.stderr
+    received = {str(dcmread(p).SOPInstanceUID): p for p in tmp_path.iterdir()}
+    assert sorted(received) == sorted(row.sop_instance_uid for row in rows)
+    assert sorted(framed_sops) == sorted(received)
+    for row in rows:
+        source = Path(archive.path_of(row.file_path))
+        got = received[row.sop_instance_uid]
+        if options:
+            assert dataset_bytes(got) == dataset_bytes(source)
+            continue
+        expected = encode_converted(dcmread(source), ExplicitVRLittleEndian)
+        assert dataset_bytes(got) == expected[file_meta_end(expected) :]
+        assert_converted_pixels(dcmread(got), source)
+
+
+def test_the_result_sender_sends_converted_bytes_framed(stored, tmp_path: Path) -> None:
+    archive, rows = stored
+    scp = StoreSCP(tmp_path / "received", options=("+B",))  # uncompressed syntaxes only
+    scp.start()
+    try:
+        ae = AE(ae_title="SENDER")
+        ae.add_requested_context(SecondaryCaptureImageStorage, [JPEGBaseline8Bit])
+        ae.add_requested_context(SecondaryCaptureImageStorage, [ExplicitVRLittleEndian])
+        assoc = ae.associate("127.0.0.1", scp.port, ae_title=scp.ae_title)
+        assert assoc.is_established
+        send_without_delay(assoc)
+        try:
+            outgoing = [prepare(archive, row, assoc.accepted_contexts, "X") for row in rows]
+            assert all(item.converted for item in outgoing)
+            codes = [send(assoc, item) for item in outgoing]
+        finally:
+            assoc.release()
+    finally:
+        scp.stop()
+
+    assert codes == [0x0000] * COUNT
+    received = {str(dcmread(p).SOPInstanceUID): p for p in scp.folder.iterdir()}
+    for row, item in zip(rows, outgoing, strict=True):
+        got = received[row.sop_instance_uid]
+        assert dataset_bytes(got) == item.content[file_meta_end(item.content) :]
 
 
 def test_result_sender_sends_the_stored_bytes_undecoded(

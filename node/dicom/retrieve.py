@@ -305,10 +305,10 @@ class PreparedAhead:
 
     def next(self) -> Outgoing:
         """The next instance's Outgoing (waiting for it if it is not ready yet); the ones
-        after it are started meanwhile. Raises StopIteration past the last one."""
+        after it are started meanwhile. Raises IndexError past the last one."""
         self._top_up()
         if not self._pending:
-            raise StopIteration
+            raise IndexError("no instance left to prepare")
         future = self._pending.popleft()
         self._top_up()
         return future.result()
