@@ -22,8 +22,8 @@ import pytest
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, JPEGBaseline8Bit, SecondaryCaptureImageStorage
 from pynetdicom import AE, evt
-from pynetdicom.dimse_messages import C_MOVE_RSP
-from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dimse_messages import C_GET_RSP, C_MOVE_RSP
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelGet,
@@ -33,7 +33,11 @@ from retrieve_data import assert_converted_pixels, dataset_bytes
 
 import node.dicom.send_instances as send_instances
 import node.dicom.stored_send as stored_send
-from node.dicom.move_pending import pending_command_set
+from node.dicom.move_pending import (
+    pending_command_set,
+    stop_writing_pending,
+    write_pending_directly,
+)
 from node.dicom.retrieve import Retrieve, sub_operations
 from node.dicom.send_instances import prepare, send, send_without_delay
 from node.dicom.stored_send import (
@@ -121,6 +125,7 @@ def _get_scp(stored, serialised: bool) -> Iterator[int]:
         if serialised:
             serialise_writes(event.assoc)
             assert framing_allowed(event.assoc)
+            write_pending_directly(event.assoc)
         send_stored_files(event.assoc)
         try:
             yield len(rows)
@@ -128,6 +133,7 @@ def _get_scp(stored, serialised: bool) -> Iterator[int]:
             yield from sub_operations(event, context, retrieve, rows, accepted)
         finally:
             stop_sending_stored_files(event.assoc)
+            stop_writing_pending(event.assoc)
 
     server = ae.start_server(
         ("127.0.0.1", 0), block=False, evt_handlers=[(evt.EVT_C_GET, handle_get)]
@@ -298,10 +304,16 @@ def test_the_framed_pdus_cut_the_data_set_to_the_peer_maximum() -> None:
     assert payload == bytes(data)
 
 
-def _pending(remaining: int, completed: int, failed: int, warning: int) -> C_MOVE:
-    rsp = C_MOVE()
+def _pending(
+    remaining: int, completed: int, failed: int, warning: int, kind: type = C_MOVE
+) -> C_MOVE | C_GET:
+    rsp = kind()
     rsp.MessageIDBeingRespondedTo = 7
-    rsp.AffectedSOPClassUID = StudyRootQueryRetrieveInformationModelMove
+    rsp.AffectedSOPClassUID = (
+        StudyRootQueryRetrieveInformationModelMove
+        if kind is C_MOVE
+        else StudyRootQueryRetrieveInformationModelGet
+    )
     rsp.Status = 0xFF00
     rsp.NumberOfRemainingSuboperations = remaining
     rsp.NumberOfCompletedSuboperations = completed
@@ -312,9 +324,10 @@ def _pending(remaining: int, completed: int, failed: int, warning: int) -> C_MOV
 
 
 @pytest.mark.parametrize("counts", [(199, 1, 0, 0), (0, 65000, 3, 65535)])
-def test_the_pending_move_response_is_the_one_pynetdicom_encodes(counts) -> None:
-    rsp = _pending(*counts)
-    message = C_MOVE_RSP()
+@pytest.mark.parametrize(("kind", "message_class"), [(C_MOVE, C_MOVE_RSP), (C_GET, C_GET_RSP)])
+def test_the_pending_response_is_the_one_pynetdicom_encodes(counts, kind, message_class) -> None:
+    rsp = _pending(*counts, kind=kind)
+    message = message_class()
     message.primitive_to_message(rsp)
 
     assert pending_command_set(rsp) == encode(message.command_set, True, True)

@@ -7,7 +7,8 @@ stored syntax it did not offer and that cannot be converted to one it did, is a 
 sub-operation; the node's log says why. Instances sent as stored go from their files'
 bytes, converted ones from their converted bytes, framed by the node on plain TCP: every write
 to the requester's socket is whole under one lock (stored_send.serialise_writes), so that
-the node's C-STOREs and the Pending responses pynetdicom's DUL thread writes never interleave.
+the node's C-STOREs and anything pynetdicom's DUL thread writes never interleave. The
+Pending C-GET responses are written by the node too (node.dicom.move_pending).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 from pynetdicom import evt
 
 from node.context import NodeContext
+from node.dicom.move_pending import stop_writing_pending, write_pending_directly
 from node.dicom.retrieve import Retrieve, refuse, select_instances, sub_operations
 from node.dicom.send_instances import send_without_delay
 from node.dicom.stored_send import (
@@ -34,11 +36,13 @@ def handle_get(event: evt.Event, context: NodeContext) -> Iterator[Any]:
     event.assoc.bind(evt.EVT_DIMSE_RECV, on_response)
     send_without_delay(event.assoc)
     serialise_writes(event.assoc)
+    write_pending_directly(event.assoc)
     send_stored_files(event.assoc)
     try:
         yield from _get(event, context, retrieve)
     finally:
         stop_sending_stored_files(event.assoc)
+        stop_writing_pending(event.assoc)
         event.assoc.unbind(evt.EVT_DIMSE_RECV, on_response)
         retrieve.summary()
 

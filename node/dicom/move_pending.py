@@ -1,4 +1,4 @@
-"""Pending C-MOVE responses written straight to the requester's socket.
+"""Pending C-MOVE and C-GET responses written straight to the requester's socket.
 
 After every C-STORE sub-operation pynetdicom sends the requester a Pending C-MOVE-RSP with
 the counts so far: it builds a command set Dataset, encodes it with pydicom and queues it
@@ -13,6 +13,11 @@ As for node.dicom.find_stream: only on plain TCP, and only while the EVT_C_MOVE 
 runs, when nothing else writes to that association: the sub-operations go over another
 association, the requester waits for the final response, and pynetdicom sends that final
 response (through its DUL) only after the last Pending one was written.
+
+A C-GET's Pending responses (C-GET-RSP, the same fields) go the same way while the EVT_C_GET
+handler runs: its sub-operations share the association, but they are written by the same
+thread (the association reactor, framed by node.dicom.stored_send) and every write there is
+whole under the lock of stored_send.serialise_writes, which the DUL's writes take too.
 """
 
 from __future__ import annotations
@@ -23,22 +28,25 @@ import struct
 from typing import Any
 
 from pynetdicom.association import Association
-from pynetdicom.dimse_primitives import C_MOVE
+from pynetdicom.dimse_primitives import C_GET, C_MOVE
 
 from node.dicom.find_stream import COMMAND_LAST, PDV_OVERHEAD, p_data_pdu
 from node.dicom.stored_send import command_element, padded_uid
 
 STATUS_PENDING = 0xFF00
 C_MOVE_RSP_FIELD = 0x8021
+C_GET_RSP_FIELD = 0x8010
 NO_DATA_SET = 0x0101
 
 
-def pending_command_set(rsp: C_MOVE) -> bytes:
-    """The encoded command set of a Pending C-MOVE-RSP without identifier (PS3.7 9.3.4.2)."""
+def pending_command_set(rsp: C_MOVE | C_GET) -> bytes:
+    """The encoded command set of a Pending C-MOVE-RSP or C-GET-RSP without identifier
+    (PS3.7 9.3.4.2, 9.3.3.2)."""
+    field = C_GET_RSP_FIELD if isinstance(rsp, C_GET) else C_MOVE_RSP_FIELD
     body = b"".join(
         [
             command_element(0x0002, padded_uid(str(rsp.AffectedSOPClassUID))),
-            command_element(0x0100, struct.pack("<H", C_MOVE_RSP_FIELD)),
+            command_element(0x0100, struct.pack("<H", field)),
             command_element(0x0120, struct.pack("<H", rsp.MessageIDBeingRespondedTo)),
             command_element(0x0800, struct.pack("<H", NO_DATA_SET)),
             command_element(0x0900, struct.pack("<H", rsp.Status)),
@@ -59,18 +67,18 @@ def _writable(rsp: Any) -> bool:
         rsp.NumberOfWarningSuboperations,
     )
     return (
-        isinstance(rsp, C_MOVE)
+        isinstance(rsp, (C_MOVE, C_GET))
         and rsp.Status == STATUS_PENDING
         and rsp.MessageIDBeingRespondedTo is not None
         and rsp.AffectedSOPClassUID is not None
         and not rsp.Identifier
-        and rsp.MoveDestination is None
+        and getattr(rsp, "MoveDestination", None) is None
         and all(count is not None for count in counts)
     )
 
 
 def write_pending_directly(assoc: Association) -> None:
-    """While the C-MOVE is served, send its Pending responses as written PDUs."""
+    """While the C-MOVE or C-GET is served, send its Pending responses as written PDUs."""
     try:
         wrapper = assoc.dul.socket
         raw = wrapper.socket
