@@ -1,5 +1,5 @@
-"""Instances prepared ahead of the sending (node.dicom.retrieve.PreparedAhead and
-sub_operations): in order, at most a few at a time, and dropped on C-CANCEL."""
+"""Instances prepared ahead of the sending (node.dicom.send_instances.PreparedAhead, and
+node.dicom.retrieve.sub_operations): in order, at most a few at a time, and dropped on C-CANCEL."""
 
 from __future__ import annotations
 
@@ -12,14 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 import node.dicom.retrieve as retrieve_module
-from node.dicom.retrieve import (
-    STATUS_CANCEL,
-    STATUS_PENDING,
-    PreparedAhead,
-    Retrieve,
-    sub_operations,
-)
-from node.dicom.send_instances import Outgoing
+from node.dicom.retrieve import STATUS_CANCEL, STATUS_PENDING, Retrieve, sub_operations
+from node.dicom.send_instances import PREPARE_AHEAD, Outgoing, PreparedAhead
 
 
 def _rows(count: int) -> list[SimpleNamespace]:
@@ -118,4 +112,4 @@ def test_a_cancel_stops_the_sub_operations_and_the_preparing(
     assert rest == [(STATUS_CANCEL, None)]
     assert retrieve.status == STATUS_CANCEL and retrieve.counts["failed"] >= 1
     time.sleep(0.1)  # anything still running in the pool has finished by now
-    assert len(prepared) <= 3 + 1 + retrieve_module.PREPARE_AHEAD
+    assert len(prepared) <= 3 + 1 + PREPARE_AHEAD

@@ -10,10 +10,10 @@ The instances are those C-FIND matches (storage.query.selection); each goes as
 node.dicom.send_instances prepares it for the association: as its stored file's bytes,
 never decoded, when the stored syntax was accepted (node.dicom.stored_send), else as a
 converted copy framed the same way. Preparing an instance (reading, decoding, encoding it
-again) runs in worker threads up to PREPARE_AHEAD instances ahead of the one being sent, so
-that decoding overlaps the sending (Pillow and the other decoders release the GIL); the
-instances still go, and are logged, in order, and a C-CANCEL drops what was prepared
-ahead. Two behaviours of pynetdicom this
+again) runs in worker threads (send_instances.PreparedAhead) a few instances ahead of the
+one being sent, so that decoding overlaps the sending (Pillow and the other decoders
+release the GIL); the instances still go, and are logged, in order, and a C-CANCEL drops
+what was prepared ahead. Two behaviours of pynetdicom this
 relies on, pinned by tests/test_retrieve_pynetdicom.py:
 - An instance that cannot go (no context for it, no conversion) is yielded as
   `unsendable(...)`, a dataset with its UIDs and no file meta: pynetdicom's `send_c_store`
@@ -27,10 +27,7 @@ relies on, pinned by tests/test_retrieve_pynetdicom.py:
 from __future__ import annotations
 
 import logging
-import os
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -47,7 +44,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from node.context import NodeContext
 from node.dicom.dimse import status_dataset
-from node.dicom.send_instances import Outgoing, StoredInstance, prepare
+from node.dicom.send_instances import Outgoing, PreparedAhead, StoredInstance, prepare
 from node.dicom.stored_send import read_ahead
 from storage.query.errors import QueryError, UnprocessableQueryError
 from storage.query.identifier import (
@@ -77,10 +74,6 @@ STATUS_CANCEL = 0xFE00
 STATUS_OUT_OF_RESOURCES = 0xA701  # unable to calculate the number of matches
 C_STORE_RSP = 0x8001
 READ_AHEAD = 8  # files asked of the kernel ahead of the one being sent
-PREPARE_AHEAD = 4  # instances prepared (converted) ahead of the one being sent
-_PREPARERS = ThreadPoolExecutor(
-    max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="prepare-ahead"
-)
 
 
 class Retrieve:
@@ -278,45 +271,3 @@ def sub_operations(
     finally:
         ahead.drop()
 
-
-class PreparedAhead:
-    """The instances' Outgoings in order, each prepared in a worker thread while earlier
-    ones are sent, at most `depth` at a time (what is decoded waits in memory)."""
-
-    def __init__(
-        self,
-        prepare_one: Callable[[StoredInstance], Outgoing],
-        instances: Sequence[StoredInstance],
-        depth: int = PREPARE_AHEAD,
-        pool: ThreadPoolExecutor | None = None,
-    ) -> None:
-        self._prepare = prepare_one
-        self._upcoming = iter(instances)
-        self._depth = max(1, depth)
-        self._pool = pool or _PREPARERS
-        self._pending: deque[Future[Outgoing]] = deque()
-
-    def _top_up(self) -> None:
-        while len(self._pending) < self._depth:
-            instance = next(self._upcoming, None)
-            if instance is None:
-                return
-            self._pending.append(self._pool.submit(self._prepare, instance))
-
-    def next(self) -> Outgoing:
-        """The next instance's Outgoing (waiting for it if it is not ready yet); the ones
-        after it are started meanwhile. Raises IndexError past the last one."""
-        self._top_up()
-        if not self._pending:
-            raise IndexError("no instance left to prepare")
-        future = self._pending.popleft()
-        self._top_up()
-        return future.result()
-
-    def drop(self) -> None:
-        """Cancel what was not started (a C-CANCEL, an association gone); what runs
-        finishes in its thread and is dropped."""
-        for future in self._pending:
-            future.cancel()
-        self._pending.clear()
-        self._upcoming = iter(())

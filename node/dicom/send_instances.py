@@ -10,8 +10,9 @@ Three steps, each shared:
   file, sent from its bytes without decoding (node.dicom.stored_send), when its syntax was
   accepted; else a copy converted (storage.conversion) to an accepted uncompressed syntax,
   as Part 10 bytes in memory that go out framed the same way; else the reason it cannot
-  go, for the caller to report as a failure. `prepare` is safe to run in worker threads
-  (node.dicom.retrieve decodes ahead of the sending).
+  go, for the caller to report as a failure. `PreparedAhead` runs `prepare` in worker
+  threads a few instances ahead of the sending, in order, so that decoding (which releases
+  the GIL) overlaps the sending.
 - `send`: the C-STORE itself, for callers that drive the association (the result sender);
   C-MOVE and C-GET hand `Outgoing.payload` to pynetdicom's sub-operation loop instead.
 
@@ -24,8 +25,9 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
-from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections import defaultdict, deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -50,6 +52,10 @@ from storage.conversion import (
 
 # An A-ASSOCIATE-RQ holds at most 128 presentation contexts (odd IDs 1-255).
 MAX_CONTEXTS = 128
+PREPARE_AHEAD = 4  # instances prepared (converted) ahead of the one being sent
+_PREPARERS = ThreadPoolExecutor(
+    max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="prepare-ahead"
+)
 
 
 class StoredInstance(Protocol):
@@ -212,3 +218,46 @@ def send(assoc: Association, outgoing: Outgoing) -> int | None:
         raise ValueError(f"SOP {outgoing.instance.sop_instance_uid}: {outgoing.refusal}")
     status = send_stored(assoc, outgoing.payload)
     return getattr(status, "Status", None)
+
+
+class PreparedAhead:
+    """The instances' Outgoings in order, each prepared in a worker thread while earlier
+    ones are sent, at most `depth` at a time (what is decoded waits in memory)."""
+
+    def __init__(
+        self,
+        prepare_one: Callable[[StoredInstance], Outgoing],
+        instances: Sequence[StoredInstance],
+        depth: int = PREPARE_AHEAD,
+        pool: ThreadPoolExecutor | None = None,
+    ) -> None:
+        self._prepare = prepare_one
+        self._upcoming = iter(instances)
+        self._depth = max(1, depth)
+        self._pool = pool or _PREPARERS
+        self._pending: deque[Future[Outgoing]] = deque()
+
+    def _top_up(self) -> None:
+        while len(self._pending) < self._depth:
+            instance = next(self._upcoming, None)
+            if instance is None:
+                return
+            self._pending.append(self._pool.submit(self._prepare, instance))
+
+    def next(self) -> Outgoing:
+        """The next instance's Outgoing (waiting for it if it is not ready yet); the ones
+        after it are started meanwhile. Raises IndexError past the last one."""
+        self._top_up()
+        if not self._pending:
+            raise IndexError("no instance left to prepare")
+        future = self._pending.popleft()
+        self._top_up()
+        return future.result()
+
+    def drop(self) -> None:
+        """Cancel what was not started (a C-CANCEL, an association gone); what runs
+        finishes in its thread and is dropped."""
+        for future in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._upcoming = iter(())

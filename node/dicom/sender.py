@@ -20,6 +20,8 @@ from node.config import Peer
 from node.context import NodeContext
 from node.dicom.peer_silence import no_idle_timeout_as_requestor
 from node.dicom.send_instances import (
+    Outgoing,
+    PreparedAhead,
     connection_arguments,
     prepare,
     requestor_ae,
@@ -117,10 +119,19 @@ class DeliverySender:
         send_without_delay(assoc)
         no_idle_timeout_as_requestor(assoc)  # reading the next file is the node's work
         try:
-            for item in items:
-                if self._stop.is_set() or not assoc.is_established:
-                    break
-                self._send_one(assoc, item, destination)
+            ahead = PreparedAhead(
+                lambda item: prepare(
+                    self.context.archive, item, assoc.accepted_contexts, destination
+                ),
+                items,
+            )
+            try:
+                for item in items:
+                    if self._stop.is_set() or not assoc.is_established:
+                        break
+                    self._send_one(assoc, item, destination, ahead.next())
+            finally:
+                ahead.drop()
         finally:
             if assoc.is_established:
                 assoc.release()
@@ -156,8 +167,7 @@ class DeliverySender:
         if seconds is not None:
             counted.result_seconds.observe(seconds)
 
-    def _send_one(self, assoc, item: DueDelivery, destination: str) -> None:
-        outgoing = prepare(self.context.archive, item, assoc.accepted_contexts, destination)
+    def _send_one(self, assoc, item: DueDelivery, destination: str, outgoing: Outgoing) -> None:
         if outgoing.refusal:
             # Neither as stored nor converted: another attempt would meet the same answer.
             self._give_up(item, outgoing.refusal)
