@@ -182,6 +182,23 @@ def _getscu(port: int, folder: Path, *options: str) -> subprocess.CompletedProce
     )
 
 
+def test_converted_copies_go_through_pynetdicom_where_the_node_cannot_frame(
+    stored, get_scp: int, tmp_path: Path
+) -> None:
+    """Without serialised writes (as over DICOM TLS) a converted copy is read back as a
+    Dataset and pynetdicom encodes it: the same pixels arrive."""
+    archive, rows = stored
+    result = _getscu(get_scp, tmp_path)
+
+    assert result.returncode == 0, result.stderr
+    received = {str(dcmread(p).SOPInstanceUID): p for p in tmp_path.iterdir()}
+    assert sorted(received) == sorted(row.sop_instance_uid for row in rows)
+    for row in rows:
+        got = dcmread(received[row.sop_instance_uid])
+        assert got.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+        assert_converted_pixels(got, Path(archive.path_of(row.file_path)))
+
+
 @pytest.mark.parametrize("options", [("+xy",), ()], ids=["as-stored", "converted"])
 def test_c_get_frames_on_the_requesters_association_when_writes_are_serialised(
     stored, serialised_get_scp: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options
