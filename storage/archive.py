@@ -21,6 +21,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import Connection, Engine, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 
+from storage.database import WriterTurns
 from storage.errors import IdentityConflictError, InvalidDatasetError
 from storage.filestore import FileStore, InvalidUIDError, check_uid
 from storage.indexer import HeaderRecord, IndexWriter
@@ -118,6 +119,9 @@ class Archive:
         self._index_lock = threading.Lock()
         self._waiting_lock = threading.Lock()
         self._waiting: list[_IndexRequest] = []
+        # Across processes, the index lock's holders queue on the database's writer turns
+        # (storage.database.WriterTurns), not in SQLite's sleeping busy handler.
+        self._turns = WriterTurns(engine)
 
     def inspect(self, data: bytes | memoryview) -> Dataset:
         """The header of `data` once it is known to read back (storage.intake), else a
@@ -262,7 +266,7 @@ class Archive:
         """Index every request of `batch` and commit them together."""
         outcomes: list[tuple[str | None, list[IdentityConflictError]]] = []
         try:
-            with self.engine.begin() as conn:
+            with self._turns.turn(), self.engine.begin() as conn:
                 for request in batch:
                     accepted: list[IdentityConflictError] = []
                     previous = self._writer.upsert(
@@ -316,7 +320,7 @@ class Archive:
     ) -> None:
         """Count a refused conflict; the refusal stands even if counting fails."""
         try:
-            with self._index_lock, self.engine.begin() as conn:
+            with self._index_lock, self._turns.turn(), self.engine.begin() as conn:
                 self._insert_conflict(conn, record, conflict, action, calling_ae)
         except Exception:
             log.exception("cannot record the identity conflict of SOP %s", record.sop_instance_uid)
