@@ -78,6 +78,8 @@ RELIED_ON: tuple[ReliedOn, ...] = (
              "stored_send: C-GET sub-operations go through the association's send_c_store"),
     ReliedOn(QueryRetrieveServiceClass._move_scp, "store_assoc.send_c_store(",
              "stored_send: C-MOVE sub-operations go through the association's send_c_store"),
+    ReliedOn(DULServiceProvider._send, "self.socket.send(pdu.encode())",
+             "stored_send.serialise_writes: the DUL writes each PDU in one socket send"),
     ReliedOn(DULServiceProvider._process_recv_primitive, "self.to_provider_queue.queue[0]",
              "reactor_wakeups wakes the DUL on a queued primitive"),
 )
