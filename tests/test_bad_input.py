@@ -35,6 +35,7 @@ STORAGE_ENTRIES = {
     "index.sqlite-journal",
     "index.sqlite-wal",
     "index.sqlite-shm",
+    "index.sqlite-writers",  # storage.database.WriterTurns
     "writers.lock",
 }
 UID_PATH_PART = re.compile(r"^[0-9]+(\.[0-9]+)*$")
