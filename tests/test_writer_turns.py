@@ -14,15 +14,19 @@ from sqlalchemy import create_engine
 from storage.database import WRITER_TURNS_SUFFIX, WriterTurns
 
 
+def _lock_is_free(fd: int) -> str:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return "taken"
+    return "free"
+
+
 def _try_turn_elsewhere(path: str, answers: multiprocessing.Queue) -> None:
     """In another process: whether the writers' lock is free right now."""
     fd = os.open(path, os.O_RDWR)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        answers.put("taken")
-    else:
-        answers.put("free")
+        answers.put(_lock_is_free(fd))
     finally:
         os.close(fd)
 
@@ -30,13 +34,7 @@ def _try_turn_elsewhere(path: str, answers: multiprocessing.Queue) -> None:
 def _own_turn_in_child(turns: WriterTurns, answers: multiprocessing.Queue) -> None:
     """In a forked child: the turn object inherited from the parent opens its own file,
     so it does not share the parent's lock."""
-    fd = turns._own_fd()
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        answers.put("taken")
-    else:
-        answers.put("free")
+    answers.put(_lock_is_free(turns._own_fd()))
 
 
 def _ask(target, *args) -> str:

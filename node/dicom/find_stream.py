@@ -27,6 +27,7 @@ from __future__ import annotations
 import ssl
 import struct
 from io import BytesIO
+from typing import Any
 
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import evt
@@ -44,16 +45,27 @@ FLUSH_BYTES = 64 * 1024
 _FAST_SYNTAXES = {ImplicitVRLittleEndian: True, ExplicitVRLittleEndian: False}
 
 
+def plain_tcp_transport(assoc: Any) -> Any:
+    """The association's pynetdicom socket wrapper when the node may write PDUs to it
+    itself (connected, plain TCP); None otherwise (TLS, or no socket)."""
+    try:
+        wrapper = assoc.dul.socket
+        raw = wrapper.socket
+    except AttributeError:
+        return None
+    if raw is None or isinstance(raw, ssl.SSLSocket) or not hasattr(wrapper, "send"):
+        return None
+    return wrapper
+
+
 def fast_path_implicit_vr(event: evt.Event) -> bool | None:
     """True/False (implicit VR or not) when `PendingWriter` can answer this C-FIND; None
     when the handler must go through pynetdicom (TLS, Big Endian, Deflated)."""
     try:
-        wrapper = event.assoc.dul.socket
-        raw = wrapper.socket
         syntax = event.context.transfer_syntax
     except AttributeError:
         return None
-    if raw is None or isinstance(raw, ssl.SSLSocket) or not hasattr(wrapper, "send"):
+    if plain_tcp_transport(event.assoc) is None:
         return None
     return _FAST_SYNTAXES.get(syntax)
 

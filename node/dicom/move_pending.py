@@ -23,14 +23,13 @@ whole under the lock of stored_send.serialise_writes, which the DUL's writes tak
 from __future__ import annotations
 
 import contextlib
-import ssl
 import struct
 from typing import Any
 
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_GET, C_MOVE
 
-from node.dicom.find_stream import COMMAND_LAST, PDV_OVERHEAD, p_data_pdu
+from node.dicom.find_stream import COMMAND_LAST, PDV_OVERHEAD, p_data_pdu, plain_tcp_transport
 from node.dicom.stored_send import command_element, padded_uid
 
 STATUS_PENDING = 0xFF00
@@ -79,12 +78,8 @@ def _writable(rsp: Any) -> bool:
 
 def write_pending_directly(assoc: Association) -> None:
     """While the C-MOVE or C-GET is served, send its Pending responses as written PDUs."""
-    try:
-        wrapper = assoc.dul.socket
-        raw = wrapper.socket
-    except AttributeError:
-        return
-    if raw is None or isinstance(raw, ssl.SSLSocket):
+    wrapper = plain_tcp_transport(assoc)
+    if wrapper is None:
         return
     dimse = assoc.dimse
     send_msg = dimse.send_msg

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import ssl
 import struct
 import threading
 from collections.abc import Iterable
@@ -61,6 +60,7 @@ from node.dicom.find_stream import (
     DATA_MORE,
     PDV_OVERHEAD,
     pdv_header,
+    plain_tcp_transport,
 )
 from node.dicom.reactor_wakeups import pause_reactor
 from storage.structure import file_meta_end
@@ -112,12 +112,8 @@ def send_c_store(assoc: Association, dataset: Dataset | str, *args: Any, **kwarg
 def framing_allowed(assoc: Association) -> bool:
     """Plain TCP, and either the node's own requestor association (nothing else writes to
     it while a C-STORE waits for its response) or one whose writes are serialised."""
-    try:
-        wrapper = assoc.dul.socket
-        raw = wrapper.socket
-    except AttributeError:
-        return False
-    if raw is None or isinstance(raw, ssl.SSLSocket):
+    wrapper = plain_tcp_transport(assoc)
+    if wrapper is None:
         return False
     return bool(assoc.is_requestor) or hasattr(wrapper, "_pneumonode_write_lock")
 
@@ -126,14 +122,8 @@ def serialise_writes(assoc: Association) -> None:
     """Make every write to `assoc`'s socket whole under one lock: the DUL thread's (one
     PDU per call) and the node's framed C-STOREs (one message per call). Idempotent; only
     on plain TCP (framing is not allowed on TLS anyway)."""
-    try:
-        wrapper = assoc.dul.socket
-        raw = wrapper.socket
-    except AttributeError:
-        return
-    if raw is None or isinstance(raw, ssl.SSLSocket):
-        return
-    if hasattr(wrapper, "_pneumonode_write_lock"):
+    wrapper = plain_tcp_transport(assoc)
+    if wrapper is None or hasattr(wrapper, "_pneumonode_write_lock"):
         return
     lock = threading.Lock()
     send = wrapper.send
