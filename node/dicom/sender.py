@@ -29,13 +29,18 @@ from node.dicom.send_instances import (
     send_without_delay,
 )
 from node.metrics.definitions import DELIVERED, FAILED, GIVEN_UP, metrics
+from node.nudges import DELIVERIES_NUDGE, NudgeListener, nudge_address
 from storage.deliveries import DeliveryQueue, DueDelivery, image_delivered_seconds
 from storage.models import DeliveryState
 
 log = logging.getLogger(__name__)
 
-# Results may be queued by a worker in another process: look for them this often.
+# Results may be queued by a worker in another process, which nudges the sender
+# (node.nudges); without a nudge it looks this often.
 IDLE_POLL_SECONDS = 0.5
+# However often nudged, at most one round per this many seconds: a local process sending
+# nudges in a loop cannot make the sender take the index's write lock without pause.
+MIN_ROUND_SECONDS = 0.01
 SUCCESS_OR_WARNING = {0x0000, 0x0001, 0x0107, 0x0116} | set(range(0xB000, 0xC000))
 
 
@@ -51,24 +56,30 @@ class DeliverySender:
             retry_max_seconds=settings.retry_max_seconds,
             max_attempts=settings.max_attempts,
         )
-        self._wake = threading.Event()
+        self._nudges = NudgeListener(None)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._stop.clear()
+        self._nudges.close()
+        self._nudges = NudgeListener(
+            nudge_address(self.context.config.storage.folder, DELIVERIES_NUDGE)
+        )
         self._thread = threading.Thread(target=self._loop, name="delivery", daemon=True)
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
-        self._wake.set()
+        self._nudges.interrupt()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self._thread is None or not self._thread.is_alive():
+            self._nudges.close()
 
     def wake(self) -> None:
         """New deliveries were queued: send them now rather than at the next poll."""
-        self._wake.set()
+        self._nudges.interrupt()
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -81,8 +92,8 @@ class DeliverySender:
                 continue
             wait = self.queue.next_due_in()
             timeout = IDLE_POLL_SECONDS if wait is None else min(IDLE_POLL_SECONDS, wait)
-            self._wake.wait(max(0.01, timeout))
-            self._wake.clear()
+            if self._nudges.wait(max(MIN_ROUND_SECONDS, timeout)):
+                self._stop.wait(MIN_ROUND_SECONDS)
 
     def send_due(self) -> int:
         """Try every due delivery once; returns how many were attempted."""

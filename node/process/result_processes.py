@@ -40,6 +40,7 @@ from ai.results.kind import (
 from node.config import Config
 from node.context import NodeContext
 from node.metrics.definitions import metrics
+from node.nudges import DELIVERIES_NUDGE, nudge, nudge_address
 from node.process.logs import configure_logging
 from node.process.supervision import tie_to_parent
 from storage import deliveries
@@ -141,6 +142,8 @@ class ResultWriter:
             )
             if destination is not None and stored:
                 deliveries.enqueue(conn, stored, destination)
+        if destination is not None and stored:
+            nudge(nudge_address(self.context.config.storage.folder, DELIVERIES_NUDGE))
         log.info(
             "analysed SOP %s: p=%.4f %s; %s -> %s",
             uid,

@@ -42,6 +42,10 @@ from storage.jobs import ClaimedJob, JobQueue, worker_identity
 log = logging.getLogger(__name__)
 
 WAITING_POLL_SECONDS = 2.0
+# With no job queued, look again this often (a read-only count: cheap beside ingest).
+IDLE_POLL_SECONDS = 0.05
+# Filling a batch: look at the queue this often; a look that finds nothing new ends it.
+BATCH_CHECK_SECONDS = 0.05
 PIXEL_DATA = 0x7FE00010
 
 
@@ -204,16 +208,25 @@ class AnalysisWorker:
                 self._stop.wait(WAITING_POLL_SECONDS)
 
     def _claim_batch(self) -> list[ClaimedJob]:
-        """Wait for a first job, then up to max_wait for a full batch, then claim."""
+        """Wait for a first job, then for a full batch while more keep coming (up to
+        max_wait), then claim.
+
+        A burst fills the batch within milliseconds; a single image, or the end of a
+        burst, is claimed as soon as one check finds nothing new, instead of after the
+        whole max_wait: an idle node's latency is the analysis, not a fixed wait.
+        """
         size = self.settings.batch_size
         waiting = self.jobs.queued_count()
         if waiting == 0:
-            self._stop.wait(0.2)
+            self._stop.wait(IDLE_POLL_SECONDS)
             return []
         deadline = time.monotonic() + self.settings.max_wait_seconds
         while waiting < size and time.monotonic() < deadline and not self._stop.is_set():
-            self._stop.wait(min(0.05, max(0.0, deadline - time.monotonic())))
-            waiting = self.jobs.queued_count()
+            self._stop.wait(min(BATCH_CHECK_SECONDS, max(0.0, deadline - time.monotonic())))
+            arrived = self.jobs.queued_count()
+            if arrived <= waiting:
+                break  # nothing new since the last look: the batch is what there is
+            waiting = arrived
         return self.jobs.claim(self.identity, size)
 
     def _decode_batch(self, claimed: list[ClaimedJob]) -> list[DecodedJob]:
