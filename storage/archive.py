@@ -4,13 +4,6 @@ This is the single path by which anything enters the archive: C-STORE, `pneumono
 import` and the node's own results all go through `Archive.store_file_bytes`, so every
 instance obeys the same rules. When it returns, the file and its index row are durable
 (fsync + commit), which is when the Storage SCP may answer Success.
-
-The waits overlap without changing that order: a new instance's file is written and synced
-on a file-writer thread while the calling thread builds its index record and runs the
-index statements; the transaction commits only once the file (and its folder entries) are
-durable under their final name. So a row is never visible, nor durable, before its file,
-exactly as when the two ran one after the other, and the recovery pass has nothing new to
-undo.
 """
 
 from __future__ import annotations
@@ -20,7 +13,6 @@ import io
 import logging
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from storage.database import WriterTurns
 from storage.errors import IdentityConflictError, InvalidDatasetError
 from storage.filestore import FileStore, InvalidUIDError, check_uid
-from storage.indexer import HeaderRecord, IndexWriter, identifying_uids
+from storage.indexer import HeaderRecord, IndexWriter
 from storage.intake import IntakeChecks, inspect_instance
 from storage.models import AnalysisJob, IdentityConflict, Instance, JobState, utcnow
 
@@ -45,10 +37,6 @@ IDENTITY_CONFLICT_POLICIES = ("refuse", "accept")
 # returns None (no job), or (JobState.QUEUED | JobState.SKIPPED, reason).
 JobDecision = Callable[[HeaderRecord, bool], tuple[JobState, str] | None]
 
-
-# Files being written at once per process: more than the associations one process serves
-# at a time (a store waits for its own file, so more threads would only queue).
-FILE_WRITER_THREADS = 16
 
 # Built once, run with parameters (see storage.indexer: cheaper than literal statements).
 _SELECT_FILE_PATH = select(Instance.file_path).where(Instance.sop_instance_uid == bindparam("sop"))
@@ -68,9 +56,6 @@ class _IndexRequest:
     calling_ae: str
     is_result: bool
     received_at: datetime
-    # The file being written meanwhile (its relative path when durable); the transaction
-    # that indexes it commits only after it.
-    file: Future[str] | None = None
     done: bool = False
     previous: str | None = None  # the path a replaced copy had
     accepted: list[IdentityConflictError] = field(default_factory=list)
@@ -101,11 +86,6 @@ def envelope_mismatch(
     if sop_instance and own_instance != sop_instance:
         return f"SOP Instance UID differs from the {envelope}'s"
     return None
-
-
-class _FileMoved(Exception):
-    """The file went to another name than the row was written with (a copy of the same
-    instance took the name meanwhile): the request now names it; index it again."""
 
 
 class Archive:
@@ -142,8 +122,6 @@ class Archive:
         # Across processes, the index lock's holders queue on the database's writer turns
         # (storage.database.WriterTurns), not in SQLite's sleeping busy handler.
         self._turns = WriterTurns(engine)
-        self._file_writers: ThreadPoolExecutor | None = None
-        self._file_writers_lock = threading.Lock()
 
     def inspect(self, data: bytes | memoryview) -> Dataset:
         """The header of `data` once it is known to read back (storage.intake), else a
@@ -166,76 +144,38 @@ class Archive:
         ds = header if header is not None else self.inspect(data)
         meta = getattr(ds, "file_meta", None)
         transfer_syntax = str(getattr(meta, "TransferSyntaxUID", "") or "")
-        study_uid, series_uid, sop_uid, sop_class_uid = identifying_uids(ds)
+        record = HeaderRecord.from_dataset(ds, transfer_syntax)
         try:
-            check_uid("SOPClassUID", sop_class_uid)
-            relative = self.files.relative_path(study_uid, series_uid, sop_uid)
+            check_uid("SOPClassUID", record.sop_class_uid)
+            relative = self.files.relative_path(
+                record.study_instance_uid, record.series_instance_uid, record.sop_instance_uid
+            )
         except InvalidUIDError as exc:
             raise InvalidDatasetError(str(exc)) from exc
 
         if self.duplicate_policy == "keep-first":
-            existing = self._existing_path(sop_uid)
+            existing = self._existing_path(record.sop_instance_uid)
             if existing is not None:
-                log.info("duplicate SOP %s kept first copy", sop_uid)
-                record = HeaderRecord.from_dataset(ds, transfer_syntax)
+                log.info("duplicate SOP %s kept first copy", record.sop_instance_uid)
                 return StoreOutcome(record, existing, len(data), "kept-first")
 
-        if self.files.absolute(relative).exists():
-            # A copy is stored under that name: the new file takes a sibling name, known
-            # only once written, so write first, then index.
-            relative, file = self.files.write_new(relative, data), None
-        else:
-            file = self._write_in_background(relative, data)
-        try:
-            record = HeaderRecord.from_dataset(ds, transfer_syntax)
-        except BaseException:
-            self._remove_written(relative, file)
-            raise
-        return self._index_written(record, relative, data, calling_ae, is_result, file)
-
-    def _index_written(
-        self,
-        record: HeaderRecord,
-        relative: str,
-        data: bytes | memoryview,
-        calling_ae: str,
-        is_result: bool,
-        file: Future[str] | None,
-    ) -> StoreOutcome:
-        """Index the file at `relative` (or being written there by `file`), then remove the
-        copy it replaced; on failure, remove the new file unless the index names it."""
         checksum = hashlib.sha256(data).hexdigest()
+        # Never over an existing file: a replaced copy stays whole until the index points
+        # at the new one, so the index always describes the bytes on disk.
+        relative = self.files.write_new(relative, data)
         try:
-            previous, relative = self._index(
-                record, relative, len(data), checksum, calling_ae, is_result, file
-            )
+            previous = self._index(record, relative, len(data), checksum, calling_ae, is_result)
         except IdentityConflictError as conflict:
-            self._remove_written(relative, file)
+            self.files.remove(relative)
             self._record_conflict(record, conflict, "refused", calling_ae)
             raise
         except BaseException:
-            written = _written_path(relative, file)
-            if written is not None and not self._indexed_path_is(record.sop_instance_uid, written):
-                self.files.remove(written)
+            if not self._indexed_path_is(record.sop_instance_uid, relative):
+                self.files.remove(relative)
             raise
         if previous is not None and previous != relative:
             self.files.remove(previous)
         return StoreOutcome(record, relative, len(data), "replaced" if previous else "stored")
-
-    def _write_in_background(self, relative: str, data: bytes | memoryview) -> Future[str]:
-        """Write the file (FileStore.write_new) on a file-writer thread."""
-        with self._file_writers_lock:
-            if self._file_writers is None:
-                self._file_writers = ThreadPoolExecutor(
-                    FILE_WRITER_THREADS, thread_name_prefix="file-writer"
-                )
-            return self._file_writers.submit(self.files.write_new, relative, data)
-
-    def _remove_written(self, relative: str, file: Future[str] | None) -> None:
-        """Remove the file this store wrote (once written), if it wrote one."""
-        written = _written_path(relative, file)
-        if written is not None:
-            self.files.remove(written)
 
     def store_dataset(self, ds: Dataset, *, is_result: bool = True) -> StoreOutcome:
         """Store a dataset built in memory (the node's own results) as a file.
@@ -268,10 +208,8 @@ class Archive:
         checksum: str,
         calling_ae: str,
         is_result: bool,
-        file: Future[str] | None = None,
-    ) -> tuple[str | None, str]:
-        """Index `record` and commit once `file` (if given) is written; returns the path a
-        replaced copy had (else None) and the path the row names.
+    ) -> str | None:
+        """Index `record` and commit; returns the path a replaced copy had, else None.
 
         Group commit: instances stored at the same time by other associations of this
         process are indexed in the same transaction, so one commit (one fsync of the
@@ -280,14 +218,7 @@ class Archive:
         once its own row is committed.
         """
         request = _IndexRequest(
-            record,
-            relative,
-            size,
-            checksum,
-            calling_ae,
-            is_result,
-            received_at=utcnow(),
-            file=file,
+            record, relative, size, checksum, calling_ae, is_result, received_at=utcnow()
         )
         with self._waiting_lock:
             self._waiting.append(request)
@@ -305,7 +236,7 @@ class Archive:
                 calling_ae,
                 conflict,
             )
-        return request.previous, request.relative
+        return request.previous
 
     def _commit_batch(self, batch: list[_IndexRequest]) -> None:
         """All of `batch` in one transaction; if that fails, each in its own, so that one
@@ -321,8 +252,6 @@ class Archive:
                 try:
                     self._write_rows([request])
                     break
-                except _FileMoved:
-                    pass  # again, under the name the file has
                 except IntegrityError as exc:
                     # Another process inserted the same patient/study/series first: go
                     # again, this time the row exists and is updated.
@@ -357,9 +286,6 @@ class Archive:
                         )
                     self._enqueue_job(conn, request.record, request.calling_ae, request.is_result)
                     outcomes.append((previous, accepted))
-                # Commit only once every file the rows name is durable under that name.
-                for request in batch:
-                    _wait_for_file(request)
         except BaseException:
             self._writer.rolled_back()
             raise
@@ -422,25 +348,3 @@ class Archive:
                 "finished_at": utcnow() if state is JobState.SKIPPED else None,
             },
         )
-
-
-def _wait_for_file(request: _IndexRequest) -> None:
-    """Wait until the request's file is durable; raise its write's error, or _FileMoved
-    if it went to another name than the row's."""
-    if request.file is None:
-        return
-    written = request.file.result()
-    if written != request.relative:
-        request.relative, request.file = written, None
-        raise _FileMoved(written)
-
-
-def _written_path(relative: str, file: Future[str] | None) -> str | None:
-    """The path a store wrote its file to: `relative` when written beforehand, else what
-    the background write gave (None if that write failed)."""
-    if file is None:
-        return relative
-    try:
-        return file.result()
-    except BaseException:
-        return None  # write_new removed what it had begun

@@ -56,17 +56,6 @@ def _number(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def identifying_uids(ds: Dataset) -> tuple[str, str, str, str]:
-    """(Study, Series, SOP Instance, SOP Class UID) as HeaderRecord holds them: what names
-    the instance's file, known before the rest of the record is built."""
-    return (
-        _text(ds, "StudyInstanceUID"),
-        _text(ds, "SeriesInstanceUID"),
-        _text(ds, "SOPInstanceUID"),
-        _text(ds, "SOPClassUID"),
-    )
-
-
 @dataclass(frozen=True)
 class HeaderRecord:
     """What the index keeps of one instance, read once from its header."""
