@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ from ai.results.seg.sop import read_pneumothorax_seg
 from ai.results.sr.sop import read_finding
 from node.config import ConfigError, load_config
 from node.context import NodeContext, build_context
+from node.nudges import DELIVERIES_NUDGE, NudgeListener, nudge_address
 from node.process.result_processes import ResultTask, ResultWriter
 from node.process.worker import _header_only
 from node.testing.config_files import write_config
@@ -287,3 +289,27 @@ def test_only_the_configured_kinds_are_made(tmp_path: Path) -> None:
     results = JobQueue(context.engine).results_of(uid)
     assert list(results) == ["sr"]
     assert read_finding(stored(context, results["sr"].sop_instance_uid)).segmentation_uid == ""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="nudges are Linux-only")
+@pytest.mark.parametrize(("destination", "nudged"), [("PACS", True), ("", False)])
+def test_results_queued_for_delivery_nudge_the_result_sender(
+    tmp_path: Path, destination: str, nudged: bool
+) -> None:
+    """The result sender (another process) hears of queued results at once; results that
+    stay on the node (no destination: the source was imported) wake nobody."""
+    config = write_config(tmp_path / "config.toml", {
+        "storage": {"folder": str(tmp_path / "storage")},
+        "analysis": {"enabled": True, "results": ["sr"]},
+        "peers": [{"ae_title": "PACS", "host": "127.0.0.1", "port": 11112}],
+        "delivery": {"destination": destination},
+    })
+    context = build_context(load_config(config))
+    sender = NudgeListener(nudge_address(context.config.storage.folder, DELIVERIES_NUDGE))
+    try:
+        assert sender.listening
+        source = dx_source("CT_small.dcm", geometry=True, frame=False)
+        analysed(context, source, probability=0.93, heatmap=segmentation_map())
+        assert sender.wait(0) is nudged
+    finally:
+        sender.close()

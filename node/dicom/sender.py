@@ -56,32 +56,32 @@ class DeliverySender:
             retry_max_seconds=settings.retry_max_seconds,
             max_attempts=settings.max_attempts,
         )
-        self._nudges = NudgeListener(None)
+        self._nudges: NudgeListener | None = None  # listening while started
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self._stop.clear()
-        self._nudges.close()
         self._nudges = NudgeListener(
             nudge_address(self.context.config.storage.folder, DELIVERIES_NUDGE)
         )
-        self._thread = threading.Thread(target=self._loop, name="delivery", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop, args=(self._nudges,), name="delivery", daemon=True
+        )
         self._thread.start()
 
     def stop(self, timeout: float = 30.0) -> None:
         self._stop.set()
+        if self._nudges is None:
+            return
         self._nudges.interrupt()
         if self._thread is not None:
             self._thread.join(timeout)
         if self._thread is None or not self._thread.is_alive():
             self._nudges.close()
+            self._nudges = None
 
-    def wake(self) -> None:
-        """New deliveries were queued: send them now rather than at the next poll."""
-        self._nudges.interrupt()
-
-    def _loop(self) -> None:
+    def _loop(self, nudges: NudgeListener) -> None:
         while not self._stop.is_set():
             try:
                 sent = self.send_due()
@@ -92,7 +92,7 @@ class DeliverySender:
                 continue
             wait = self.queue.next_due_in()
             timeout = IDLE_POLL_SECONDS if wait is None else min(IDLE_POLL_SECONDS, wait)
-            if self._nudges.wait(max(MIN_ROUND_SECONDS, timeout)):
+            if nudges.wait(max(MIN_ROUND_SECONDS, timeout)):
                 self._stop.wait(MIN_ROUND_SECONDS)
 
     def send_due(self) -> int:

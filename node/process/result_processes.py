@@ -79,6 +79,7 @@ class ResultWriter:
         self.model = model
         self.jobs = JobQueue(context.engine)
         self.kinds = kinds_named(context.config.analysis.results)
+        self._sender_nudge = nudge_address(context.config.storage.folder, DELIVERIES_NUDGE)
 
     def inputs(self, task: ResultTask) -> ResultInputs:
         """What every kind is built from; the source header checked once for all of them,
@@ -131,6 +132,7 @@ class ResultWriter:
             metrics().results.labels(record.kind, record.state.value).inc()
         stored = [r.sop_instance_uid for r in records if r.state == ResultState.STORED]
         destination, kept_because = self.destination(task.job)
+        to_deliver = stored if destination is not None else []
         with self.context.engine.begin() as conn:
             self.jobs.finish(
                 task.job.job_id,
@@ -140,10 +142,10 @@ class ResultWriter:
                 note=kept_because,
                 conn=conn,
             )
-            if destination is not None and stored:
-                deliveries.enqueue(conn, stored, destination)
-        if destination is not None and stored:
-            nudge(nudge_address(self.context.config.storage.folder, DELIVERIES_NUDGE))
+            if to_deliver:
+                deliveries.enqueue(conn, to_deliver, destination)
+        if to_deliver:  # committed: the result sender (another process) can send them now
+            nudge(self._sender_nudge)
         log.info(
             "analysed SOP %s: p=%.4f %s; %s -> %s",
             uid,
