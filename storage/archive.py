@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from sqlalchemy import Connection, Engine, bindparam, insert, select
 from sqlalchemy.exc import IntegrityError
 
@@ -123,10 +123,15 @@ class Archive:
         # (storage.database.WriterTurns), not in SQLite's sleeping busy handler.
         self._turns = WriterTurns(engine)
 
-    def inspect(self, data: bytes | memoryview) -> Dataset:
+    def inspect(
+        self,
+        data: bytes | memoryview,
+        *,
+        known_meta: tuple[FileMetaDataset, int] | None = None,
+    ) -> Dataset:
         """The header of `data` once it is known to read back (storage.intake), else a
-        StoreError naming why not."""
-        return inspect_instance(data, self.checks)
+        StoreError naming why not; `known_meta` as storage.intake.inspect_instance takes it."""
+        return inspect_instance(data, self.checks, known_meta=known_meta)
 
     def store_file_bytes(
         self,

@@ -10,15 +10,14 @@ subclass that names the reason.
 
 from __future__ import annotations
 
-import copy
 import io
 import zlib
 from dataclasses import dataclass
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import UID, ExplicitVRLittleEndian
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID
 
 from storage.errors import (
     DeflateError,
@@ -92,32 +91,34 @@ def _walk(body: bytes | memoryview, transfer_syntax: UID) -> DatasetStructure:
     )
 
 
-def _parse_header(
-    data: bytes | memoryview, meta: FileMetaDataset, body: bytes | memoryview, deflated: bool
-) -> Dataset:
-    """pydicom's reading of everything before the pixel data (public API only)."""
-    if not deflated:
-        return dcmread(io.BytesIO(data), stop_before_pixels=True)
-    # Already inflated within bounds: read it as the Explicit VR LE it is, not a second time.
-    plain = copy.deepcopy(meta)
-    plain.TransferSyntaxUID = ExplicitVRLittleEndian
-    buffer = io.BytesIO()
-    buffer.write(b"\x00" * 128 + b"DICM")
-    write_file_meta_info(buffer, plain, enforce_standard=False)
-    buffer.write(body)
-    buffer.seek(0)
-    header = dcmread(buffer, stop_before_pixels=True)
+# Where dcmread's stop_before_pixels stops: any of the three pixel data elements.
+_PIXEL_DATA_TAGS = frozenset({0x7FE00010, 0x7FE00008, 0x7FE00009})
+
+
+def _before_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+    return tag in _PIXEL_DATA_TAGS
+
+
+def _parse_header(meta: FileMetaDataset, body: bytes | memoryview, transfer_syntax: UID) -> Dataset:
+    """pydicom's reading of everything before the pixel data (public API only).
+
+    Only the dataset is read: the file meta was read already (or, for a C-STORE, built
+    by the node itself), and a Deflated body was inflated within bounds already, so it is
+    read as the Explicit VR Little Endian it now is, not inflated a second time.
+    """
+    deflated = transfer_syntax.is_deflated
+    header = read_dataset(
+        io.BytesIO(body),
+        is_implicit_VR=transfer_syntax.is_implicit_VR and not deflated,
+        is_little_endian=transfer_syntax.is_little_endian or deflated,
+        stop_when=_before_pixel_data,
+    )
     header.file_meta = meta
     return header
 
 
-def inspect_instance(data: bytes | memoryview, checks: IntakeChecks = IntakeChecks()) -> Dataset:
-    """The header of a whole DICOM file, once it is known to read back; else a StoreError."""
-    if len(data) > checks.max_instance_bytes:
-        raise TooLargeError(
-            f"instance of {len(data)} bytes exceeds {checks.max_instance_bytes // MIB} MiB "
-            "(storage.max_instance_mib)"
-        )
+def _read_file_meta(data: bytes | memoryview) -> tuple[FileMetaDataset, int]:
+    """The file meta of a whole DICOM file, and where the dataset after it starts."""
     try:
         meta_end = file_meta_end(data)
         meta = dcmread(io.BytesIO(bytes(data[:meta_end])), stop_before_pixels=True).file_meta
@@ -125,6 +126,26 @@ def inspect_instance(data: bytes | memoryview, checks: IntakeChecks = IntakeChec
         raise UnreadableDatasetError(f"cannot parse the file meta: {exc}") from exc
     except Exception as exc:  # pydicom raises a wide range of errors on corrupt input
         raise UnreadableDatasetError(f"cannot parse the file meta: {exc}") from exc
+    return meta, meta_end
+
+
+def inspect_instance(
+    data: bytes | memoryview,
+    checks: IntakeChecks = IntakeChecks(),
+    *,
+    known_meta: tuple[FileMetaDataset, int] | None = None,
+) -> Dataset:
+    """The header of a whole DICOM file, once it is known to read back; else a StoreError.
+
+    `known_meta` is (file meta, where the dataset starts) when the caller wrote the file
+    meta itself (a received C-STORE dataset: storage.file_meta), so it is not read again.
+    """
+    if len(data) > checks.max_instance_bytes:
+        raise TooLargeError(
+            f"instance of {len(data)} bytes exceeds {checks.max_instance_bytes // MIB} MiB "
+            "(storage.max_instance_mib)"
+        )
+    meta, meta_end = known_meta if known_meta is not None else _read_file_meta(data)
     transfer_syntax = UID(str(meta.get("TransferSyntaxUID", "") or "").strip())
     if not transfer_syntax.is_transfer_syntax:
         raise UnreadableDatasetError(f"unknown transfer syntax {str(transfer_syntax)[:64]!r}")
@@ -133,7 +154,7 @@ def inspect_instance(data: bytes | memoryview, checks: IntakeChecks = IntakeChec
         body = inflate_bounded(body, checks.max_instance_bytes)
     structure = _walk(body, transfer_syntax)
     try:
-        header = _parse_header(data, meta, body, transfer_syntax.is_deflated)
+        header = _parse_header(meta, body, transfer_syntax)
     except Exception as exc:  # the structure is sound, so this is a value pydicom rejects
         raise UnreadableDatasetError(f"cannot parse: {type(exc).__name__}: {exc}") from exc
     check_pixel_data(header, structure, memoryview(body), transfer_syntax)

@@ -1,7 +1,8 @@
 """The Storage SCP: a C-STORE request becomes one archived instance and a DIMSE status.
 
-The dataset is taken as the sender encoded it (`event.encoded_dataset()`), never decoded:
-only its header is parsed to check and index it. The answer is Success only after
+The dataset is taken as the sender encoded it, never decoded: the node puts the file meta
+group pynetdicom would (storage.file_meta) before the received bytes, and parses only the
+dataset's header to check and index it. The answer is Success only after
 `Archive.store_file_bytes` returns, that is once the file and its index row are durable.
 Every refusal names its reason in ErrorComment, so the sender's log says what went wrong.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import logging
 
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pynetdicom import evt
 from sqlalchemy.exc import OperationalError
 
@@ -31,6 +32,7 @@ from storage.errors import (
     TooLargeError,
     UnreadableDatasetError,
 )
+from storage.file_meta import PREAMBLE, decode_file_meta_group, encode_file_meta_group
 
 log = logging.getLogger(__name__)
 
@@ -104,14 +106,31 @@ def _mismatch(header: Dataset, event: evt.Event) -> str | None:
     )
 
 
+def received_file(event: evt.Event) -> tuple[bytes, tuple[FileMetaDataset, int] | None]:
+    """The received dataset as a whole DICOM file (preamble, file meta, dataset as sent),
+    and its file meta with where the dataset starts; None when pynetdicom built it."""
+    request = event.request
+    sop_class = str(request.AffectedSOPClassUID or "")
+    sop_instance = str(request.AffectedSOPInstanceUID or "")
+    try:
+        if not sop_class or not sop_instance:
+            raise ValueError("no Affected SOP Class or Instance UID")
+        group = encode_file_meta_group(sop_class, sop_instance, str(event.context.transfer_syntax))
+    except (ValueError, UnicodeEncodeError):
+        # Not a request pynetdicom could make a file of either: it says why (or how).
+        return event.encoded_dataset(), None
+    data = b"".join((PREAMBLE, group, request.DataSet.getbuffer()))
+    return data, (decode_file_meta_group(group), len(PREAMBLE) + len(group))
+
+
 def handle_store(event: evt.Event, context: NodeContext) -> int | Dataset:
     """EVT_C_STORE handler: archive the instance as received, answer with its status."""
     calling_ae = event.assoc.requestor.ae_title.strip()
     affected = str(event.request.AffectedSOPInstanceUID or "")
     try:
-        data = event.encoded_dataset()
+        data, known_meta = received_file(event)
         metrics().received_bytes.inc(len(data))
-        header = context.archive.inspect(data)
+        header = context.archive.inspect(data, known_meta=known_meta)
         mismatch = _mismatch(header, event)
         if mismatch is not None:
             log.warning("refused SOP %s from %s: %s", affected, calling_ae, mismatch)
