@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from storage.database import WriterTurns
 from storage.errors import IdentityConflictError, InvalidDatasetError
 from storage.filestore import FileStore, InvalidUIDError, check_uid
-from storage.indexer import HeaderRecord, IndexWriter
+from storage.indexer import HeaderRecord, IndexWriter, insert_if_absent
 from storage.intake import IntakeChecks, inspect_instance
 from storage.models import AnalysisJob, IdentityConflict, Instance, JobState, utcnow
 
@@ -338,18 +338,18 @@ class Archive:
         decision = self.decide_job(record, is_result)
         if decision is None:
             return
-        exists = conn.scalar(_SELECT_JOB, {"sop": record.sop_instance_uid})
-        if exists is not None:
-            return  # a replaced copy is not analysed a second time
         state, reason = decision
-        conn.execute(
-            _INSERT_JOB,
-            {
-                "sop_instance_uid": record.sop_instance_uid,
-                "state": state,
-                "reason": reason,
-                "calling_ae": calling_ae,
-                "created_at": utcnow(),
-                "finished_at": utcnow() if state is JobState.SKIPPED else None,
-            },
-        )
+        row = {
+            "sop_instance_uid": record.sop_instance_uid,
+            "state": state,
+            "reason": reason,
+            "calling_ae": calling_ae,
+            "created_at": utcnow(),
+            "finished_at": utcnow() if state is JobState.SKIPPED else None,
+        }
+        # A replaced copy is not analysed a second time: its job exists already.
+        add_job = insert_if_absent(conn.dialect, AnalysisJob.__table__, "sop_instance_uid")
+        if add_job is not None:
+            conn.execute(add_job, row)
+        elif conn.scalar(_SELECT_JOB, {"sop": record.sop_instance_uid}) is None:
+            conn.execute(_INSERT_JOB, row)

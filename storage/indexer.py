@@ -8,13 +8,18 @@ the newest information a sender gave wins, as in most PACS.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
+from pydicom.datadict import tag_for_keyword
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from sqlalchemy import (
     Connection,
+    Dialect,
+    Insert,
     Select,
     Table,
     Update,
@@ -24,34 +29,35 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects import postgresql, sqlite
 
 from storage.errors import IdentityConflictError
 from storage.models import Instance, InstanceAttribute, Patient, Series, Study
 from storage.text import fold_case
 
 
-def _text(ds: Dataset, keyword: str) -> str:
+def _text(values: Mapping[str, object], keyword: str) -> str:
     """The attribute as text ('' when absent or empty); multi-values joined by backslash."""
-    value = ds.get(keyword)
+    value = values.get(keyword)
     if value is None or value == "":
         return ""
-    if isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+    if isinstance(value, list | tuple | MultiValue):
         return "\\".join(str(v) for v in value)
     return str(value).strip()
 
 
-def _person_name(ds: Dataset, keyword: str) -> str:
+def _person_name(values: Mapping[str, object], keyword: str) -> str:
     """A PN without its trailing empty components, so DOE^JOHN^^ matches DOE^JOHN."""
-    return "=".join(group.rstrip("^") for group in _text(ds, keyword).split("="))
+    return "=".join(group.rstrip("^") for group in _text(values, keyword).split("="))
 
 
-def _number(ds: Dataset, keyword: str) -> int | None:
+def _number(values: Mapping[str, object], keyword: str) -> int | None:
     """An IS/US attribute as int, or None when absent, empty or not a number."""
-    value = ds.get(keyword)
+    value = values.get(keyword)
     if value is None or value == "":
         return None
     try:
-        return int(value)
+        return int(value)  # type: ignore[call-overload]
     except (TypeError, ValueError):
         return None
 
@@ -94,39 +100,41 @@ class HeaderRecord:
 
     @classmethod
     def from_dataset(cls, ds: Dataset, transfer_syntax_uid: str) -> HeaderRecord:
-        patient_name = _person_name(ds, "PatientName")
-        referring = _person_name(ds, "ReferringPhysicianName")
+        """The record of `ds`'s top level, each element's value converted once."""
+        values, attributes = _column_values(ds)
+        patient_name = _person_name(values, "PatientName")
+        referring = _person_name(values, "ReferringPhysicianName")
         return cls(
-            patient_id=_text(ds, "PatientID"),
+            patient_id=_text(values, "PatientID"),
             patient_name=patient_name,
             patient_name_folded=fold_case(patient_name),
-            patient_birth_date=_text(ds, "PatientBirthDate"),
-            patient_sex=_text(ds, "PatientSex"),
-            study_instance_uid=_text(ds, "StudyInstanceUID"),
-            study_date=_text(ds, "StudyDate"),
-            study_time=_text(ds, "StudyTime").replace(":", ""),
-            accession_number=_text(ds, "AccessionNumber"),
-            study_id=_text(ds, "StudyID"),
-            study_description=_text(ds, "StudyDescription"),
+            patient_birth_date=_text(values, "PatientBirthDate"),
+            patient_sex=_text(values, "PatientSex"),
+            study_instance_uid=_text(values, "StudyInstanceUID"),
+            study_date=_text(values, "StudyDate"),
+            study_time=_text(values, "StudyTime").replace(":", ""),
+            accession_number=_text(values, "AccessionNumber"),
+            study_id=_text(values, "StudyID"),
+            study_description=_text(values, "StudyDescription"),
             referring_physician_name=referring,
             referring_physician_name_folded=fold_case(referring),
-            series_instance_uid=_text(ds, "SeriesInstanceUID"),
-            modality=_text(ds, "Modality"),
-            series_number=_number(ds, "SeriesNumber"),
-            series_description=_text(ds, "SeriesDescription"),
-            body_part_examined=_text(ds, "BodyPartExamined").upper(),
-            sop_instance_uid=_text(ds, "SOPInstanceUID"),
-            sop_class_uid=_text(ds, "SOPClassUID"),
-            instance_number=_number(ds, "InstanceNumber"),
+            series_instance_uid=_text(values, "SeriesInstanceUID"),
+            modality=_text(values, "Modality"),
+            series_number=_number(values, "SeriesNumber"),
+            series_description=_text(values, "SeriesDescription"),
+            body_part_examined=_text(values, "BodyPartExamined").upper(),
+            sop_instance_uid=_text(values, "SOPInstanceUID"),
+            sop_class_uid=_text(values, "SOPClassUID"),
+            instance_number=_number(values, "InstanceNumber"),
             transfer_syntax_uid=transfer_syntax_uid,
-            rows=_number(ds, "Rows"),
-            columns=_number(ds, "Columns"),
-            number_of_frames=_number(ds, "NumberOfFrames"),
-            samples_per_pixel=_number(ds, "SamplesPerPixel"),
-            photometric_interpretation=_text(ds, "PhotometricInterpretation"),
-            acquisition_date_time=_text(ds, "AcquisitionDateTime"),
-            specific_character_set=_text(ds, "SpecificCharacterSet"),
-            attributes=attribute_values(ds),
+            rows=_number(values, "Rows"),
+            columns=_number(values, "Columns"),
+            number_of_frames=_number(values, "NumberOfFrames"),
+            samples_per_pixel=_number(values, "SamplesPerPixel"),
+            photometric_interpretation=_text(values, "PhotometricInterpretation"),
+            acquisition_date_time=_text(values, "AcquisitionDateTime"),
+            specific_character_set=_text(values, "SpecificCharacterSet"),
+            attributes=attributes,
         )
 
 
@@ -142,6 +150,7 @@ COLUMN_KEYWORDS = frozenset(
         "PhotometricInterpretation", "AcquisitionDateTime", "SpecificCharacterSet",
     }
 )  # fmt: skip
+_COLUMN_TAGS = {int(tag_for_keyword(keyword) or 0): keyword for keyword in COLUMN_KEYWORDS}
 # Not kept as attributes: sequences and bulk data (the file has them).
 _NOT_ATTRIBUTE_VRS = frozenset({"SQ", "OB", "OD", "OF", "OL", "OV", "OW", "UN"})
 MAX_ATTRIBUTE_VALUE = 1024
@@ -159,30 +168,44 @@ def _as_text(item: object) -> str:
     return str(original if original is not None else item).strip()
 
 
-def attribute_values(ds: Dataset) -> tuple[tuple[int, str, int, str, str | None], ...]:
-    """(tag, VR, position, value, folded) for each value of each top-level attribute the
-    columns do not hold; values as DICOM text, person names also case-folded."""
-    rows = []
+def _attribute_rows(
+    tag: int, vr: str, value: object
+) -> Iterator[tuple[int, str, int, str, str | None]]:
+    """(tag, VR, position, value, folded) for each value of one attribute; values as DICOM
+    text, person names also case-folded."""
+    if value is None or value == "":
+        return
+    items = value if isinstance(value, list | tuple | MultiValue) else (value,)
+    for position, item in enumerate(items):
+        text = _as_text(item)
+        if text and len(text) <= MAX_ATTRIBUTE_VALUE:
+            yield tag, vr, position, text, fold_case(text) if vr == "PN" else None
+
+
+def _column_values(
+    ds: Dataset,
+) -> tuple[dict[str, object], tuple[tuple[int, str, int, str, str | None], ...]]:
+    """One walk over the top level: the values of the column attributes by keyword, and
+    the instance_attribute rows of every other attribute with a value."""
+    columns: dict[str, object] = {}
+    rows: list[tuple[int, str, int, str, str | None]] = []
     for element in ds:
         tag = int(element.tag)
+        keyword = _COLUMN_TAGS.get(tag)
+        if keyword is not None:
+            columns[keyword] = element.value
+            continue
         if tag >> 16 in (0x0002, 0x7FE0) or tag & 0xFFFF == 0:
             continue
         vr = str(element.VR)
-        if vr in _NOT_ATTRIBUTE_VRS or element.keyword in COLUMN_KEYWORDS:
+        if vr in _NOT_ATTRIBUTE_VRS:
             continue
         try:
             value = element.value
         except Exception:  # a value pydicom cannot decode stays in the file only
             continue
-        if value is None or value == "":
-            continue
-        items = list(value) if isinstance(value, list | tuple | MultiValue) else [value]
-        for position, item in enumerate(items):
-            text = _as_text(item)
-            if not text or len(text) > MAX_ATTRIBUTE_VALUE:
-                continue
-            rows.append((tag, vr, position, text, fold_case(text) if vr == "PN" else None))
-    return tuple(rows)
+        rows.extend(_attribute_rows(tag, vr, value))
+    return columns, tuple(rows)
 
 
 _PATIENT_FIELDS = ("patient_name", "patient_name_folded", "patient_birth_date", "patient_sex")
@@ -227,6 +250,41 @@ def _select_instance_path() -> Select:
 @functools.cache
 def _update_by_pk(table: Table) -> Update:
     return update(table).where(table.c.id == bindparam("pk_"))
+
+
+# The dialects whose INSERT can skip a row whose unique key exists (ON CONFLICT DO NOTHING).
+_INSERT_IF_ABSENT = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}
+
+
+def insert_if_absent(dialect: Dialect, table: Table, key_column: str) -> Insert | None:
+    """An INSERT that adds nothing when a row with the same `key_column` exists, or None
+    where the database cannot say so in one statement: then look, then insert.
+
+    Most instances arrive with their patient, study and series unknown (a chest X-ray is
+    often the only image of its study), so inserting first saves a look per row. With
+    `RETURNING id` (SQLite 3.35+, PostgreSQL) no row back means the key existed.
+    """
+    make = _INSERT_IF_ABSENT.get(dialect.name)
+    if make is None or not dialect.insert_returning:
+        return None
+    return _cached_insert_if_absent(make, table, key_column)
+
+
+@functools.cache
+def _cached_insert_if_absent(make: Callable[[Table], Any], table: Table, key_column: str) -> Insert:
+    return make(table).on_conflict_do_nothing(index_elements=[key_column]).returning(table.c.id)
+
+
+def _add(conn: Connection, table: Table, key_column: str, row: dict[str, object]) -> int | None:
+    """Insert `row` unless a row with its `key_column` exists: the new row's primary key,
+    or None when the key existed (and nothing was written)."""
+    statement = insert_if_absent(conn.dialect, table, key_column)
+    if statement is not None:
+        added = conn.execute(statement, row).first()
+        return None if added is None else added[0]
+    if conn.execute(_select_pk(table, key_column, None), {"key": row[key_column]}).first():
+        return None
+    return conn.execute(insert(table), row).inserted_primary_key[0]
 
 
 class IndexWriter:
@@ -275,11 +333,10 @@ class IndexWriter:
         if cached is not None and cached[1] == attributes:
             return cached[0]
         parent_column = parent[0] if parent is not None else None
-        existing = conn.execute(_select_pk(table, key_column, parent_column), {"key": key}).first()
-        if existing is None:
-            inserted = conn.execute(insert(table), {key_column: key, **values})
-            pk = inserted.inserted_primary_key[0]
-        else:
+        pk = _add(conn, table, key_column, {key_column: key, **values})
+        if pk is None:
+            lookup = _select_pk(table, key_column, parent_column)
+            existing = conn.execute(lookup, {"key": key}).one()
             pk = existing[0]
             if parent is not None and existing[1] != parent[1]:
                 conflict = IdentityConflictError(table.name, key)
@@ -347,13 +404,12 @@ class IndexWriter:
             "calling_ae": calling_ae,
             "is_result": is_result,
         }
-        previous = conn.execute(_select_instance_path(), {"key": record.sop_instance_uid}).first()
-        if previous is None:
-            inserted = conn.execute(
-                insert(instances), {"sop_instance_uid": record.sop_instance_uid, **values}
-            )
-            self._write_attributes(conn, inserted.inserted_primary_key[0], record, replace=False)
+        sop = record.sop_instance_uid
+        added = _add(conn, instances, "sop_instance_uid", {"sop_instance_uid": sop, **values})
+        if added is not None:
+            self._write_attributes(conn, added, record, replace=False)
             return None
+        previous = conn.execute(_select_instance_path(), {"key": sop}).one()
         conn.execute(_update_by_pk(instances), {"pk_": previous.id, **values})
         self._write_attributes(conn, previous.id, record, replace=True)
         return previous.file_path
