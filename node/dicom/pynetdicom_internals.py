@@ -1,8 +1,9 @@
 """The pynetdicom release whose internals the node adapts, checked before it serves.
 
-`guarded_transport`, `reactor_wakeups`, `find_stream` and `stored_send` reach into
-pynetdicom's private code (how it reads a PDU, builds acceptor sockets, naps in its
-reactors, pauses around a send, copies its contexts, sends a C-STORE from a file). A
+`guarded_transport`, `reactor_wakeups`, `find_stream`, `stored_send` and `store_response`
+reach into pynetdicom's private code (how it reads a PDU, builds acceptor sockets, naps in
+its reactors, pauses around a send, copies its contexts, sends a C-STORE from a file,
+makes a response message). A
 different release may change any of these and the node would
 start and misbehave, so `serve` and `worker` refuse to start unless the installed pynetdicom
 is the one pinned in pyproject.toml and constraints.txt and still holds each piece of code
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import pynetdicom
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.service_class import QueryRetrieveServiceClass
 from pynetdicom.transport import RequestHandler
@@ -82,6 +84,12 @@ RELIED_ON: tuple[ReliedOn, ...] = (
              "stored_send.serialise_writes: the DUL writes each PDU in one socket send"),
     ReliedOn(DULServiceProvider._process_recv_primitive, "self.to_provider_queue.queue[0]",
              "reactor_wakeups wakes the DUL on a queued primitive"),
+    ReliedOn(DIMSEServiceProvider.send_msg, "dimse_msg = _RSP_TO_MESSAGE[primitive.__class__]()",
+             "store_response: C-STORE responses are made by the class this map names"),
+    ReliedOn(DIMSEServiceProvider.send_msg, "dimse_msg.encode_msg(context_id",
+             "store_response: the message encodes itself into P-DATA primitives"),
+    ReliedOn(DIMSEMessage.__init__, "self._data_set_file: \"NTF | None\" = None",
+             "store_response.C_STORE_RSP sets the attributes DIMSEMessage.__init__ sets"),
 )
 
 
