@@ -27,7 +27,7 @@ def _short_element(element: int, vr: bytes, value: bytes) -> bytes:
     return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
 
 
-def _uid(value: str) -> bytes:
+def uid_value(value: str) -> bytes:
     """A UI value as PS3.5 6.2 pads it: to even length with a NUL."""
     encoded = value.encode("ascii")
     return encoded + b"\x00" * (len(encoded) % 2)
@@ -41,7 +41,7 @@ def _short_string(value: str) -> bytes:
 
 # The implementation elements are the same in every file: encoded once.
 _IMPLEMENTATION = _short_element(
-    0x0012, b"UI", _uid(PYNETDICOM_IMPLEMENTATION_UID)
+    0x0012, b"UI", uid_value(PYNETDICOM_IMPLEMENTATION_UID)
 ) + _short_element(0x0013, b"SH", _short_string(PYNETDICOM_IMPLEMENTATION_VERSION))
 
 
@@ -55,9 +55,9 @@ def encode_file_meta_group(
     body = b"".join(
         (
             _VERSION_ELEMENT,
-            _short_element(0x0002, b"UI", _uid(sop_class_uid)),
-            _short_element(0x0003, b"UI", _uid(sop_instance_uid)),
-            _short_element(0x0010, b"UI", _uid(transfer_syntax)),
+            _short_element(0x0002, b"UI", uid_value(sop_class_uid)),
+            _short_element(0x0003, b"UI", uid_value(sop_instance_uid)),
+            _short_element(0x0010, b"UI", uid_value(transfer_syntax)),
             _IMPLEMENTATION,
         )
     )

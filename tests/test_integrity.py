@@ -291,3 +291,54 @@ def test_folder_entries_are_synced_once_per_process_before_the_first_success(
     assert write(other_process, "1.2/1.2.3/1.2.3.7.dcm") == ["1.2.3"]
     shutil.rmtree(tmp_path / "files" / "1.2")  # removed by hand: made again, synced again
     assert write(first, "1.2/1.2.3/1.2.3.8.dcm") == ["1.2.3", "1.2", "files"]
+
+
+# --- both ways of adding rows: one INSERT ... ON CONFLICT DO NOTHING, or a look first --------
+
+
+@pytest.mark.parametrize("one_statement", [True, False], ids=["on-conflict", "look-first"])
+def test_rows_are_added_once_and_updated_either_way(
+    tmp_path: Path, monkeypatch, one_statement: bool
+) -> None:
+    """SQLite 3.35+ and PostgreSQL add a row in one statement; a database that cannot
+    (an older SQLite) looks first. Both give the same index: one patient, study, series and
+    job per key, a replaced copy updated in place, a conflicting study still refused."""
+    from node.eligibility import Eligibility
+    from storage import archive as archive_module
+    from storage import indexer
+    from storage.models import AnalysisJob, Series
+
+    engine = create_index_engine(f"sqlite:///{tmp_path / 'index.sqlite'}")
+    one_form = indexer.insert_if_absent(engine.dialect, Patient.__table__, "patient_id")
+    assert one_form is not None, "this SQLite has no one-statement form: nothing to compare"
+    if not one_statement:
+        for module in (indexer, archive_module):
+            monkeypatch.setattr(module, "insert_if_absent", lambda *_args: None)
+    store = Archive(
+        FileStore(tmp_path, fsync=False),
+        engine,
+        decide_job=Eligibility(["CR", "DX"], ["CHEST", ""]),
+    )
+    first = small_image(patient_id="PAT-A", series_description="first")
+    store.store_file_bytes(file_bytes(first))
+    sibling = small_image(patient_id="PAT-A", study_uid=first.StudyInstanceUID)
+    store.store_file_bytes(file_bytes(sibling))
+    store.store_file_bytes(file_bytes(second_copy(first, "second copy")))
+    with pytest.raises(IdentityConflictError):
+        store.store_file_bytes(
+            file_bytes(small_image(patient_id="PAT-B", study_uid=first.StudyInstanceUID))
+        )
+    with engine.connect() as conn:
+        counts = {
+            model.__name__: len(conn.execute(select(model)).all())
+            for model in (Patient, Study, Series, Instance, AnalysisJob)
+        }
+        series_description = conn.scalar(
+            select(Series.series_description).where(
+                Series.series_instance_uid == first.SeriesInstanceUID
+            )
+        )
+    assert counts == {"Patient": 1, "Study": 1, "Series": 2, "Instance": 2, "AnalysisJob": 2}
+    assert series_description == "second copy"
+    assert verify(store.files, engine).problems == 0
+    engine.dispose()

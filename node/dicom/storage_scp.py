@@ -9,6 +9,7 @@ Every refusal names its reason in ErrorComment, so the sender's log says what we
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -112,15 +113,14 @@ def received_file(event: evt.Event) -> tuple[bytes, tuple[FileMetaDataset, int] 
     request = event.request
     sop_class = str(request.AffectedSOPClassUID or "")
     sop_instance = str(request.AffectedSOPInstanceUID or "")
-    try:
-        if not sop_class or not sop_instance:
-            raise ValueError("no Affected SOP Class or Instance UID")
-        group = encode_file_meta_group(sop_class, sop_instance, str(event.context.transfer_syntax))
-    except (ValueError, UnicodeEncodeError):
-        # Not a request pynetdicom could make a file of either: it says why (or how).
-        return event.encoded_dataset(), None
-    data = b"".join((PREAMBLE, group, request.DataSet.getbuffer()))
-    return data, (decode_file_meta_group(group), len(PREAMBLE) + len(group))
+    if sop_class and sop_instance:
+        with contextlib.suppress(UnicodeEncodeError):  # a UID that is not one
+            syntax = str(event.context.transfer_syntax)
+            group = encode_file_meta_group(sop_class, sop_instance, syntax)
+            data = b"".join((PREAMBLE, group, request.DataSet.getbuffer()))
+            return data, (decode_file_meta_group(group), len(PREAMBLE) + len(group))
+    # Not a request pynetdicom can make a file of either: it says why (or how).
+    return event.encoded_dataset(), None
 
 
 def handle_store(event: evt.Event, context: NodeContext) -> int | Dataset:

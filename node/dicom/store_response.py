@@ -27,6 +27,8 @@ from pynetdicom import dimse_messages
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.pdu_primitives import P_DATA
 
+from storage.file_meta import uid_value
+
 C_STORE_RSP_COMMAND = 0x8001
 NO_DATA_SET = 0x0101
 LAST_COMMAND_FRAGMENT = b"\x03"
@@ -38,23 +40,18 @@ def _element(element: int, value: bytes) -> bytes:
     return struct.pack("<HHI", 0x0000, element, len(value)) + value
 
 
-def _uid(value: str) -> bytes:
-    encoded = value.encode("ascii")
-    return encoded + b"\x00" * (len(encoded) % 2)
-
-
 def encode_store_response(
     message_id: int, sop_class_uid: str, sop_instance_uid: str, status: int
 ) -> bytes:
     """The command set of a C-STORE-RSP without Error Comment or Offending Element."""
     body = b"".join(
         (
-            _element(0x0002, _uid(sop_class_uid)),
+            _element(0x0002, uid_value(sop_class_uid)),
             _element(0x0100, struct.pack("<H", C_STORE_RSP_COMMAND)),
             _element(0x0120, struct.pack("<H", message_id)),
             _element(0x0800, struct.pack("<H", NO_DATA_SET)),
             _element(0x0900, struct.pack("<H", status)),
-            _element(0x1000, _uid(sop_instance_uid)),
+            _element(0x1000, uid_value(sop_instance_uid)),
         )
     )
     return _element(0x0000, struct.pack("<I", len(body))) + body
