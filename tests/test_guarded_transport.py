@@ -191,6 +191,26 @@ def test_slots_count_for_the_whole_node_across_process_rows() -> None:
     assert slots.held() == 0
 
 
+def test_a_busier_process_leaves_a_new_connection_to_an_accepting_one_with_fewer() -> None:
+    slots = AssociationSlots(total=8, per_address=8, processes=3)
+    first, second, third = (slots.for_process(row) for row in range(3))
+    assert not AssociationSlots(8, 8, 1).another_accepts_with_fewer()  # one process
+    first.connect("10.0.0.1")
+    assert not first.another_accepts_with_fewer()  # nobody else accepts yet
+    third.set_accepting(True)
+    assert first.another_accepts_with_fewer()  # 1 connection against 0
+    assert not third.another_accepts_with_fewer()
+    assert not second.another_accepts_with_fewer()  # holds none: never leaves one
+    _, ticket = third.connect("10.0.0.2")
+    assert not first.another_accepts_with_fewer()  # 1 against 1: whoever wakes first
+    third.give_back(ticket)
+    third.set_accepting(False)  # stopping: no longer a place for connections
+    assert not first.another_accepts_with_fewer()
+    third.set_accepting(True)
+    slots.clear_row(2)  # died: its row, accepting mark included, is cleared
+    assert not first.another_accepts_with_fewer()
+
+
 def test_waiting_connections_take_no_association_slot() -> None:
     slots = AssociationSlots(total=4, per_address=3, processes=1, unknown=2)
     waiting = [slots.connect(address)[0].outcome for address in ("10.0.0.1", "10.0.0.2")]
@@ -251,6 +271,139 @@ def test_nothing_of_the_server_keeps_a_finished_association_alive() -> None:
     assert sum(ref() is not None for ref in served) == 0
 
 
+@pytest.mark.parametrize("over_tls", [False, True], ids=["plain", "tls"])
+def test_woken_acceptors_need_no_nap_to_serve_release_or_abort(
+    monkeypatch, tmp_path, over_tls
+) -> None:
+    """With naps of a minute, every request, release and abort must still be served at
+    once, and every association's threads end: each of these reaches its reactor through
+    a wake-up (node.dicom.reactor_wakeups), none through a nap's end. Over TLS, the bytes
+    TLS has already decrypted are seen too (select cannot see them)."""
+    import ssl
+    import threading
+
+    from pynetdicom.sop_class import Verification
+
+    from node.dicom import reactor_wakeups
+
+    monkeypatch.setattr(reactor_wakeups, "WOKEN_NAP_SECONDS", 60.0)
+    server_tls = client_tls = None
+    if over_tls:
+        from tls_support import make_pki
+
+        pki = make_pki(tmp_path)
+        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        server_tls.load_cert_chain(str(pki.node.certificate), str(pki.node.key))
+        client_tls = ssl.create_default_context(cafile=str(pki.ca))
+    ae = AE()
+    ae.add_supported_context(Verification)
+    limits = GuardLimits(
+        read_timeout=30, request_timeout=30, max_pdu_length=1 << 20, max_per_address=4
+    )
+    server = ae.make_server(
+        ("127.0.0.1", 0),
+        server_class=GuardedServer,
+        request_handler=GuardedRequestHandler,
+        limits=limits,
+        tls_context=server_tls,
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    scu = AE()
+    scu.acse_timeout = scu.dimse_timeout = 10
+    scu.add_requested_context(Verification)
+    tls_args = (client_tls, "localhost") if client_tls is not None else None
+    try:
+        for number in range(6):
+            assoc = scu.associate("127.0.0.1", server.server_address[1], tls_args=tls_args)
+            assert assoc.is_established
+            assert [assoc.send_c_echo().Status for _ in range(3)] == [0, 0, 0]
+            if number % 2:
+                assoc.abort()
+                assert assoc.is_aborted
+            else:
+                assoc.release()
+                assert assoc.is_released
+        deadline = time.monotonic() + 15
+        while server.active_associations:
+            assert time.monotonic() < deadline, "an association outlived its release or abort"
+            time.sleep(0.01)
+    finally:
+        server.shutdown()
+
+
+def test_a_dul_does_not_nap_while_tls_holds_decrypted_bytes(monkeypatch, tmp_path) -> None:
+    """Bytes TLS has decrypted but the DUL has not read are invisible to select: the DUL
+    must not nap on the socket then (here a nap would last a minute)."""
+    import ssl
+    import threading
+
+    from tls_support import make_pki
+
+    from node.dicom import reactor_wakeups
+
+    monkeypatch.setattr(reactor_wakeups, "WOKEN_NAP_SECONDS", 60.0)
+    pki = make_pki(tmp_path)
+    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_tls.load_cert_chain(str(pki.node.certificate), str(pki.node.key))
+    client_tls = ssl.create_default_context(cafile=str(pki.ca))
+    ours, theirs = socket.socketpair()
+    shaken: list[ssl.SSLSocket] = []
+    handshake = threading.Thread(
+        target=lambda: shaken.append(server_tls.wrap_socket(ours, server_side=True))
+    )
+    handshake.start()
+    client = client_tls.wrap_socket(theirs, server_hostname="localhost")
+    handshake.join(10)
+    server_side = shaken[0]
+    try:
+        client.sendall(b"abcdef")
+        assert server_side.recv(2) == b"ab"
+        assert server_side.pending() == 4  # decrypted, waiting in TLS, not in the kernel
+        assoc = Association(AE(), "acceptor")
+        reactor_wakeups.wake_dul_on_work(assoc)
+        assoc.dul.socket = SimpleNamespace(socket=server_side)
+        napped = threading.Event()
+        threading.Thread(
+            target=lambda: (assoc.dul._pneumonode_waker(0.001), napped.set()), daemon=True
+        ).start()
+        assert napped.wait(10), "the DUL napped over bytes waiting in TLS"
+        assoc.dul._pneumonode_close_wakeups()
+    finally:
+        client.close()
+        server_side.close()
+
+
+def test_a_stopped_dul_wakes_from_its_nap(monkeypatch) -> None:
+    """kill_dul and stop_dul (which pynetdicom calls to end an association) wake a DUL
+    reactor that naps on its wake-up socket."""
+    import threading
+
+    from node.dicom import reactor_wakeups
+
+    monkeypatch.setattr(reactor_wakeups, "WOKEN_NAP_SECONDS", 60.0)
+    for stop in ("kill_dul", "stop_dul"):
+        assoc = Association(AE(), "acceptor")
+        reactor_wakeups.wake_dul_on_work(assoc)
+        dul = assoc.dul
+        dul.state_machine.current_state = "Sta1"
+        napped = threading.Event()
+
+        def nap(dul=dul, napped=napped) -> None:
+            dul._pneumonode_waker(0.001)
+            napped.set()
+
+        thread = threading.Thread(target=nap, daemon=True)
+        thread.start()
+        time.sleep(0.05)  # let it reach its select
+        if stop == "kill_dul":
+            dul.kill_dul()
+        else:
+            dul.stop_dul()  # waits only while the DUL thread (never started here) lives
+        assert napped.wait(10), f"{stop} did not wake the DUL"
+        assert dul._kill_thread
+        dul._pneumonode_close_wakeups()
+
+
 def test_pynetdicom_pauses_its_reactor_around_a_send_as_the_guard_expects() -> None:
     """The gap `keep_responses_for_the_sender` closes: the reactor reads its queue without
     blocking once past the checkpoint; a send clears the checkpoint, then reads blocking."""
@@ -277,11 +430,18 @@ def test_a_paused_reactor_leaves_the_response_to_the_sender() -> None:
     assert assoc.dimse.get_msg(block=False) == response  # unpaused: the reactor serves it
 
 
-def test_woken_requestor_gets_every_response_from_a_fast_peer(tmp_path) -> None:
+@pytest.mark.parametrize("nap", [None, 60.0], ids=["default-nap", "minute-nap"])
+def test_woken_requestor_gets_every_response_from_a_fast_peer(tmp_path, monkeypatch, nap) -> None:
     """Hundreds of C-STOREs to dcmtk's storescp (which answers within microseconds) over
     one woken requestor association: no response is lost to the reactor, which would
-    leave that send to its DIMSE timeout and an empty status."""
+    leave that send to its DIMSE timeout and an empty status. With naps of a minute, the
+    sends and the release still go at once: they wake the DUL."""
     from pydicom.uid import ExplicitVRLittleEndian
+
+    from node.dicom import reactor_wakeups
+
+    if nap is not None:
+        monkeypatch.setattr(reactor_wakeups, "WOKEN_NAP_SECONDS", nap)
 
     from node.dicom.send_instances import send_without_delay
     from node.testing.dcmtk import StoreSCP

@@ -14,9 +14,10 @@ Pending responses written in batches). `tests/test_guarded_transport.py` and
   peer's address (A-ASSOCIATE-RJ) before pynetdicom negotiates;
 - `GuardedServer` (a `ThreadedAssociationServer`) counts associations node-wide
   (`node.dicom.slots`, shared by every serve process), caps those one remote address may
-  hold, does the TLS handshake in the connection's own thread with a deadline, not in the
-  accept loop where one silent client would stop every other, and shares one copy of the
-  supported presentation contexts instead of pynetdicom's deep copy per association;
+  hold, leaves a new connection to a serve process that holds fewer, does the TLS
+  handshake in the connection's own thread with a deadline, not in the accept loop where
+  one silent client would stop every other, and shares one copy of the supported
+  presentation contexts instead of pynetdicom's deep copy per association;
 - `node.dicom.reactor_wakeups` wakes pynetdicom's two polling reactors when there is work;
 - `node.dicom.peer_silence` keeps the idle timer (`node.network_timeout`) from counting the
   time the node spends serving a request.
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import select
 import socket
 import ssl
 import struct
@@ -34,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -52,6 +55,10 @@ PDU_HEADER_LENGTH = 6
 MAX_ASSOCIATE_RQ_LENGTH = 1 << 20
 MAX_CONTROL_PDU_LENGTH = 1 << 10  # A-ASSOCIATE-RJ/AC aside, the others are 4 bytes long
 UNLIMITED_PDU_LENGTH = 0xFFFFFFFF
+# How long a busier serve process leaves a new connection to a less busy one, and how
+# often it looks whether that one took it (GuardedServer.get_request).
+ACCEPT_DEFERRAL_SECONDS = 0.05
+ACCEPT_DEFERRAL_STEP_SECONDS = 0.0005
 
 # A-ABORT: source 2 (service provider), reason 6 (invalid PDU parameter value), PS3.8 9.3.8.
 A_ABORT_INVALID_PARAMETER = bytes((0x07, 0, 0, 0, 0, 4, 0, 0, 2, 6))
@@ -382,6 +389,20 @@ class GuardedServer(ThreadedAssociationServer):
     def server_activate(self) -> None:
         if self._listening_socket is None:
             super().server_activate()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        """Accept a connection, after leaving it for a moment to a less busy serve process.
+
+        Every serve process wakes for a new connection. One that holds more connections
+        than another accepting process waits up to ACCEPT_DEFERRAL_SECONDS for that one
+        to take it (then accept raises BlockingIOError and socketserver moves on); if the
+        other is too slow, this one accepts after all, so nothing waits long."""
+        deadline = time.monotonic() + ACCEPT_DEFERRAL_SECONDS
+        while self.slots.another_accepts_with_fewer() and time.monotonic() < deadline:
+            time.sleep(ACCEPT_DEFERRAL_STEP_SECONDS)
+            if not select.select([self.socket], [], [], 0)[0]:
+                raise BlockingIOError("taken by another serve process")
+        return super().get_request()
 
     def verify_request(self, request, client_address) -> bool:
         """Count the connection as pending (node.dicom.slots), or refuse it at once.

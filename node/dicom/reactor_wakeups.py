@@ -7,9 +7,18 @@ request to be noticed and again for the response to be sent: a third of the time
 134 KB image on one association. Here the naps become waits that end early:
 
 - the DUL reactor's nap is a `select` on the peer's socket and a wake-up socket that is
-  written whenever a primitive (a response, a release, an abort) is queued for it; this
-  also serves the node's own requestor associations (results, C-MOVE sub-operations);
-- the association reactor's nap is a wait on its DIMSE message queue, which `put` wakes.
+  written whenever a primitive (a response, a release, an abort) is queued for it, an
+  event is queued for its state machine, or it is told to stop; this also serves the
+  node's own requestor associations (results, C-MOVE sub-operations);
+- an acceptor's association reactor naps on its DIMSE message queue, which wakes it when
+  a message is queued, when the DUL queues a primitive for it (the peer's release or
+  abort) and when it is told to stop.
+
+Each nap lasts up to WOKEN_NAP_SECONDS (20 ms), not 1 ms: with four associations in two
+serve processes, the 1 ms wake-ups of reactors with nothing to do were ~60 `select`s and
+~50 GIL hand-overs per stored image, taken from the thread doing the storing. TLS keeps
+decrypted bytes in its own buffer, out of `select`'s sight: the DUL does not nap while any
+wait there.
 
 A requestor's DUL woken at once exposes a pynetdicom race: `send_c_store` pauses the
 association reactor by clearing a checkpoint and waiting for `_is_paused`, but the reactor
@@ -19,7 +28,7 @@ its DIMSE timeout (a CI run saw it). `keep_responses_for_the_sender` closes the 
 the checkpoint is cleared the reactor's read finds nothing, so the response stays queued for
 the `get_msg(block=True)` of the send that paused it.
 
-Neither loop spins: an idle association wakes once a millisecond as before. The sleeps are
+Neither loop spins: an idle association wakes every WOKEN_NAP_SECONDS. The sleeps are
 reached through the `time` name of pynetdicom's `dul` and `association` modules, which
 `install` points at a clock whose `sleep` knows these threads; any other caller (pynetdicom's
 own waits) sleeps as before. `tests/test_guarded_transport.py` pins the pynetdicom code this
@@ -32,6 +41,7 @@ import contextlib
 import queue
 import select
 import socket
+import ssl
 import threading
 import time
 from types import ModuleType
@@ -42,6 +52,10 @@ import pynetdicom.dul
 
 # The nap each pynetdicom loop takes when it found nothing to do.
 ASSOCIATION_REACTOR_NAP = 0.001
+# How long a woken reactor waits for work instead: everything that gives it work wakes it,
+# so this bounds only what no wake-up covers (pynetdicom's ARTIM and idle timers, looked at
+# once per loop, whose periods are seconds).
+WOKEN_NAP_SECONDS = 0.02
 
 
 def wake_on_put(to_do: queue.Queue, wake: socket.socket) -> None:
@@ -58,6 +72,19 @@ def wake_on_put(to_do: queue.Queue, wake: socket.socket) -> None:
             wake.send(b"\0")
 
     to_do.put = put_and_wake  # type: ignore[method-assign]
+
+
+def wake_association_on_put(primitives: queue.Queue, messages: queue.Queue) -> None:
+    """Make `primitives.put` (the DUL's queue to the user) also wake whoever waits for
+    `messages` (the association reactor's DIMSE queue)."""
+    put = primitives.put
+
+    def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
+        put(item, block, timeout)
+        with messages.not_empty:
+            messages.not_empty.notify_all()
+
+    primitives.put = put_and_wake  # type: ignore[method-assign]
 
 
 class _ReactorClock:
@@ -94,6 +121,23 @@ def wake_dul_on_work(assoc: Any) -> None:
     wake_read.setblocking(False)
     wake_write.setblocking(False)
     wake_on_put(dul.to_provider_queue, wake_write)
+    wake_on_put(dul.event_queue, wake_write)
+    kill_dul, stop_dul = dul.kill_dul, dul.stop_dul
+
+    def kill_and_wake() -> None:
+        kill_dul()
+        with contextlib.suppress(OSError):
+            wake_write.send(b"\0")
+
+    def stop_and_wake() -> bool:
+        # pynetdicom's stop_dul sets the kill flag (in Sta1) and waits for the reactor:
+        # the flag is set first here so that the woken reactor sees it.
+        if dul.state_machine.current_state == "Sta1":
+            kill_and_wake()
+        return stop_dul()
+
+    dul.kill_dul = kill_and_wake
+    dul.stop_dul = stop_and_wake
 
     def close() -> None:
         wake_read.close()
@@ -104,9 +148,11 @@ def wake_dul_on_work(assoc: Any) -> None:
             time.sleep(seconds)
             return
         peer = dul.socket.socket if dul.socket is not None else None
+        if isinstance(peer, ssl.SSLSocket) and peer.pending():
+            return  # decrypted bytes wait in the TLS layer, where select cannot see them
         watched = [wake_read] if peer is None else [wake_read, peer]
         try:
-            ready, _, _ = select.select(watched, [], [], seconds)
+            ready, _, _ = select.select(watched, [], [], max(seconds, WOKEN_NAP_SECONDS))
         except (OSError, ValueError):
             time.sleep(seconds)  # the peer's socket was closed under us
             ready = []
@@ -124,14 +170,26 @@ def make_responsive(assoc: Any) -> None:
     """Wire a freshly made acceptor association's two reactors to wake on work."""
     wake_dul_on_work(assoc)
     messages = assoc.dimse.msg_queue
+    # A release or abort from the peer reaches the reactor on the DUL's queue to the user,
+    # not on the DIMSE message queue: it wakes the reactor too.
+    wake_association_on_put(assoc.dul.to_user_queue, messages)
+    kill = assoc.kill
+
+    def kill_and_wake() -> None:
+        assoc._kill = True  # what kill() sets first: the woken reactor must see it
+        with messages.not_empty:
+            messages.not_empty.notify_all()
+        kill()
+
+    assoc.kill = kill_and_wake
 
     def association_nap(seconds: float) -> None:
         if seconds != ASSOCIATION_REACTOR_NAP:
             time.sleep(seconds)
             return
         with messages.not_empty:
-            if not messages._qsize():
-                messages.not_empty.wait(seconds)
+            if not messages._qsize() and not assoc.dul.to_user_queue.qsize():
+                messages.not_empty.wait(WOKEN_NAP_SECONDS)
 
     assoc._pneumonode_waker = association_nap
 

@@ -18,8 +18,15 @@ handed to each serve process when it starts; each process counts in its own row,
 rows of a process that died can be cleared by the supervisor (`clear_row`) without
 touching anyone else's.
 
-Row layout (int64): [associations, unknown associations, unknown pending, then `capacity`
-pairs of (address key, connections of that address)].
+Row layout (int64): [associations, unknown associations, unknown pending, accepting (1 while
+the process's listeners run), then `capacity` pairs of (address key, connections of that
+address)].
+
+The same counts spread the work: all serve processes wait on one listening socket, and a
+process that holds more connections than another that accepts leaves a new connection to
+that one for a moment (`GuardedServer.get_request`). Otherwise whichever process wakes
+first takes it, and four senders often land three on one process and one on the other,
+which then idles while the first is short of CPU.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ PEER = "peer"
 UNKNOWN = "unknown"
 GONE = "gone"
 
-_HEADER = 3  # associations, unknown associations, unknown pending
+_HEADER = 4  # associations, unknown associations, unknown pending, accepting
+_ACCEPTING = 3
 _PAIR = 2
 
 
@@ -180,6 +188,32 @@ class AssociationSlots:
                     counts[base + 1] = max(0, counts[base + 1] - 1)
             self._add_address(address_key(ticket.address), -1)
             ticket.stage = GONE
+
+    def set_accepting(self, accepting: bool) -> None:
+        """Mark this process as one whose listeners accept (or no longer do)."""
+        self._counts[self.row * self._row_length + _ACCEPTING] = int(accepting)
+
+    def _connections_of(self, row: int) -> int:
+        base = row * self._row_length
+        counts = self._counts
+        pairs = range(base + _HEADER, base + self._row_length, _PAIR)
+        return sum(counts[pair + 1] for pair in pairs)
+
+    def another_accepts_with_fewer(self) -> bool:
+        """True if another accepting process holds fewer connections than this one: the
+        one a new connection should go to. Read without the lock: a hint, not a count."""
+        if self.processes == 1:
+            return False
+        own = self._connections_of(self.row)
+        if own == 0:
+            return False
+        width = self._row_length
+        return any(
+            row != self.row
+            and self._counts[row * width + _ACCEPTING]
+            and self._connections_of(row) < own
+            for row in range(self.processes)
+        )
 
     def clear_row(self, row: int) -> None:
         """Forget every slot serve process `row` held (it died; its sockets are gone)."""

@@ -340,11 +340,13 @@ class DicomNode:
             log_recovery(recover_storage(self.context))
         for port, is_tls in listener_ports(self.config):
             self._listen(port, server_context(self.config.tls) if is_tls else None)
+        self._slots.set_accepting(True)
         self._services.start(self.context)
 
     def stop(self, grace_seconds: float = SHUTDOWN_GRACE_SECONDS) -> None:
         """Stop accepting, let open associations finish (then abort them), stop services."""
         if self._servers:
+            self._slots.set_accepting(False)
             for server in self._servers:
                 server.shutdown()
             self._finish_associations(grace_seconds)

@@ -46,8 +46,14 @@ def node_env() -> dict[str, str]:
 
 
 # The line `serve` logs for each listener (node/process/server.py, and the supervisor of
-# several serve processes): the port it bound, which is how a test learns it.
-LISTENING = re.compile(r"listening as .+? on (?P<host>\S+):(?P<port>\d+)(?P<tls> with DICOM TLS)?")
+# several serve processes): the port it bound, which is how a test learns it. A serve
+# process's own line (tagged "[serve N]") does not count: the supervisor logs its line once
+# every serve process accepts, and a sender that starts before would find one process only.
+LISTENING = re.compile(
+    r"^(?!.*\[serve \d+\]: ).*?"
+    r"listening as .+? on (?P<host>\S+):(?P<port>\d+)(?P<tls> with DICOM TLS)?",
+    re.MULTILINE,
+)
 
 # The line `serve` logs when its metrics listener is up (node/metrics/service.py).
 METRICS = re.compile(r"metrics on (?P<url>http://\S+:\d+) ")
