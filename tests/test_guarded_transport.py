@@ -7,6 +7,7 @@ import copy
 import inspect
 import queue
 import socket
+import ssl
 import struct
 import time
 from types import SimpleNamespace
@@ -226,6 +227,38 @@ def test_waiting_connections_take_no_association_slot() -> None:
     assert slots.held() == 0
 
 
+def _verification_server(timeout: float, **server_args) -> GuardedServer:
+    """A GuardedServer of Verification on a free loopback port, serving in a thread."""
+    import threading
+
+    from pynetdicom.sop_class import Verification
+
+    ae = AE()
+    ae.add_supported_context(Verification)
+    limits = GuardLimits(
+        read_timeout=timeout, request_timeout=timeout, max_pdu_length=1 << 20, max_per_address=4
+    )
+    server = ae.make_server(
+        ("127.0.0.1", 0),
+        server_class=GuardedServer,
+        request_handler=GuardedRequestHandler,
+        limits=limits,
+        **server_args,
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def _tls_contexts(folder) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server, client) TLS contexts with certificates of a throw-away PKI."""
+    from tls_support import make_pki
+
+    pki = make_pki(folder)
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(str(pki.node.certificate), str(pki.node.key))
+    return server, ssl.create_default_context(cafile=str(pki.ca))
+
+
 def test_nothing_of_the_server_keeps_a_finished_association_alive() -> None:
     """GuardedServer drops pynetdicom's `gc.collect()` every 60 connections (a pause of
     every association in the process), leaving finished associations (reference cycles) to
@@ -233,26 +266,16 @@ def test_nothing_of_the_server_keeps_a_finished_association_alive() -> None:
     slots, wake-ups, the server's own lists) still refers to them. One collection here
     stands for the automatic ones."""
     import gc
-    import threading
     import weakref
 
     from pynetdicom import evt
     from pynetdicom.sop_class import Verification
 
     served: list[weakref.ref] = []
-    ae = AE()
-    ae.add_supported_context(Verification)
-    limits = GuardLimits(
-        read_timeout=5, request_timeout=5, max_pdu_length=1 << 20, max_per_address=4
-    )
-    server = ae.make_server(
-        ("127.0.0.1", 0),
-        server_class=GuardedServer,
-        request_handler=GuardedRequestHandler,
-        limits=limits,
+    server = _verification_server(
+        5,
         evt_handlers=[(evt.EVT_ESTABLISHED, lambda event: served.append(weakref.ref(event.assoc)))],
     )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         scu = AE()
         scu.add_requested_context(Verification)
@@ -279,35 +302,13 @@ def test_woken_acceptors_need_no_nap_to_serve_release_or_abort(
     once, and every association's threads end: each of these reaches its reactor through
     a wake-up (node.dicom.reactor_wakeups), none through a nap's end. Over TLS, the bytes
     TLS has already decrypted are seen too (select cannot see them)."""
-    import ssl
-    import threading
-
     from pynetdicom.sop_class import Verification
 
     from node.dicom import reactor_wakeups
 
     monkeypatch.setattr(reactor_wakeups, "WOKEN_NAP_SECONDS", 60.0)
-    server_tls = client_tls = None
-    if over_tls:
-        from tls_support import make_pki
-
-        pki = make_pki(tmp_path)
-        server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        server_tls.load_cert_chain(str(pki.node.certificate), str(pki.node.key))
-        client_tls = ssl.create_default_context(cafile=str(pki.ca))
-    ae = AE()
-    ae.add_supported_context(Verification)
-    limits = GuardLimits(
-        read_timeout=30, request_timeout=30, max_pdu_length=1 << 20, max_per_address=4
-    )
-    server = ae.make_server(
-        ("127.0.0.1", 0),
-        server_class=GuardedServer,
-        request_handler=GuardedRequestHandler,
-        limits=limits,
-        tls_context=server_tls,
-    )
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server_tls, client_tls = _tls_contexts(tmp_path) if over_tls else (None, None)
+    server = _verification_server(30, tls_context=server_tls)
     scu = AE()
     scu.acse_timeout = scu.dimse_timeout = 10
     scu.add_requested_context(Verification)
@@ -334,18 +335,12 @@ def test_woken_acceptors_need_no_nap_to_serve_release_or_abort(
 def test_a_dul_does_not_nap_while_tls_holds_decrypted_bytes(monkeypatch, tmp_path) -> None:
     """Bytes TLS has decrypted but the DUL has not read are invisible to select: the DUL
     must not nap on the socket then (here a nap would last a minute)."""
-    import ssl
     import threading
-
-    from tls_support import make_pki
 
     from node.dicom import reactor_wakeups
 
     monkeypatch.setattr(reactor_wakeups, "WOKEN_NAP_SECONDS", 60.0)
-    pki = make_pki(tmp_path)
-    server_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server_tls.load_cert_chain(str(pki.node.certificate), str(pki.node.key))
-    client_tls = ssl.create_default_context(cafile=str(pki.ca))
+    server_tls, client_tls = _tls_contexts(tmp_path)
     ours, theirs = socket.socketpair()
     shaken: list[ssl.SSLSocket] = []
     handshake = threading.Thread(
