@@ -114,6 +114,10 @@ def test_pynetdicom_reactors_nap_where_the_wakeups_take_over() -> None:
     assert "self.to_provider_queue.queue[0]" in inspect.getsource(
         DULServiceProvider._process_recv_primitive
     )
+    # The DUL takes an event it queued itself before it naps (so it need not wake itself).
+    dul_loop = inspect.getsource(DULServiceProvider.run_reactor)
+    assert "event = self.event_queue.get(block=False)" in dul_loop
+    assert dul_loop.index("self.state_machine.do_action(event)") < dul_loop.rindex("sleep = False")
 
 
 def test_the_wakeups_install_once_and_leave_other_sleeps_alone() -> None:
@@ -124,6 +128,30 @@ def test_the_wakeups_install_once_and_leave_other_sleeps_alone() -> None:
     start = time.monotonic()
     pynetdicom.association.time.sleep(0.02)  # not a reactor thread: a real sleep
     assert time.monotonic() - start >= 0.02
+
+
+def test_only_what_others_queue_wakes_the_dul() -> None:
+    import threading
+
+    wake_read, wake_write = socket.socketpair()
+    wake_read.setblocking(False)
+    try:
+        events: queue.Queue = queue.Queue()
+        reader = threading.Thread(target=lambda: events.put("its own event"))
+        wake_on_put(events, wake_write, reader=reader)
+        reader.start()
+        reader.join()
+        with pytest.raises(BlockingIOError):
+            wake_read.recv(16)  # the DUL queueing for itself is awake already
+        events.put("from another thread")
+        assert wake_read.recv(16) == b"\0"
+        assert [events.get_nowait(), events.get_nowait()] == [
+            "its own event",
+            "from another thread",
+        ]
+    finally:
+        wake_read.close()
+        wake_write.close()
 
 
 def test_a_queued_primitive_wakes_the_dul() -> None:

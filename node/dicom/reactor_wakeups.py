@@ -58,8 +58,12 @@ ASSOCIATION_REACTOR_NAP = 0.001
 WOKEN_NAP_SECONDS = 0.02
 
 
-def wake_on_put(to_do: queue.Queue, wake: socket.socket) -> None:
-    """Make `to_do.put` also write a byte to `wake` (the DUL's list of primitives to send).
+def wake_on_put(
+    to_do: queue.Queue, wake: socket.socket, reader: threading.Thread | None = None
+) -> None:
+    """Make `to_do.put` also write a byte to `wake` (the DUL's list of primitives to send,
+    its state machine's events), unless the put comes from `reader`: the DUL queueing an
+    event for itself is awake already, and looks at the queue before it naps.
 
     The queue object stays the same (its `put` is wrapped on the instance), so nothing
     already queued, or queued by another thread meanwhile, can be lost.
@@ -68,6 +72,8 @@ def wake_on_put(to_do: queue.Queue, wake: socket.socket) -> None:
 
     def put_and_wake(item: Any, block: bool = True, timeout: float | None = None) -> None:
         put(item, block, timeout)
+        if reader is not None and threading.current_thread() is reader:
+            return
         with contextlib.suppress(OSError):
             wake.send(b"\0")
 
@@ -121,7 +127,7 @@ def wake_dul_on_work(assoc: Any) -> None:
     wake_read.setblocking(False)
     wake_write.setblocking(False)
     wake_on_put(dul.to_provider_queue, wake_write)
-    wake_on_put(dul.event_queue, wake_write)
+    wake_on_put(dul.event_queue, wake_write, reader=dul)
     kill_dul, stop_dul = dul.kill_dul, dul.stop_dul
 
     def kill_and_wake() -> None:
