@@ -20,7 +20,8 @@ Pending responses written in batches). `tests/test_guarded_transport.py` and
   presentation contexts instead of pynetdicom's deep copy per association;
 - `node.dicom.reactor_wakeups` wakes pynetdicom's two polling reactors when there is work;
 - `node.dicom.peer_silence` keeps the idle timer (`node.network_timeout`) from counting the
-  time the node spends serving a request.
+  time the node spends serving a request;
+- `node.dicom.store_stream` takes plain C-STORE requests off pynetdicom's DIMSE path.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAsso
 from node.dicom.peer_silence import restart_after_each_request
 from node.dicom.reactor_wakeups import close_wakeups, make_responsive
 from node.dicom.slots import ADDRESS_FULL, ADMITTED, NODE_FULL, AssociationSlots, Ticket
+from node.dicom.store_stream import stream_stores
 from node.metrics.definitions import metrics
 
 log = logging.getLogger(__name__)
@@ -316,6 +318,7 @@ class GuardedRequestHandler(RequestHandler):
         assoc.dul.socket._ticket = self.server.ticket(self.client_address)
         make_responsive(assoc)
         restart_after_each_request(assoc)
+        stream_stores(assoc)
         self._assoc = assoc
         return assoc
 

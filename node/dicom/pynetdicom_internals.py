@@ -1,9 +1,9 @@
 """The pynetdicom release whose internals the node adapts, checked before it serves.
 
-`guarded_transport`, `reactor_wakeups`, `find_stream`, `stored_send` and `store_response`
-reach into pynetdicom's private code (how it reads a PDU, builds acceptor sockets, naps in
-its reactors, pauses around a send, copies its contexts, sends a C-STORE from a file,
-makes a response message). A
+`guarded_transport`, `reactor_wakeups`, `find_stream`, `stored_send`, `store_response` and
+`store_stream` reach into pynetdicom's private code (how it reads a PDU, builds acceptor
+sockets, naps in its reactors, pauses around a send, copies its contexts, sends a C-STORE
+from a file, makes a response message, hands a received P-DATA-TF PDU to DIMSE). A
 different release may change any of these and the node would
 start and misbehave, so `serve` and `worker` refuse to start unless the installed pynetdicom
 is the one pinned in pyproject.toml and constraints.txt and still holds each piece of code
@@ -17,11 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pynetdicom
+from pynetdicom import events, fsm
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.service_class import QueryRetrieveServiceClass
+from pynetdicom.service_class import QueryRetrieveServiceClass, StorageServiceClass
 from pynetdicom.transport import RequestHandler
 
 REQUIRED_PYNETDICOM = "3.0.4"
@@ -90,6 +91,20 @@ RELIED_ON: tuple[ReliedOn, ...] = (
              "store_response: the message encodes itself into P-DATA primitives"),
     ReliedOn(DIMSEMessage.__init__, "self._data_set_file: \"NTF | None\" = None",
              "store_response.C_STORE_RSP sets the attributes DIMSEMessage.__init__ sets"),
+    ReliedOn(DULServiceProvider._read_pdu_data, "pdu, event = self._decode_pdu(bytestream)",
+             "store_stream claims a P-DATA-TF PDU where pynetdicom decodes it"),
+    ReliedOn(fsm.DT_2, 'dul.assoc.dimse.receive_primitive(cast("P_DATA", pdu.to_primitive()))',
+             "store_stream gets its claimed PDU back from the DT-2 action"),
+    ReliedOn(DULServiceProvider.run_reactor, "self._idle_timer.restart()",
+             "store_stream: the DUL restarts the idle timer as each PDU arrives"),
+    ReliedOn(Association._serve_request, "self.acceptor.accepted_common_extended[class_uid][0]",
+             "store_stream picks the service class of a request as pynetdicom does"),
+    ReliedOn(Association._serve_request, "uid_to_service_class(class_uid)(self)",
+             "store_stream picks the service class of a request as pynetdicom does"),
+    ReliedOn(StorageServiceClass.SCP, "rsp = self.validate_status(",
+             "store_stream answers a refusal as the Storage SCP does"),
+    ReliedOn(events.trigger, 'setattr(assoc, "abort", assoc._abort_nonblocking)',
+             "store_stream: a handler in the DUL thread gets the abort that does not wait"),
 )
 
 

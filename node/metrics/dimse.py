@@ -29,11 +29,15 @@ class DimseMetrics:
         message = event.message
         if type(message).__name__ != "C_STORE_RQ":
             return
-        key = (id(event.assoc), int(message.command_set.MessageID))
+        self.store_received(event.assoc, int(message.command_set.MessageID), time.perf_counter())
+
+    def store_received(self, assoc: object, message_id: int, at: float) -> None:
+        """A C-STORE request arrived at `at` (time.perf_counter); also called by the node's
+        own C-STORE path (node.dicom.store_stream), which pynetdicom's events do not see."""
         with self._lock:
             if len(self._started) >= MAX_OPEN_STORES:
                 self._started.clear()
-            self._started[key] = time.perf_counter()
+            self._started[(id(assoc), message_id)] = at
 
     def sent(self, event: evt.Event) -> None:
         message = event.message
@@ -45,11 +49,16 @@ class DimseMetrics:
         if status in PENDING:
             return
         command = name[: -len("_RSP")].replace("_", "-")
-        self._metrics.dimse_requests.labels(command, f"0x{status:04X}").inc()
-        if command != "C-STORE":
-            return
-        key = (id(event.assoc), int(command_set.MessageIDBeingRespondedTo))
+        if command == "C-STORE":
+            message_id = int(command_set.MessageIDBeingRespondedTo)
+            self.store_answered(event.assoc, message_id, status)
+        else:
+            self._metrics.dimse_requests.labels(command, f"0x{status:04X}").inc()
+
+    def store_answered(self, assoc: object, message_id: int, status: int) -> None:
+        """A C-STORE request was answered with `status` (its final one)."""
+        self._metrics.dimse_requests.labels("C-STORE", f"0x{status:04X}").inc()
         with self._lock:
-            started = self._started.pop(key, None)
+            started = self._started.pop((id(assoc), message_id), None)
         if started is not None:
             self._metrics.store_seconds.observe(time.perf_counter() - started)
