@@ -45,6 +45,7 @@ from node.dicom.storage_classes import (
 from node.dicom.storage_scp import handle_store
 from node.dicom.store_response import install as install_store_responses
 from node.dicom.tls import server_context
+from node.dicom.uid_validity import install as remember_uid_validity
 from node.metrics.definitions import metrics
 from node.metrics.dimse import DimseMetrics
 from node.process.logs import quiet_pynetdicom
@@ -118,6 +119,7 @@ def build_ae(config: Config) -> AE:
     # Calling AE titles are checked by node.dicom.admission, before pynetdicom negotiates.
     ae.require_called_aet = config.node.require_called_ae_title
     install_store_responses()  # every C-STORE-RSP it sends, encoded in one go
+    remember_uid_validity()  # pydicom's UID check, answered once per UID
     ae.add_supported_context(Verification, UNCOMPRESSED_TRANSFER_SYNTAXES)
     # Both roles: a C-GET requester proposes to be the Storage SCP on its own association
     # (SCP/SCU role selection); a sender proposes nothing and keeps the default roles.

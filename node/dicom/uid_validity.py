@@ -1,0 +1,53 @@
+"""pydicom's `UID.is_valid`, remembered per UID.
+
+pydicom answers `UID.is_valid` with `re.match(RE_VALID_UID, uid)` on every call, the
+pattern looked up in `re`'s cache each time. pynetdicom asks it several times for every
+UID of an association request (abstract syntax, each transfer syntax, again while
+negotiating and answering): about 840 checks, ~2 ms of the ~9 ms of CPU an association of
+storescu's 128 presentation contexts costs the node, for the same few hundred UIDs every
+time. `install` puts the same check, with the pattern compiled once and the answers of
+the last 8,192 distinct UIDs remembered, in its place; it leaves pydicom's own in place
+when pydicom's check is not the one this was written for (tests/test_uid_validity.py
+compares the two).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import re
+
+from pydicom import uid as pydicom_uid
+
+# What pydicom's own UID.is_valid does; install() checks that it still does just that.
+PYDICOM_CHECK = "if len(self) <= 64 and re.match(RE_VALID_UID, self):"
+REMEMBERED_UIDS = 8192
+
+_PATTERN = re.compile(pydicom_uid.RE_VALID_UID)
+_pydicom_is_valid = pydicom_uid.UID.is_valid
+
+
+@functools.lru_cache(maxsize=REMEMBERED_UIDS)
+def is_valid_uid(value: str) -> bool:
+    """pydicom's answer for `value`: at most 64 characters, matching RE_VALID_UID."""
+    return len(value) <= 64 and _PATTERN.match(value) is not None
+
+
+def _remembered(self: pydicom_uid.UID) -> bool:
+    return is_valid_uid(self)
+
+
+def install() -> bool:
+    """Have UID.is_valid remember its answers; False (nothing changed) when pydicom's own
+    check is not the regular expression this reproduces."""
+    current = pydicom_uid.UID.__dict__.get("is_valid")
+    if isinstance(current, property) and current.fget is _remembered:
+        return True
+    try:
+        source = inspect.getsource(_pydicom_is_valid.fget)
+    except (OSError, TypeError, AttributeError):
+        return False
+    if PYDICOM_CHECK not in source:
+        return False
+    pydicom_uid.UID.is_valid = property(_remembered, doc=_pydicom_is_valid.__doc__)
+    return True
