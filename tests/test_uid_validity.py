@@ -51,3 +51,22 @@ def test_a_pydicom_that_checks_otherwise_keeps_its_own(monkeypatch) -> None:
     monkeypatch.setattr(uid_validity, "_pydicom_is_valid", own)
     assert not uid_validity.install()
     assert UID.__dict__["is_valid"] is own
+
+
+@pytest.mark.parametrize("enforce", [False, True])
+def test_the_validator_answers_as_pynetdicom_s(enforce: bool, monkeypatch) -> None:
+    from pynetdicom import _config
+
+    monkeypatch.setattr(_config, "ENFORCE_UID_CONFORMANCE", enforce)
+    for value in [*SAMPLES, *(UID(v, validation_mode=0) for v in SAMPLES), None, 12, b"1.2"]:
+        expected = uid_validity._pynetdicom_validate_ui(value)
+        assert uid_validity.validate_ui(value) == expected, value
+
+
+def test_pynetdicom_checks_uids_with_it_once_installed(monkeypatch) -> None:
+    from pynetdicom import _config
+
+    monkeypatch.setitem(_config.VALIDATORS, "UI", uid_validity._pynetdicom_validate_ui)
+    monkeypatch.setattr(UID, "is_valid", uid_validity._pydicom_is_valid)
+    uid_validity.install()
+    assert _config.VALIDATORS["UI"] is uid_validity.validate_ui

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pynetdicom
-from pynetdicom import events, fsm
+from pynetdicom import _validators, events, fsm
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
@@ -105,6 +105,8 @@ RELIED_ON: tuple[ReliedOn, ...] = (
              "store_stream answers a refusal as the Storage SCP does"),
     ReliedOn(events.trigger, 'setattr(assoc, "abort", assoc._abort_nonblocking)',
              "store_stream: a handler in the DUL thread gets the abort that does not wait"),
+    ReliedOn(_validators.validate_ui, "if not len(value) < 65:",
+             "uid_validity.validate_ui answers as pynetdicom's UI validator"),
 )
 
 
