@@ -17,8 +17,9 @@ def pdata_tf(context_id: int, control: int, fragment: bytes) -> bytes:
     return struct.pack(">BBI", 0x04, 0x00, len(pdv)) + pdv
 
 
-def c_store_command(sop_class: str, sop_instance: str) -> bytes:
-    """A C-STORE-RQ command set (Implicit VR LE) announcing a dataset."""
+def c_store_command(sop_class: str, sop_instance: str, **changes: object) -> bytes:
+    """A C-STORE-RQ command set (Implicit VR LE) announcing a dataset; `changes` set other
+    command elements by keyword (None removes one)."""
     command = Dataset()
     command.AffectedSOPClassUID = sop_class
     command.CommandField = 0x0001
@@ -26,6 +27,11 @@ def c_store_command(sop_class: str, sop_instance: str) -> bytes:
     command.Priority = 0x0000
     command.CommandDataSetType = 0x0000
     command.AffectedSOPInstanceUID = sop_instance
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(command, keyword)
+        else:
+            setattr(command, keyword, value)
     elements = encode(command, True, True)
     return b"\x00\x00\x00\x00\x04\x00\x00\x00" + struct.pack("<I", len(elements)) + elements
 
