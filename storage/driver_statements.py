@@ -20,7 +20,7 @@ tests/test_driver_statements.py checks that the rows are those SQLAlchemy writes
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,18 +35,14 @@ class DriverStatement:
     """A compiled statement and how its values become the driver's parameters."""
 
     sql: str
-    names: tuple[str, ...]  # bind parameter names, in the order positional styles want
+    names: tuple[str, ...]  # bind parameter names, in the order of the SQL's "?"
     processors: tuple[Processor, ...]
-    positional: bool
 
-    def parameters(self, values: Mapping[str, Any]) -> Sequence[Any] | dict[str, Any]:
-        converted = [
-            value if processor is None else processor(value)
-            for value, processor in zip(
-                (values[name] for name in self.names), self.processors, strict=True
-            )
+    def parameters(self, values: Mapping[str, Any]) -> list[Any]:
+        return [
+            values[name] if processor is None else processor(values[name])
+            for name, processor in zip(self.names, self.processors, strict=True)
         ]
-        return converted if self.positional else dict(zip(self.names, converted, strict=True))
 
     def first(self, conn: Connection, values: Mapping[str, Any]) -> tuple | None:
         """Run with `values`; the first row it returns (RETURNING), or None."""
@@ -78,16 +74,17 @@ def driver_statement(
 def _compiled(
     statement: Insert, dialect: Dialect, columns: tuple[str, ...]
 ) -> DriverStatement | None:
+    if dialect.name != "sqlite":
+        return None  # a database server spends its time in another process anyway
     compiled = statement.compile(dialect=dialect, column_keys=list(columns))
     if compiled.insert_prefetch or compiled.postfetch:
         return None
-    if dialect.name != "sqlite":
-        return None  # a database server spends its time in another process anyway
-    positional = bool(compiled.positional)
-    names = tuple(compiled.positiontup or ()) if positional else tuple(compiled.binds)
+    if not compiled.positional:
+        return None  # pysqlite's style is "?"; another would need named parameters
+    names = tuple(compiled.positiontup or ())
     if not set(names) <= set(columns):
         return None  # a parameter the values do not carry (a literal bound by SQLAlchemy)
     processors = tuple(
         compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect) for name in names
     )
-    return DriverStatement(str(compiled), names, processors, positional)
+    return DriverStatement(str(compiled), names, processors)

@@ -235,7 +235,7 @@ def _top_level(ds: Dataset) -> Iterator[tuple[int, str, object]]:
                 try:
                     yield int(tag), vr, convert_value(vr, element, encodings)
                     continue
-                except Exception:  # noqa: S112 - item access below says what is wrong
+                except Exception:  # item access below says what is wrong
                     pass
         converted = ds[tag]
         yield int(tag), str(converted.VR), converted.value

@@ -83,7 +83,11 @@ def test_the_hot_statements_take_the_driver_on_sqlite_only() -> None:
     lite = sqlite.dialect()
     statement = insert_if_absent(lite, Patient.__table__, "patient_id")
     taken = driver_statement(statement, lite, patient_columns)
-    assert taken is not None and taken.positional and taken.names == patient_columns
+    assert (
+        taken is not None
+        and taken.names == patient_columns
+        and taken.sql.count("?") == len(patient_columns)
+    )
     attributes = driver_statement(indexer._INSERT_ATTRIBUTE, lite, indexer._ATTRIBUTE_COLUMNS)
     assert attributes is not None
     server = postgresql.psycopg.dialect()

@@ -22,7 +22,6 @@ from raw_pdus import c_store_command, pdata_tf, send_pdus
 
 from node.dicom.guarded_transport import GuardedRequestHandler, GuardedServer, GuardLimits
 from node.dicom.store_stream import (
-    ClaimedPData,
     parse_command_set,
     split_pdvs,
     store_request,
@@ -82,6 +81,7 @@ def storage_scp(
 ) -> Iterator[Scp]:
     ae = AE()
     ae.maximum_pdu_size = max_pdu
+    ae.network_timeout = timeout  # the idle timer (node.network_timeout)
     ae.add_supported_context(DX, SYNTAXES)
     ae.add_supported_context(Verification)
     scp = Scp(0)
@@ -132,11 +132,10 @@ def _image() -> Dataset:
 
 
 def test_pdvs_are_split_as_ps3_8_frames_them() -> None:
-    pdu = pdata_tf(1, 0b11, b"command") + b""
+    pdu = pdata_tf(1, 0b11, b"command")
     assert [(c, h, bytes(f)) for c, h, f in split_pdvs(pdu)] == [(1, 0b11, b"command")]
-    two = pdata_tf(3, 0b00, b"ab")
-    joined = two[:6] + two[6:] + pdata_tf(3, 0b10, b"cd")[6:]
-    joined = joined[:2] + struct.pack(">I", len(joined) - 6) + joined[6:]
+    pdvs = pdata_tf(3, 0b00, b"ab")[6:] + pdata_tf(3, 0b10, b"cd")[6:]  # two PDVs, one PDU
+    joined = b"\x04\x00" + struct.pack(">I", len(pdvs)) + pdvs
     assert [(c, h, bytes(f)) for c, h, f in split_pdvs(joined)] == [(3, 0, b"ab"), (3, 2, b"cd")]
 
 
@@ -194,11 +193,6 @@ def test_a_command_set_cut_short_is_left_to_pynetdicom() -> None:
     assert parse_command_set(b"\x08\x00\x16\x00\x02\x00\x00\x00ab") is None  # not group 0
 
 
-def test_the_claimed_pdu_is_its_own_primitive() -> None:
-    claimed = ClaimedPData([], [])
-    assert claimed.to_primitive() is claimed
-
-
 # --- served from the PDUs ---------------------------------------------------------------
 
 
@@ -234,6 +228,7 @@ def test_a_refusal_keeps_its_error_comment() -> None:
         scp.answer = answer
         status = assoc.send_c_store(_image())
     assert (status.Status, status.ErrorComment) == (0xC210, "cannot parse the data set")
+    assert scp.received[0].in_dul_thread  # this path's, answered by pynetdicom's send
 
 
 def test_a_failing_handler_answers_0xc211_and_the_association_goes_on() -> None:
@@ -242,6 +237,7 @@ def test_a_failing_handler_answers_0xc211_and_the_association_goes_on() -> None:
         assert assoc.send_c_store(_image()).Status == 0xC211
         scp.answer = 0x0000
         assert assoc.send_c_store(_image()).Status == 0x0000
+    assert [r.in_dul_thread for r in scp.received] == [True, True]
 
 
 def test_a_handler_slower_than_the_idle_timeout_is_not_cut_off() -> None:
@@ -251,6 +247,8 @@ def test_a_handler_slower_than_the_idle_timeout_is_not_cut_off() -> None:
         assert assoc.send_c_store(_image()).Status == 0x0000
         scp.delay = 0
         assert assoc.send_c_store(_image()).Status == 0x0000
+        assert assoc.is_established
+    assert [r.in_dul_thread for r in scp.received] == [True, True]
 
 
 def test_the_dimse_metrics_count_what_this_path_answers() -> None:

@@ -144,8 +144,8 @@ class StoreRequest:
     DataSet: BytesIO = field(default_factory=BytesIO)
     context_id: int = 0
     received_at: float = 0.0
-
-    msg_type = "C_STORE"
+    # The node's DIMSE metrics bound to the association, found when the request is claimed.
+    metrics: DimseMetrics | None = None
 
 
 def store_request(elements: dict[int, bytes], context_id: int) -> StoreRequest | None:
@@ -283,20 +283,17 @@ class StoreStream:
         if uid_to_service_class(class_uid) is not StorageServiceClass:
             return None
         handler = assoc.get_handlers(evt.EVT_C_STORE)
-        if not handler or handler[0] is None or not self._metrics_only():
+        if not handler or handler[0] is None or any(map(assoc.get_handlers, _PASSED_EVENTS)):
             return None
-        return request
-
-    def _metrics_only(self) -> bool:
-        """No handler this path would pass by is bound, bar the node's DIMSE metrics."""
-        assoc = self.assoc
-        if any(assoc.get_handlers(event) for event in _PASSED_EVENTS):
-            return False
-        return all(
-            isinstance(getattr(handler, "__self__", None), DimseMetrics)
+        watchers = {
+            getattr(watcher, "__self__", None)
             for event in (evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
-            for handler, _args in assoc.get_handlers(event)
-        )
+            for watcher, _args in assoc.get_handlers(event)
+        }
+        if not all(isinstance(owner, DimseMetrics) for owner in watchers):
+            return None  # a handler that would see every message: pynetdicom's path
+        request.metrics = next(iter(watchers), None)
+        return request
 
     def _follow(self, pdvs: list[Pdv]) -> None:
         """Track where pynetdicom's messages end in PDVs it gets, as its decoder does."""
@@ -322,8 +319,8 @@ class StoreStream:
             self._request.received_at = time.perf_counter()
         request = self._request
         if request is None or primitive.broken:
-            # A command fragment inside a data set: not DICOM; ends as pynetdicom ends a
-            # message it cannot decode (Evt19: A-ABORT).
+            # A command fragment inside a data set (or data with no request open): not
+            # DICOM; ends as pynetdicom ends a message it cannot decode (Evt19: A-ABORT).
             log.error("C-STORE data set interrupted by a command fragment: aborting")
             self._request = None
             self.dul.event_queue.put("Evt19")
@@ -341,10 +338,8 @@ class StoreStream:
         assoc = self.assoc
         if assoc._sent_release or not assoc.is_established:
             return
-        context = assoc._accepted_cx.get(request.context_id)
-        if context is None:
-            return
-        metrics = self._dimse_metrics()
+        context = assoc._accepted_cx[request.context_id]  # checked when it was claimed
+        metrics = request.metrics
         if metrics is not None:
             metrics.store_received(assoc, request.MessageID, request.received_at)
         handler, args = assoc.get_handlers(evt.EVT_C_STORE)
@@ -374,6 +369,8 @@ class StoreStream:
 
     def _send_plain(self, request: StoreRequest, status: int) -> bool:
         """Write a response without Error Comment as one PDU; False when it cannot be."""
+        if status not in StorageServiceClass.statuses:
+            return False  # pynetdicom warns of it; its path sends it
         try:
             command = encode_store_response(
                 request.MessageID,
@@ -386,17 +383,8 @@ class StoreStream:
         max_pdu = int(self.assoc.dimse.maximum_pdu_size or 0)
         if max_pdu and len(command) + PDV_HEADER > max_pdu:
             return False
-        if not StorageServiceClass.is_valid_status(StorageServiceClass, status):
-            return False  # pynetdicom warns of it; its path sends it
         self.dul.socket.send(p_data_pdu(request.context_id, COMMAND_LAST, command))
         return True
-
-    def _dimse_metrics(self) -> DimseMetrics | None:
-        for handler, _args in self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
-            owner = getattr(handler, "__self__", None)
-            if isinstance(owner, DimseMetrics):
-                return owner
-        return None
 
 
 def stream_stores(assoc: Any) -> None:

@@ -3,17 +3,20 @@
 pydicom answers `UID.is_valid` with `re.match(RE_VALID_UID, uid)` on every call, the
 pattern looked up in `re`'s cache each time. pynetdicom asks it several times for every
 UID of an association request (abstract syntax, each transfer syntax, again while
-negotiating and answering): about 840 checks, ~2 ms of the ~9 ms of CPU an association of
-storescu's 128 presentation contexts costs the node, for the same few hundred UIDs every
-time. `install` puts the same check, with the pattern compiled once and the answers of
-the last 8,192 distinct UIDs remembered, in its place; it leaves pydicom's own in place
+negotiating and answering): about 840 checks per association of storescu's 128
+presentation contexts, for the same few hundred UIDs every time. With both changes below,
+the node's CPU for such an association (one image stored) went from 12.4 to 7.8 ms
+(in-process GuardedServer, 4 x 30 associations alternating with and without).
+
+`install` puts the same check, with the pattern compiled once and the answers of the last
+8,192 distinct UIDs remembered, in its place; it leaves pydicom's own in place
 when pydicom's check is not the one this was written for (tests/test_uid_validity.py
 compares the two).
 
 pynetdicom's own check of a UID (`_config.VALIDATORS["UI"]`, its documented hook for
 replacing validation) runs `from pynetdicom import _config` on every call, which costs
-Python's import machinery more than the check: ~1 ms per association. `validate_ui` is the
-same check with `_config` imported once.
+Python's import machinery more than the check. `validate_ui` is the same check with
+`_config` imported once.
 """
 
 from __future__ import annotations
